@@ -1,0 +1,6 @@
+"""`python -m dalipipe ...` (and `torchrun -m dalipipe train ...`) run the CLI."""
+
+from dalipipe.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Typed configuration shared by the CLI, the loaders, the training loop and the checkpoints.
+
+Every knob lives here once; the CLI builds these objects and the rest of the code only reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+LoaderKind = Literal["dali", "torch"]
+DeviceName = Literal["auto", "gpu", "cpu"]
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """The reference augmentation. Both loaders read this and nothing else.
+
+    Training: random resized crop (area and aspect-ratio ranges as torchvision's RandomResizedCrop),
+    then rotation uniform in +-max_rotation degrees (zero fill), then horizontal and vertical flips.
+    Evaluation: bilinear resize to image_size. Both end with per-channel normalization.
+    """
+
+    image_size: int = 224
+    crop_area: tuple[float, float] = (0.7, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    max_rotation: float = 45.0
+    hflip_p: float = 0.6
+    vflip_p: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8, got {self.image_size}")
+        lo, hi = self.crop_area
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+        for p in (self.hflip_p, self.vflip_p):
+            if not 0 <= p <= 1:
+                raise ValueError(f"flip probabilities must be in [0, 1], got {p}")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std on the 0-255 scale, in the stacked RGB order (yellow, red, blue)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `dalipipe train` needs; saved inside every checkpoint and as config.json."""
+
+    images_dir: str
+    labels_csv: str
+    out_dir: str
+    epochs: int = 30
+    batch_size: int = 64
+    # None: 7e-5 (the reference, for pretrained weights) with --weights, 1e-3 from scratch.
+    lr: float | None = None
+    weight_decay: float = 1e-6
+    val_fraction: float = 0.3
+    seed: int = 42
+    loader: LoaderKind = "dali"
+    device: DeviceName = "auto"
+    workers: int = 2
+    weights: str | None = None
+    pretrained: bool = False
+    # Train on at most this many samples of the training split (stratified); None: all of them.
+    subset: int | None = None
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        aug = d.pop("augment", {}) or {}
+        aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known}, augment=AugmentSpec(**aug))
+
+    def effective_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 7e-5 if (self.weights or self.pretrained) else 1e-3

@@ -1,0 +1,42 @@
+"""Every fixed fact of the challenge in one place."""
+
+# RGB order of the stacked image: R = ER (yellow), G = microtubules (red), B = nucleus (blue),
+# as the reference solution stacked them.
+CHANNELS: tuple[str, ...] = ("yellow", "red", "blue")
+FILE_PATTERN = "{file_id:05d}_{channel}.png"
+# Matches every channel file name; the id may have more than five digits for large sets.
+FILE_REGEX = r"^(?P<file_id>\d+)_(?P<channel>[a-z]+)\.png$"
+
+LABEL_COLUMNS: tuple[str, str] = ("file_id", "cell_line")
+
+# The real challenge's classes and training counts (used by the synthetic generator only:
+# training always takes its classes from the labels file).
+REAL_CLASS_COUNTS: dict[str, int] = {
+    "RT4": 2100,
+    "CACO-2": 1626,
+    "HEK 293": 1378,
+    "MCF7": 1082,
+    "U-2 OS": 775,
+    "U-251 MG": 768,
+    "PC-3": 663,
+    "HeLa": 632,
+    "A549": 608,
+}
+REAL_N_TRAIN = 9632
+REAL_N_TEST = 6869
+REAL_IMAGE_SIZE = 64
+
+# Real per-channel statistics on the 0-255 scale, in file-channel naming.
+REAL_MEAN: dict[str, float] = {"blue": 32.9, "red": 33.6, "yellow": 37.5}
+REAL_STD: dict[str, float] = {"blue": 56.5, "red": 42.1, "yellow": 40.6}
+
+MODEL_NAME = "efficientnet-b1"
+
+# Run-directory layout.
+CKPT_LAST = "last.pt"
+CKPT_BEST = "best.pt"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+LABELS_FILE = "labels.json"
+CURVES_PNG = "learning_curves.png"
+CONFUSION_PNG = "confusion_matrix.png"

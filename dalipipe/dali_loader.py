@@ -1,0 +1,114 @@
+"""The DALI pipeline, defined once with the device as a parameter, and its iterator wrapper.
+
+Graph: three file readers (one per channel, identical order, seed, shuffling and sharding, so that
+they stay in step) -> decode to gray (`mixed` on a GPU: PNG is decoded on DALI's CPU threads and
+handed on as a GPU tensor; `cpu` without one) -> stack as RGB (yellow, red, blue) -> training:
+random resized crop, rotation, flips; evaluation: resize -> normalize to NCHW.
+
+Each reader carries the sample's row position as its label; the wrapper checks that the three
+positions agree (a mixed-up sample would be a silent disaster) and maps them to the caller's targets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.constants import CHANNELS
+
+READER = "reader_yellow"
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _process(images, spec: AugmentSpec, norm: Normalization, train: bool, out_dtype):
+    """The processing graph, separate from the readers so that any source of HWC uint8 RGB can use it."""
+    from nvidia.dali import fn, types
+
+    size = [spec.image_size, spec.image_size]
+    if train:
+        images = fn.random_resized_crop(images, size=size, random_area=list(spec.crop_area),
+                                        random_aspect_ratio=list(spec.crop_ratio), interp_type=types.INTERP_LINEAR,
+                                        antialias=False, dtype=types.FLOAT)
+        angle = fn.random.uniform(range=[-spec.max_rotation, spec.max_rotation])
+        images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
+        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=spec.hflip_p),
+                         vertical=fn.random.coin_flip(probability=spec.vflip_p))
+    else:
+        # Linear, no antialias: equal to torch's bilinear interpolate(align_corners=False).
+        images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=False, dtype=types.FLOAT)
+    return fn.crop_mirror_normalize(images, mean=list(norm.mean), std=list(norm.std), output_layout="CHW",
+                                    dtype=out_dtype)
+
+
+def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalization, train: bool, gpu: bool,
+                   batch_size: int, threads: int, seed: int, device_id: int | None, shard_id: int = 0,
+                   num_shards: int = 1, fp16: bool = False):
+    from nvidia.dali import fn, pipeline_def, types
+
+    positions = list(range(len(paths)))
+    order = np.random.default_rng(seed).permutation(len(paths)) if train else np.arange(len(paths))
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id if gpu else None,
+                  seed=seed + shard_id, prefetch_queue_depth=2, exec_dynamic=True)
+    def pipe():
+        outs, labels = [], []
+        for k, channel in enumerate(CHANNELS):
+            # Same arguments on all three readers keep them in step; shuffle_after_epoch is a full
+            # permutation per epoch (random_shuffle only shuffles inside a buffer), and the list is
+            # pre-permuted so that the first epoch is shuffled too. pad_last_batch stops the last
+            # partial batch from spilling into the next epoch.
+            enc, pos = fn.readers.file(files=[paths[i][k] for i in order], labels=[positions[i] for i in order],
+                                       shuffle_after_epoch=train, random_shuffle=False, seed=seed,
+                                       shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
+                                       name=f"reader_{channel}")
+            outs.append(fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.GRAY))
+            labels.append(pos)
+        rgb = fn.cat(*outs, axis=2)
+        out_dtype = types.FLOAT16 if fp16 else types.FLOAT
+        return (_process(rgb, spec, norm, train, out_dtype), *labels)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+class DaliLoader:
+    """DALI pipeline + DALIGenericIterator as an iterable of (images, targets) with len()."""
+
+    def __init__(self, paths, targets, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
+                 batch_size: int, workers: int, seed: int, shard_id: int = 0, num_shards: int = 1,
+                 out_dtype: torch.dtype = torch.float32):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        gpu = device.type == "cuda"
+        fp16 = out_dtype == torch.float16
+        self.pipe = build_pipeline(paths, spec, norm, train, gpu, batch_size, max(1, workers), seed,
+                                   device.index if gpu else None, shard_id, num_shards, fp16)
+        self.iterator = DALIGenericIterator(self.pipe, ["images", "p0", "p1", "p2"], reader_name=READER,
+                                            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+        self.device, self.out_dtype = device, out_dtype
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    def __iter__(self):
+        for (batch,) in self.iterator:
+            pos = [batch[k].view(-1).long().cpu() for k in ("p0", "p1", "p2")]
+            if not (torch.equal(pos[0], pos[1]) and torch.equal(pos[0], pos[2])):
+                raise RuntimeError("DALI channel readers fell out of step; please report this as a bug")
+            images = batch["images"].to(self.device, non_blocking=True)
+            if images.dtype != self.out_dtype:
+                images = images.to(self.out_dtype)
+            yield images, self.targets[pos[0]].to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        del self.iterator, self.pipe

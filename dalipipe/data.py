@@ -1,0 +1,219 @@
+"""The data index: scan a folder of channel PNGs and a labels CSV, validate them, split, and measure.
+
+The index is one pandas DataFrame, one row per sample:
+    file_id, path_yellow, path_red, path_blue, height, width, [cell_line, y]
+plus per-channel pixel sums used for the normalization statistics. Every check raises DataError with a
+one-line message that names the file or CSV line, so that the CLI can stop before any pipeline is built
+(a corrupt PNG inside a DALI pipeline kills the pipeline with a long C++ trace).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from dalipipe.config import Normalization
+from dalipipe.constants import CHANNELS, FILE_REGEX, LABEL_COLUMNS
+from dalipipe.errors import DataError
+from dalipipe.pngio import read_gray
+
+log = logging.getLogger("dalipipe")
+
+PATH_COLUMNS = [f"path_{c}" for c in CHANNELS]
+_SUM_COLUMNS = [f"sum_{c}" for c in CHANNELS]
+_SQ_COLUMNS = [f"sumsq_{c}" for c in CHANNELS]
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Class name <-> integer, sorted by name; saved with every run and used to decode predictions."""
+
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_labels(cls, labels: pd.Series) -> "LabelMap":
+        return cls(tuple(sorted(set(labels))))
+
+    def encode(self, labels: pd.Series) -> np.ndarray:
+        lookup = {n: i for i, n in enumerate(self.names)}
+        return labels.map(lookup).to_numpy(dtype=np.int64)
+
+    def decode(self, ys) -> list[str]:
+        return [self.names[int(y)] for y in ys]
+
+
+def scan_images(images_dir: str | Path) -> pd.DataFrame:
+    """One row per sample id found in `images_dir`; every sample must have all three channels."""
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    rx = re.compile(FILE_REGEX)
+    found: dict[int, dict[str, str]] = {}
+    for name in os.listdir(root):
+        m = rx.match(name)
+        if m is None or m["channel"] not in CHANNELS:
+            continue
+        found.setdefault(int(m["file_id"]), {})[m["channel"]] = str(root / name)
+    if not found:
+        raise DataError(f"{root}: no channel PNGs named like 00001_blue.png")
+    rows = []
+    for fid in sorted(found):
+        chans = found[fid]
+        missing = [c for c in CHANNELS if c not in chans]
+        if missing:
+            have = next(iter(chans.values()))
+            stem = Path(have).name.split("_")[0]
+            raise DataError(
+                f"{root / f'{stem}_{missing[0]}.png'}: missing channel file for sample {fid} "
+                f"(found {', '.join(sorted(chans))})"
+            )
+        rows.append([fid] + [chans[c] for c in CHANNELS])
+    return pd.DataFrame(rows, columns=["file_id"] + PATH_COLUMNS)
+
+
+def read_labels(labels_csv: str | Path) -> pd.DataFrame:
+    """Read `file_id,cell_line`; errors name the CSV line (1-based, header is line 1)."""
+    path = Path(labels_csv)
+    if not path.is_file():
+        raise DataError(f"{path}: labels file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: labels file is empty") from None
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: malformed CSV ({str(e).splitlines()[0]})") from None
+    cols = [c.strip() for c in df.columns]
+    if cols != list(LABEL_COLUMNS):
+        raise DataError(f"{path}: expected header '{','.join(LABEL_COLUMNS)}', got '{','.join(cols)}'")
+    df.columns = cols
+    if df.empty:
+        raise DataError(f"{path}: labels file has a header but no rows")
+    ids = []
+    first_line: dict[int, int] = {}
+    for i, (fid, label) in enumerate(zip(df["file_id"], df["cell_line"])):
+        line = i + 2
+        try:
+            n = int(fid.strip())
+        except ValueError:
+            raise DataError(f"{path}:{line}: file_id '{fid}' is not an integer") from None
+        if not label.strip():
+            raise DataError(f"{path}:{line}: empty cell_line for file_id {n}")
+        if n in first_line:
+            raise DataError(f"{path}:{line}: duplicate file_id {n} (first on line {first_line[n]})")
+        first_line[n] = line
+        ids.append(n)
+    out = pd.DataFrame({"file_id": ids, "cell_line": df["cell_line"].str.strip()})
+    out["csv_line"] = [first_line[n] for n in ids]
+    return out
+
+
+def build_index(images_dir: str | Path, labels_csv: str | Path | None = None) -> pd.DataFrame:
+    """Scan images and join labels. Labels without images fail; images without labels are dropped
+    with a warning. Classes with fewer than 2 samples fail (a stratified split cannot hold them)."""
+    images = scan_images(images_dir)
+    if labels_csv is None:
+        return images
+    labels = read_labels(labels_csv)
+    merged = labels.merge(images, on="file_id", how="left", indicator=True)
+    orphans = merged[merged["_merge"] == "left_only"]
+    if len(orphans):
+        row = orphans.iloc[0]
+        raise DataError(
+            f"{labels_csv}:{row.csv_line}: file_id {row.file_id} has no images in {images_dir} "
+            f"({len(orphans)} labelled id(s) without images in all)"
+        )
+    unlabelled = len(images) - len(labels)
+    if unlabelled > 0:
+        log.warning(f"warning: {unlabelled} sample(s) in {images_dir} have no label in {labels_csv}; ignored")
+    counts = labels["cell_line"].value_counts()
+    small = counts[counts < 2]
+    if len(small):
+        name = small.index[0]
+        line = labels.loc[labels["cell_line"] == name, "csv_line"].iloc[0]
+        raise DataError(
+            f"{labels_csv}:{line}: class '{name}' has {small.iloc[0]} sample(s); "
+            "every class needs at least 2 for a stratified split"
+        )
+    merged = merged.drop(columns=["_merge", "csv_line"]).sort_values("file_id").reset_index(drop=True)
+    merged["y"] = LabelMap.from_labels(merged["cell_line"]).encode(merged["cell_line"])
+    return merged
+
+
+def _inspect_sample(paths: list[str]) -> tuple[int, int, list[float], list[float]]:
+    arrays = [read_gray(p) for p in paths]
+    shapes = [a.shape for a in arrays]
+    if len(set(shapes)) != 1:
+        desc = ", ".join(f"{Path(p).name} {s[1]}x{s[0]}" for p, s in zip(paths, shapes))
+        raise DataError(f"{Path(paths[0]).parent}: channels of one sample differ in size ({desc})")
+    sums = [float(a.sum(dtype=np.float64)) for a in arrays]
+    sqs = [float(np.square(a, dtype=np.float64).sum()) for a in arrays]
+    return shapes[0][0], shapes[0][1], sums, sqs
+
+
+def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Decode every PNG once (threads: PIL releases the GIL while decoding), check that it decodes and
+    that the channels of each sample agree in size; add height, width and per-channel pixel sums."""
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    paths = index[PATH_COLUMNS].values.tolist()
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(
+            tqdm(
+                pool.map(_inspect_sample, paths),
+                total=len(paths),
+                desc="checking images",
+                unit="sample",
+                disable=not progress,
+                leave=False,
+            )
+        )
+    out = index.copy()
+    out["height"] = [r[0] for r in results]
+    out["width"] = [r[1] for r in results]
+    for k in range(len(CHANNELS)):
+        out[_SUM_COLUMNS[k]] = [r[2][k] for r in results]
+        out[_SQ_COLUMNS[k]] = [r[3][k] for r in results]
+    return out
+
+
+def stratified_split(index: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Seeded stratified train/validation split; both parts sorted by file_id."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    try:
+        train, val = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=index["y"])
+    except ValueError as e:
+        raise DataError(f"cannot split {len(index)} samples with --val-fraction {val_fraction}: {e}") from None
+    return train.sort_values("file_id").reset_index(drop=True), val.sort_values("file_id").reset_index(drop=True)
+
+
+def stratified_subset(index: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """At most n samples with the class proportions of `index` (at least one per class)."""
+    if n >= len(index):
+        return index
+    frac = n / len(index)
+    parts = [
+        g.sample(n=max(1, round(len(g) * frac)), random_state=seed) for _, g in index.groupby("y", sort=True)
+    ]
+    return pd.concat(parts).sort_values("file_id").reset_index(drop=True)
+
+
+def channel_stats(index: pd.DataFrame) -> Normalization:
+    """Per-channel mean and std (0-255 scale) over every pixel of the given samples (the training split)."""
+    if "sum_yellow" not in index:
+        raise ValueError("channel_stats needs an index from inspect_images")
+    n = float((index["height"] * index["width"]).sum())
+    mean = [index[c].sum() / n for c in _SUM_COLUMNS]
+    var = [index[q].sum() / n - m * m for q, m in zip(_SQ_COLUMNS, mean)]
+    # Floor at one grey level: a constant channel would otherwise divide by ~0.
+    std = [float(max(np.sqrt(max(v, 0.0)), 1.0)) for v in var]
+    return Normalization(tuple(float(m) for m in mean), tuple(std))

@@ -1,0 +1,49 @@
+"""The one rule that turns any accepted PNG into 8-bit gray, on the PIL side.
+
+DALI's decoder (output_type=GRAY) is the other side of the rule; the two agree as follows,
+checked on PngSuite (tests/test_pngio.py):
+- 8-bit and lower-depth grayscale (with or without alpha): values as stored (alpha dropped). Exact.
+- 16-bit grayscale: round(value / 257), i.e. value * 255 / 65535 rounded. Exact.
+  (Not value >> 8: that is what DALI was first thought to do, and it is off by one.)
+- RGB, palette, 16-bit RGB, with or without alpha: luma of the stored values, within 1 level.
+- Colour or palette PNGs with a gAMA chunk other than 1.0 are rejected: DALI's libpng converts them
+  in linear light and PIL does not, which differs by up to 90 levels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dalipipe.errors import DataError
+
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Decode a PNG to a 2-D uint8 array by the rule above. Raises DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise DataError(f"{path}: not a PNG file (format {im.format})")
+            if im.mode not in _GRAY_MODES:
+                gamma = im.info.get("gamma")
+                if gamma is not None and abs(float(gamma) - 1.0) > 1e-3:
+                    raise DataError(
+                        f"{path}: colour PNG with gamma {gamma}: decoders disagree on it; "
+                        "save the channel as 8-bit grayscale"
+                    )
+            im.load()
+            if im.mode.startswith("I"):
+                a = np.asarray(im).astype(np.int64)
+                return np.clip(np.floor(a / 257.0 + 0.5), 0, 255).astype(np.uint8)
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as e:  # PIL raises many types for corrupt data; all mean "does not decode"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: PNG does not decode ({msg})") from None

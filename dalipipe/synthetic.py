@@ -1,0 +1,213 @@
+"""A synthetic stand-in for the challenge data, in exactly its layout.
+
+Each sample is one cell centred on a dark background: a compact bright nucleus (blue), filaments
+radiating from it (red, microtubules) and a diffuse reticular network around it (yellow, ER). Each
+class has its own nucleus size and shape, cell size, filament count and twist, and ER texture scale
+and spread; every sample draws its own values around its class's, so that classes overlap and a model
+has to learn. Images are rendered in batches with numpy (no per-pixel Python).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dalipipe.constants import FILE_PATTERN, REAL_CLASS_COUNTS, REAL_IMAGE_SIZE, REAL_N_TEST, REAL_N_TRAIN
+from dalipipe.errors import DataError
+
+# Per-channel gains chosen so that the default set lands near the real statistics
+# (0-255 means blue 32.9, red 33.6, yellow 37.5; std 56.5, 42.1, 40.6); tests/test_synthetic.py checks it.
+_GAIN = {"blue": 240.0, "red": 218.0, "yellow": 145.0}
+_BATCH = 256
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    n_train: int = REAL_N_TRAIN
+    n_test: int = REAL_N_TEST
+    n_classes: int = len(REAL_CLASS_COUNTS)
+    image_size: int = REAL_IMAGE_SIZE
+    seed: int = 0
+
+
+def class_names(n_classes: int) -> list[str]:
+    real = list(REAL_CLASS_COUNTS)
+    return real[:n_classes] + [f"line-{i + 1}" for i in range(len(real), n_classes)]
+
+
+def class_weights(n_classes: int) -> np.ndarray:
+    counts = list(REAL_CLASS_COUNTS.values())
+    w = np.array([counts[i] if i < len(counts) else counts[-1] for i in range(n_classes)], dtype=float)
+    return w / w.sum()
+
+
+def _labels(n: int, n_classes: int, rng: np.random.Generator, min_per_class: int) -> np.ndarray:
+    """Exactly proportional class counts (largest remainder), at least min_per_class each, shuffled."""
+    w = class_weights(n_classes)
+    base = np.full(n_classes, min_per_class)
+    rest = n - base.sum()
+    raw = w * rest
+    counts = base + np.floor(raw).astype(int)
+    counts[np.argsort(raw - np.floor(raw))[::-1][: n - counts.sum()]] += 1
+    y = np.repeat(np.arange(n_classes), counts)
+    rng.shuffle(y)
+    return y
+
+
+def _class_params(n_classes: int) -> dict[str, np.ndarray]:
+    """Each class a point in shape/texture space. Fixed (not seeded by the user's seed) so that the
+    same class looks the same in every generated set; spread along each axis so that classes differ
+    in several features at once and overlap in each alone."""
+    rng = np.random.default_rng(20260101)
+    k = n_classes
+
+    def axis(lo: float, hi: float) -> np.ndarray:
+        return lo + (hi - lo) * rng.permutation(np.linspace(0, 1, k))
+
+    return {
+        "nuc_r": axis(0.19, 0.27),  # nucleus radius, fraction of image size
+        "nuc_elong": axis(1.0, 1.5),
+        "cell_r": axis(0.33, 0.45),
+        "cell_elong": axis(1.0, 1.45),
+        "n_fil": axis(5.0, 14.0),
+        "twist": axis(-1.0, 1.0),
+        "er_scale": axis(5.0, 12.0),  # ER noise grid size: higher is finer texture
+        "er_spread": axis(0.15, 0.40),
+    }
+
+
+def _upsampler(lo: int, hi: int) -> np.ndarray:
+    """(hi, lo) bilinear interpolation matrix: U @ X @ U.T upsamples an lo x lo grid to hi x hi."""
+    pos = (np.arange(hi) + 0.5) * lo / hi - 0.5
+    i0 = np.clip(np.floor(pos).astype(int), 0, lo - 1)
+    i1 = np.clip(i0 + 1, 0, lo - 1)
+    f = np.clip(pos - i0, 0, 1)
+    u = np.zeros((hi, lo))
+    u[np.arange(hi), i0] += 1 - f
+    u[np.arange(hi), i1] += f
+    return u
+
+
+def _smooth_noise(rng: np.random.Generator, b: int, grid: int, size: int) -> np.ndarray:
+    u = _upsampler(grid, size)
+    u = u.astype(np.float32)
+    return u @ rng.standard_normal((b, grid, grid), dtype=np.float32) @ u.T
+
+
+def _col(v: np.ndarray) -> np.ndarray:
+    """Per-sample values as a (B, 1, 1) float32 column that broadcasts over images."""
+    return np.asarray(v, dtype=np.float32)[:, None, None]
+
+
+def render(y: np.ndarray, size: int, rng: np.random.Generator, n_classes: int) -> dict[str, np.ndarray]:
+    """Render len(y) cells; returns uint8 arrays (B, size, size) per channel name."""
+    b = len(y)
+    cp = {k: v[y] for k, v in _class_params(n_classes).items()}
+
+    def jitter(v: np.ndarray, rel: float) -> np.ndarray:
+        return _col(v * rng.normal(1.0, rel, b))
+
+    s = float(size)
+    grid = (np.arange(size, dtype=np.float32) + 0.5 - s / 2)[None, :]
+    cx = _col(rng.normal(0, 0.04 * s, b))
+    cy = _col(rng.normal(0, 0.04 * s, b))
+    xx = grid[:, None, :] - cx
+    yy = grid[:, :, None] - cy
+    phi = _col(rng.uniform(0, np.pi, b))
+    u = xx * np.cos(phi) + yy * np.sin(phi)
+    v = -xx * np.sin(phi) + yy * np.cos(phi)
+    r = np.hypot(u, v) + 1e-6
+    theta = np.arctan2(v, u)
+
+    nuc_r = jitter(cp["nuc_r"], 0.14) * s
+    nuc_e = np.maximum(jitter(cp["nuc_elong"], 0.12), 1.0)
+    rn = np.hypot(u / (nuc_r * np.sqrt(nuc_e)), v * np.sqrt(nuc_e) / nuc_r)
+    nucleus = 1 / (1 + np.exp((rn - 1) * 9))
+    chromatin = 0.75 + 0.12 * _smooth_noise(rng, b, 10, size)
+    blue = nucleus * chromatin * _col(rng.uniform(0.8, 1.2, b))
+
+    cell_r = jitter(cp["cell_r"], 0.12) * s
+    cell_e = np.maximum(jitter(cp["cell_elong"], 0.12), 1.0)
+    rc = np.hypot(u / (cell_r * np.sqrt(cell_e)), v * np.sqrt(cell_e) / cell_r)
+    cell = 1 / (1 + np.exp((rc - 1) * 7))
+
+    n_fil = np.round(jitter(cp["n_fil"], 0.15))
+    twist = jitter(cp["twist"], 0.25) + _col(rng.normal(0, 0.3, b))
+    phase = _col(rng.uniform(0, 2 * np.pi, b))
+    # Wiggle the filaments' angle with smooth noise so that they bend like microtubules.
+    wiggle = 0.5 * _smooth_noise(rng, b, 6, size) / np.maximum(n_fil, 1)
+    fil = (0.5 + 0.5 * np.cos(n_fil * (theta + twist * r / s + wiggle) + phase)) ** 4
+    fil_tex = np.clip(1 + 0.5 * _smooth_noise(rng, b, 14, size), 0, None)
+    red = cell * (0.15 + 0.85 * fil * fil_tex) * (1 - 0.55 * nucleus) * _col(rng.uniform(0.75, 1.25, b))
+
+    er_grid = np.clip(jitter(cp["er_scale"], 0.1), 3, None)
+    er = np.zeros((b, size, size), dtype=np.float32)
+    for g in np.unique(np.round(er_grid).astype(int)):  # one noise grid size per group of samples
+        idx = np.flatnonzero(np.round(er_grid[:, 0, 0]).astype(int) == g)
+        n = _smooth_noise(rng, len(idx), int(g), size)
+        er[idx] = np.exp(-((n / 0.6) ** 2))  # zero crossings of smooth noise: a reticular network
+    spread = jitter(cp["er_spread"], 0.15) * s
+    perinuclear = np.exp(-np.maximum(rn - 1, 0) * nuc_r / spread)
+    yellow = cell * perinuclear * (0.35 + 0.65 * er) * _col(rng.uniform(0.75, 1.25, b))
+
+    out = {}
+    for name, img in (("blue", blue), ("red", red), ("yellow", yellow)):
+        noisy = img * _GAIN[name] + 2.0 * rng.standard_normal(img.shape, dtype=np.float32)  # camera noise on a dark background
+        out[name] = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+    return out
+
+
+def _write_split(folder: Path, ids: np.ndarray, y: np.ndarray, spec: SynthSpec, rng: np.random.Generator,
+                 desc: str) -> None:
+    folder.mkdir(parents=True)
+    with tqdm(total=len(ids), desc=desc, unit="sample", leave=False) as bar:
+        for start in range(0, len(ids), _BATCH):
+            sl = slice(start, start + _BATCH)
+            chans = render(y[sl], spec.image_size, rng, spec.n_classes)
+            for j, fid in enumerate(ids[sl]):
+                for name, arr in chans.items():
+                    Image.fromarray(arr[j]).save(folder / FILE_PATTERN.format(file_id=int(fid), channel=name),
+                                                 compress_level=1)
+            bar.update(len(ids[sl]))
+
+
+def generate(out_dir: str | Path, spec: SynthSpec = SynthSpec(), force: bool = False) -> Path:
+    """Write the dataset to out_dir atomically (into a temporary sibling, then renamed)."""
+    out = Path(out_dir)
+    if spec.n_classes < 2:
+        raise DataError(f"--classes must be at least 2, got {spec.n_classes}")
+    if spec.n_train < 2 * spec.n_classes:
+        raise DataError(f"--n-train must be at least 2 per class ({2 * spec.n_classes}), got {spec.n_train}")
+    if spec.image_size < 16:
+        raise DataError(f"--size must be at least 16, got {spec.image_size}")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise DataError(f"{out}: exists and is not empty; choose another folder or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        rng = np.random.default_rng(spec.seed)
+        names = np.array(class_names(spec.n_classes), dtype=object)
+        y_train = _labels(spec.n_train, spec.n_classes, rng, min_per_class=2)
+        y_test = _labels(spec.n_test, spec.n_classes, rng, min_per_class=0)
+        train_ids = np.arange(1, spec.n_train + 1)
+        test_ids = np.arange(spec.n_train + 1, spec.n_train + spec.n_test + 1)
+        _write_split(tmp / "images_train", train_ids, y_train, spec, rng, "train images")
+        _write_split(tmp / "images_test", test_ids, y_test, spec, rng, "test images")
+        pd.DataFrame({"file_id": train_ids, "cell_line": names[y_train]}).to_csv(tmp / "y_train.csv", index=False)
+        pd.DataFrame({"file_id": test_ids, "cell_line": names[y_test]}).to_csv(tmp / "y_test.csv", index=False)
+        pd.DataFrame({"file_id": test_ids, "cell_line": names[0]}).to_csv(tmp / "sample_submission.csv", index=False)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

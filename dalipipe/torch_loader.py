@@ -1,0 +1,73 @@
+"""The pure-torch loader: PIL decode and CPU transforms in DataLoader workers, as the reference did.
+
+It is the benchmark's baseline and the fallback where DALI is missing. Output contract (shared with
+dali_loader.py): batches of (images, targets), images normalized float NCHW on the target device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from dalipipe import augment
+from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.pngio import read_gray
+
+
+class ChannelDataset(Dataset):
+    """Sample i -> (float32 (3, S, S) on the 0-255 scale, target i). Augmentation randomness is a
+    function of (seed, epoch, i), so that it does not depend on which worker draws the sample."""
+
+    def __init__(self, paths: list[list[str]], targets: np.ndarray, spec: AugmentSpec, train: bool, seed: int):
+        self.paths, self.targets, self.spec, self.train, self.seed = paths, targets, spec, train, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        img = torch.from_numpy(np.stack([read_gray(p) for p in self.paths[i]])).float()[None]
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            theta = torch.from_numpy(augment.sample_affine(rng, self.spec, img.shape[2], img.shape[3]))
+            out = augment.warp(img, theta[None], self.spec.image_size)
+        else:
+            out = augment.resize(img, self.spec.image_size)
+        return out[0], int(self.targets[i])
+
+
+class TorchLoader:
+    """Iterable of (images, targets) with len(); each epoch a new seeded order (train) or file order."""
+
+    def __init__(self, paths, targets, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
+                 batch_size: int, workers: int, seed: int, shard_id: int = 0, num_shards: int = 1,
+                 out_dtype: torch.dtype = torch.float32):
+        self.dataset = ChannelDataset(paths, np.asarray(targets), spec, train, seed)
+        # DistributedSampler also serves one process; without shuffling it keeps file order. With several
+        # shards it pads by repeating a few samples so that shards are equal (documented in the README).
+        self.sampler = DistributedSampler(self.dataset, num_replicas=num_shards, rank=shard_id, shuffle=train,
+                                          seed=seed, drop_last=False)
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=device.type == "cuda", drop_last=False,
+                                 persistent_workers=False)  # workers restart per epoch to see the new epoch
+        self.device, self.out_dtype, self.epoch = device, out_dtype, 0
+        self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.loader.batch_size)
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        self.dataset.epoch = self.epoch
+        self.epoch += 1
+        for images, targets in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            images = ((images - self.mean) / self.std).to(self.out_dtype)
+            yield images, targets.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        pass
