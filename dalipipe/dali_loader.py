@@ -94,7 +94,7 @@ class DaliLoader:
                                    device.index if gpu else None, shard_id, num_shards, fp16)
         self.iterator = DALIGenericIterator(self.pipe, ["images", "p0", "p1", "p2"], reader_name=READER,
                                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
-        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+        self.targets = torch.tensor(np.asarray(targets), dtype=torch.int64)
         self.device, self.out_dtype = device, out_dtype
 
     def __len__(self) -> int:

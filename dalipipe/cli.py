@@ -1,0 +1,129 @@
+"""The command line: parse, call, report. Bad input ends in a one-line `Error:` and exit status 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+import click
+
+from dalipipe.config import AugmentSpec, TrainConfig
+from dalipipe.errors import DataError
+
+_DEFAULTS = TrainConfig(images_dir="", labels_csv="", out_dir="")
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (DataError, ValueError) as e:
+            raise UserError(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted (checkpoints on disk are complete; continue with --resume RUN_DIR)", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="dalipipe")
+def cli() -> None:
+    """Train and apply an efficientnet-b1 cell-line classifier on three-channel microscopy PNGs."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--n-train", default=9632, show_default=True, help="Training samples.")
+@click.option("--n-test", default=6869, show_default=True, help="Test samples.")
+@click.option("--classes", "n_classes", default=9, show_default=True, help="Number of cell lines.")
+@click.option("--size", "image_size", default=64, show_default=True, help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
+    """Write a synthetic dataset in the challenge's layout to OUT_DIR."""
+    from dalipipe.synthetic import SynthSpec, generate
+
+    spec = SynthSpec(n_train=n_train, n_test=n_test, n_classes=n_classes, image_size=image_size, seed=seed)
+    path = generate(out_dir, spec, force=force)
+    click.echo(f"wrote {n_train} training and {n_test} test samples ({n_classes} classes, {image_size}px) to {path}")
+
+
+@cli.command()
+@click.argument("images_dir", required=False, type=click.Path())
+@click.argument("labels_csv", required=False, type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run directory for checkpoints, metrics, plots.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
+@click.option("--epochs", type=int, help=f"[default: {_DEFAULTS.epochs}]")
+@click.option("--batch-size", type=int, help=f"Per process. [default: {_DEFAULTS.batch_size}]")
+@click.option("--lr", type=float, help="[default: 7e-5 with --weights/--pretrained, 1e-3 from scratch]")
+@click.option("--weight-decay", type=float, help=f"[default: {_DEFAULTS.weight_decay}]")
+@click.option("--image-size", type=int, help=f"[default: {_DEFAULTS.augment.image_size}]")
+@click.option("--val-fraction", type=float, help=f"[default: {_DEFAULTS.val_fraction}]")
+@click.option("--seed", type=int, help=f"[default: {_DEFAULTS.seed}]")
+@click.option("--loader", type=click.Choice(["dali", "torch"]), help=f"[default: {_DEFAULTS.loader}]")
+@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), help=f"[default: {_DEFAULTS.device}]")
+@click.option("--workers", type=int, help=f"Loader threads/processes. [default: {_DEFAULTS.workers}]")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
+@click.option("--pretrained", is_flag=True, help="Download ImageNet weights (needs internet).")
+@click.option("--subset", type=int, help="Use at most this many labelled samples (stratified).")
+def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
+    """Train on IMAGES_DIR with LABELS_CSV (file_id,cell_line) into --out RUN_DIR."""
+    from dalipipe import checkpoint
+    from dalipipe.constants import CKPT_LAST
+    from dalipipe.train import train as run
+
+    given = {k: v for k, v in opts.items() if v is not None and v is not False}
+    image_size = given.pop("image_size", None)
+    if resume_dir:
+        cfg = TrainConfig.from_dict(checkpoint.load(f"{resume_dir}/{CKPT_LAST}")["config"])
+        fixed = set(given) - {"epochs", "device", "loader", "workers"}
+        if fixed or image_size:
+            raise DataError(f"--resume keeps the run's settings; only --epochs, --device, --loader and --workers "
+                            f"may change (got --{sorted(fixed or ['image_size'])[0].replace('_', '-')})")
+        cfg = dataclasses.replace(cfg, out_dir=resume_dir, **given)
+    else:
+        if not (images_dir and labels_csv and out_dir):
+            raise click.UsageError("IMAGES_DIR, LABELS_CSV and --out RUN_DIR are required (or --resume RUN_DIR)")
+        augment = AugmentSpec(image_size=image_size) if image_size else AugmentSpec()
+        cfg = TrainConfig(images_dir=images_dir, labels_csv=labels_csv, out_dir=out_dir, augment=augment, **given)
+    result = run(cfg, resume=bool(resume_dir))
+    if result["epochs"]:
+        click.echo(f"best validation balanced accuracy {result['best_val_balanced_accuracy']:.4f}; run in {cfg.out_dir}")
+
+
+@cli.command()
+@click.argument("checkpoint_or_run", type=click.Path(exists=True))
+@click.argument("images_dir", type=click.Path())
+@click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="Submission CSV to write.")
+@click.option("--ids", "ids_csv", type=click.Path(), help="CSV whose file_id column restricts and orders the output.")
+@click.option("--probs", is_flag=True, help="Add one probability column per class.")
+@click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def predict(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force):
+    """Predict the cell line of every sample in IMAGES_DIR with a checkpoint (or a run's best)."""
+    from dalipipe.predict import predict as run
+
+    sub = run(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force)
+    click.echo(f"wrote {len(sub)} predictions to {out_csv}")
+
+
+@cli.command()
+@click.argument("submission_csv", type=click.Path())
+@click.argument("answers_csv", type=click.Path())
+def score(submission_csv, answers_csv):
+    """Balanced accuracy of SUBMISSION_CSV against ANSWERS_CSV (file_id,cell_line)."""
+    from dalipipe.predict import score as run
+
+    click.echo(f"balanced accuracy {run(submission_csv, answers_csv):.4f}")
+
+
+def main() -> None:
+    cli(prog_name="dalipipe")

@@ -1,0 +1,41 @@
+"""Run a model over an evaluation loader; shared by validation in training and by predict."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dalipipe import device as dev
+from dalipipe import distributed
+from dalipipe.distributed import World
+
+
+@torch.no_grad()
+def logits_by_position(model: torch.nn.Module, loader, device: torch.device, world: World = World(),
+                       progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, logits) over the whole set, each position once, gathered from all ranks and sorted.
+
+    The loader's targets must be row positions; shards padded with repeats are de-duplicated here,
+    so that metrics count every sample exactly once whatever the number of processes.
+    """
+    model.eval()
+    pos_parts, logit_parts = [], []
+    for images, positions in (progress(loader) if progress else loader):
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with dev.autocast(device):
+            out = model(images)
+        pos_parts.append(positions.cpu())
+        logit_parts.append(out.float().cpu())
+    pos = torch.cat(pos_parts).numpy() if pos_parts else np.zeros(0, dtype=np.int64)
+    logits = torch.cat(logit_parts).numpy() if logit_parts else np.zeros((0, 0), dtype=np.float32)
+    gathered = distributed.gather((pos, logits), world)
+    pos = np.concatenate([g[0] for g in gathered])
+    logits = np.concatenate([g[1] for g in gathered if len(g[1])])
+    pos, first = np.unique(pos, return_index=True)
+    return pos, logits[first]
+
+
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    return float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)).item())

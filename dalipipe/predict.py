@@ -1,0 +1,93 @@
+"""Checkpoint -> submission: the model and its evaluation preprocessing come from the checkpoint alone."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dalipipe import checkpoint
+from dalipipe import device as dev
+from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.data import inspect_images, read_labels, scan_images
+from dalipipe.errors import DataError
+from dalipipe.inference import logits_by_position
+from dalipipe.loaders import make_loader
+from dalipipe.model import build_model
+
+log = logging.getLogger("dalipipe")
+
+
+def select_ids(index: pd.DataFrame, ids_csv: str | Path, images_dir: str | Path) -> pd.DataFrame:
+    """Restrict and order the index by a CSV's file_id column (a sample submission)."""
+    p = Path(ids_csv)
+    try:
+        ids = pd.read_csv(p, usecols=["file_id"])["file_id"]
+    except (FileNotFoundError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{p}: cannot read a file_id column ({str(e).splitlines()[0]})") from None
+    if ids.duplicated().any():
+        raise DataError(f"{p}:{int(np.flatnonzero(ids.duplicated())[0]) + 2}: duplicate file_id {ids[ids.duplicated()].iloc[0]}")
+    by_id = index.set_index("file_id")
+    missing = ~ids.isin(by_id.index)
+    if missing.any():
+        raise DataError(f"{p}:{int(np.flatnonzero(missing)[0]) + 2}: file_id {ids[missing].iloc[0]} has no images "
+                        f"in {images_dir}")
+    return by_id.loc[ids.to_numpy()].reset_index()
+
+
+def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None = None, probs: bool = False,
+            loader: str = "dali", device: str = "auto", batch_size: int = 64, workers: int = 2,
+            force: bool = False) -> pd.DataFrame:
+    out = Path(out_csv)
+    if out.exists() and not force:
+        raise DataError(f"{out}: exists; choose another --out or pass --force to replace it")
+    ck = checkpoint.load(ckpt_path)
+    names = list(ck["class_names"])
+    spec = AugmentSpec(image_size=int(ck["image_size"]))
+    norm = Normalization(tuple(ck["mean"]), tuple(ck["std"]))
+    index = scan_images(images_dir)
+    if ids_csv:
+        index = select_ids(index, ids_csv, images_dir)
+    index = inspect_images(index)
+    torch_device = dev.resolve(device)
+    model = build_model(len(names))
+    model.load_state_dict(ck["model"])
+    model = model.to(torch_device)
+    if torch_device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    data = make_loader(loader, index, np.arange(len(index)), spec, norm, False, torch_device, batch_size, workers, 0)
+    from tqdm.auto import tqdm
+
+    pos, logits = logits_by_position(model, data, torch_device,
+                                     progress=lambda it: tqdm(it, desc="predicting", unit="batch", leave=False))
+    data.close()
+    if len(pos) != len(index):
+        raise RuntimeError(f"loader returned {len(pos)} of {len(index)} samples; please report this as a bug")
+    sub = pd.DataFrame({"file_id": index["file_id"].to_numpy()[pos],
+                        "cell_line": [names[i] for i in logits.argmax(1)]})
+    if probs:
+        p = torch.softmax(torch.from_numpy(logits), 1).numpy()
+        for k, name in enumerate(names):
+            sub[f"p_{name}"] = np.round(p[:, k], 6)
+    if not ids_csv:
+        sub = sub.sort_values("file_id").reset_index(drop=True)
+    checkpoint.write_atomic(out, lambda tmp: sub.to_csv(tmp, index=False))
+    return sub
+
+
+def score(submission_csv: str, answers_csv: str) -> float:
+    """Balanced accuracy of a submission against a labels file with the same ids."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    sub = pd.read_csv(submission_csv)
+    if list(sub.columns[:2]) != ["file_id", "cell_line"]:
+        raise DataError(f"{submission_csv}: expected columns file_id,cell_line")
+    truth = read_labels(answers_csv)
+    merged = truth.merge(sub[["file_id", "cell_line"]], on="file_id", how="left", suffixes=("", "_pred"))
+    if merged["cell_line_pred"].isna().any():
+        fid = merged.loc[merged["cell_line_pred"].isna(), "file_id"].iloc[0]
+        raise DataError(f"{submission_csv}: no prediction for file_id {fid} of {answers_csv}")
+    return float(balanced_accuracy_score(merged["cell_line"], merged["cell_line_pred"]))

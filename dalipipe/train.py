@@ -1,0 +1,162 @@
+"""The training loop: reads top to bottom, one code path for CPU, GPU and torchrun."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+from tqdm.auto import tqdm
+
+from dalipipe import checkpoint, distributed, plots
+from dalipipe import device as dev
+from dalipipe.config import Normalization, TrainConfig
+from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE,
+                                METRICS_FILE, MODEL_NAME)
+from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, stratified_split, stratified_subset
+from dalipipe.errors import DataError
+from dalipipe.inference import cross_entropy, logits_by_position
+from dalipipe.loaders import make_loader
+from dalipipe.model import build_model
+
+log = logging.getLogger("dalipipe")
+
+
+def prepare_data(cfg: TrainConfig, progress: bool):
+    """Validate everything, then split: (label map, train frame, validation frame, normalization)."""
+    index = build_index(cfg.images_dir, cfg.labels_csv)
+    labels = LabelMap.from_labels(index["cell_line"])
+    if cfg.subset:
+        index = stratified_subset(index, cfg.subset, cfg.seed)
+    index = inspect_images(index, progress=progress)
+    train_df, val_df = stratified_split(index, cfg.val_fraction, cfg.seed)
+    return labels, train_df, val_df, channel_stats(train_df)
+
+
+def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
+    out = Path(cfg.out_dir)
+    has_run = (out / CKPT_LAST).exists() or (out / METRICS_FILE).exists()
+    if has_run and not resume:
+        raise DataError(f"{out}: already holds a run; continue it with --resume {out} or choose another --out")
+    if resume and not (out / CKPT_LAST).exists():
+        raise DataError(f"{out}: no {CKPT_LAST} to resume from")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    world = distributed.init(cfg.device)
+    try:
+        return _train(cfg, resume, world)
+    finally:
+        distributed.shutdown(world)
+
+
+def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
+    out = Path(cfg.out_dir)
+    check_run_dir(cfg, resume)
+    device = dev.resolve(cfg.device, world.local_rank)
+    torch.manual_seed(cfg.seed + world.rank)
+    state = checkpoint.load(out / CKPT_LAST) if resume else None
+
+    labels, train_df, val_df, norm = prepare_data(cfg, progress=world.is_main)
+    if state is not None:
+        if list(state["class_names"]) != list(labels.names) or state["split"]["val_ids"] != val_df.file_id.tolist():
+            raise DataError(f"{out}: the data or split differs from the run being resumed")
+        norm = Normalization(tuple(state["mean"]), tuple(state["std"]))
+    lr = cfg.effective_lr()
+    if world.is_main:
+        log.info(f"{len(train_df)} training / {len(val_df)} validation samples, {len(labels.names)} classes; "
+                 f"device {device}, loader {cfg.loader}, {world.size} process(es), lr {lr:g}, "
+                 f"{'weights ' + cfg.weights if cfg.weights else 'pretrained' if cfg.pretrained else 'from scratch'}")
+
+    model = build_model(len(labels.names), None if state else cfg.weights, False if state else cfg.pretrained)
+    if state:
+        model.load_state_dict(state["model"])
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if world.size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device))
+    start_epoch, best, history = 0, -1.0, []
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best, history = state["epoch"], state["best_score"], state["history"]
+
+    if world.is_main:
+        checkpoint.save_json(cfg.to_dict(), out / CONFIG_FILE)
+        checkpoint.save_json(list(labels.names), out / LABELS_FILE)
+    # A resumed run reseeds its shuffling so that it does not replay epoch 0's order.
+    loader_seed = cfg.seed + start_epoch
+    train_loader = make_loader(cfg.loader, train_df, train_df["y"].to_numpy(), cfg.augment, norm, True, device,
+                               cfg.batch_size, cfg.workers, loader_seed, world.rank, world.size)
+    val_loader = make_loader(cfg.loader, val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
+                             cfg.batch_size, cfg.workers, cfg.seed, world.rank, world.size)
+    y_val = val_df["y"].to_numpy()
+    if start_epoch >= cfg.epochs and world.is_main:
+        log.info(f"{out}: already trained for {start_epoch} epochs; raise --epochs to train more")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        loss_sum = torch.zeros((), device=device)
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not world.is_main,
+                   leave=False)
+        for images, y in bar:
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with dev.autocast(device):
+                loss = F.cross_entropy(net(images), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            loss_sum += loss.detach() * len(y)  # on the device: no sync per step
+            seen += len(y)
+        dev.synchronize(device)
+        train_time = time.perf_counter() - t0
+        totals = distributed.gather((float(loss_sum.item()), seen, train_time), world)
+        seen_all = sum(t[1] for t in totals)
+        train_loss = sum(t[0] for t in totals) / max(seen_all, 1)
+        images_per_s = seen_all / max(max(t[2] for t in totals), 1e-9)
+
+        pos, logits = logits_by_position(model, val_loader, device, world)
+        pred = logits.argmax(1)
+        score = float(balanced_accuracy_score(y_val[pos], pred))
+        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(cross_entropy(logits, y_val[pos]), 5),
+               "val_balanced_accuracy": round(score, 5), "train_images_per_s": round(images_per_s, 1),
+               "epoch_seconds": round(time.perf_counter() - t0, 2)}
+        history.append(row)
+        improved = score > best
+        best = max(best, score)
+        if world.is_main:
+            with open(out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            ck = {"model_name": MODEL_NAME, "class_names": list(labels.names), "mean": list(norm.mean),
+                  "std": list(norm.std), "image_size": cfg.augment.image_size, "config": cfg.to_dict(),
+                  "epoch": epoch + 1, "best_score": best, "history": history, "model": model.state_dict(),
+                  "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                  "split": {"train_ids": train_df.file_id.tolist(), "val_ids": val_df.file_id.tolist()},
+                  "val_balanced_accuracy": score}
+            if improved:
+                checkpoint.save(ck, out / CKPT_BEST)
+                plots.confusion(confusion_matrix(y_val[pos], pred, labels=range(len(labels.names))),
+                                list(labels.names), out / CONFUSION_PNG,
+                                f"validation, epoch {epoch + 1}, balanced accuracy {score:.3f}")
+            checkpoint.save(ck, out / CKPT_LAST)
+            plots.learning_curves(history, out / CURVES_PNG)
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  val loss "
+                       f"{row['val_loss']:.4f}  val balanced acc {score:.4f}{' *' if improved else ''}  "
+                       f"{images_per_s:.0f} img/s")
+        distributed.barrier(world)
+    for loader in (train_loader, val_loader):
+        loader.close()
+    return {"best_val_balanced_accuracy": best, "epochs": len(history), "history": history}
