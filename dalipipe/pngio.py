@@ -12,6 +12,9 @@ checked on PngSuite (tests/test_pngio.py):
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +25,36 @@ from dalipipe.errors import DataError
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_chunks(path: str | Path, data: bytes) -> None:
+    """Verify every chunk's CRC, as libpng (and so DALI) does: PIL does not check IDAT's, and lets
+    through files that would kill a DALI pipeline."""
+    if not data.startswith(_SIGNATURE):
+        raise DataError(f"{path}: not a PNG file (bad signature)")
+    pos = len(_SIGNATURE)
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            raise DataError(f"{path}: PNG does not decode (truncated {kind.decode('latin-1')} chunk)")
+        (crc,) = struct.unpack(">I", data[end : end + 4])
+        if zlib.crc32(data[pos + 4 : end]) != crc:
+            raise DataError(f"{path}: PNG does not decode (CRC error in {kind.decode('latin-1')} chunk)")
+        if kind == b"IEND":
+            return
+        pos = end + 4
+    raise DataError(f"{path}: PNG does not decode (no IEND chunk: truncated file)")
+
+
 def read_gray(path: str | Path) -> np.ndarray:
     """Decode a PNG to a 2-D uint8 array by the rule above. Raises DataError naming the file."""
     try:
-        with Image.open(path) as im:
+        data = Path(path).read_bytes()
+        _check_chunks(path, data)
+        with Image.open(io.BytesIO(data)) as im:
             if im.format != "PNG":
                 raise DataError(f"{path}: not a PNG file (format {im.format})")
             if im.mode not in _GRAY_MODES:

@@ -1,0 +1,138 @@
+"""The data layer: every validation failure on real files, the split, and the statistics."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dalipipe.data import (LabelMap, build_index, channel_stats, inspect_images, read_labels, scan_images,
+                           stratified_split)
+from dalipipe.errors import DataError
+from tests.conftest import pngsuite, write_labels, write_sample
+
+
+def _index(d):
+    return inspect_images(build_index(d / "images_train", d / "y_train.csv"), progress=False)
+
+
+def test_clean_synthetic_set_indexes(small_synth):
+    idx = _index(small_synth)
+    assert len(idx) == 240 and idx.file_id.is_monotonic_increasing
+    assert set(idx.cell_line) == {"RT4", "CACO-2", "HEK 293", "MCF7"}
+    assert (idx.height == 32).all() and (idx.width == 32).all()
+
+
+def test_missing_channel_names_the_file(synth_copy):
+    (synth_copy / "images_train" / "00007_red.png").unlink()
+    with pytest.raises(DataError, match=r"00007_red\.png: missing channel"):
+        scan_images(synth_copy / "images_train")
+
+
+def test_label_without_images_names_the_row(synth_copy):
+    with open(synth_copy / "y_train.csv", "a") as f:
+        f.write("99999,RT4\n")
+    with pytest.raises(DataError, match=r"y_train\.csv:242: file_id 99999 has no images"):
+        build_index(synth_copy / "images_train", synth_copy / "y_train.csv")
+
+
+def test_images_without_label_warn_and_are_dropped(synth_copy, caplog):
+    labels = pd.read_csv(synth_copy / "y_train.csv").iloc[:-3]
+    labels.to_csv(synth_copy / "y_train.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="dalipipe"):
+        idx = build_index(synth_copy / "images_train", synth_copy / "y_train.csv")
+    assert len(idx) == 237
+    assert "3 sample(s)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "labels file is empty"),
+        ("file_id,cell_line\n", "header but no rows"),
+        ("id,label\n1,RT4\n", "expected header 'file_id,cell_line', got 'id,label'"),
+        ("file_id,cell_line\n1,RT4\nabc,RT4\n", r":3: file_id 'abc' is not an integer"),
+        ("file_id,cell_line\n1,RT4\n2,HeLa\n1,HeLa\n", r":4: duplicate file_id 1 \(first on line 2\)"),
+        ("file_id,cell_line\n1,RT4\n2,\n", r":3: empty cell_line"),
+        ('file_id,cell_line\n1,"RT4\n', "malformed CSV"),
+    ],
+)
+def test_bad_labels_files(tmp_path, text, message):
+    p = tmp_path / "y.csv"
+    p.write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_labels(p)
+
+
+def test_labels_file_missing(tmp_path):
+    with pytest.raises(DataError, match="labels file not found"):
+        read_labels(tmp_path / "nope.csv")
+
+
+@pytest.mark.parametrize("corrupt", ["xcsn0g01.png", "xc1n0g08.png", "xd0n2c08.png", "xhdn0g08.png"])
+def test_corrupt_png_names_the_file(synth_copy, corrupt):
+    target = synth_copy / "images_train" / "00011_blue.png"
+    shutil.copy(pngsuite() / corrupt, target)
+    with pytest.raises(DataError, match=r"00011_blue\.png: (PNG does not decode|not a PNG)"):
+        _index(synth_copy)
+
+
+def test_channels_of_different_sizes(synth_copy):
+    write_sample(synth_copy / "images_train", 5, np.zeros((32, 32)), np.zeros((16, 32)), np.zeros((32, 32)))
+    with pytest.raises(DataError, match=r"differ in size \(00005_yellow\.png 32x32, 00005_red\.png 32x16"):
+        _index(synth_copy)
+
+
+def test_class_with_one_sample(synth_copy):
+    labels = pd.read_csv(synth_copy / "y_train.csv")
+    labels.loc[4, "cell_line"] = "Lonely"
+    labels.to_csv(synth_copy / "y_train.csv", index=False)
+    with pytest.raises(DataError, match=r"y_train\.csv:6: class 'Lonely' has 1 sample"):
+        build_index(synth_copy / "images_train", synth_copy / "y_train.csv")
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        scan_images(tmp_path / "missing")
+    with pytest.raises(DataError, match="no channel PNGs"):
+        scan_images(tmp_path)
+
+
+def test_split_is_stratified_seeded_and_disjoint(small_synth):
+    idx = build_index(small_synth / "images_train", small_synth / "y_train.csv")
+    train, val = stratified_split(idx, 0.3, 42)
+    assert set(train.file_id).isdisjoint(val.file_id)
+    assert set(train.file_id) | set(val.file_id) == set(idx.file_id)
+    assert len(val) == 72
+    for y, group in idx.groupby("y"):
+        assert abs((val.y == y).sum() - 0.3 * len(group)) <= 1
+    again_train, again_val = stratified_split(idx, 0.3, 42)
+    assert again_val.file_id.tolist() == val.file_id.tolist()
+    other_val = stratified_split(idx, 0.3, 7)[1]
+    assert other_val.file_id.tolist() != val.file_id.tolist()
+    with pytest.raises(DataError, match="val-fraction"):
+        stratified_split(idx, 1.5, 42)
+
+
+def test_channel_stats_against_numpy(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = {i: [rng.integers(0, 256, (20, 24)) for _ in range(3)] for i in (1, 2, 3)}
+    for i, (y, r, b) in imgs.items():
+        write_sample(tmp_path / "img", i, y, r, b)
+    write_labels(tmp_path / "y.csv", [(1, "a"), (2, "b"), (3, "b")])
+    idx = inspect_images(build_index(tmp_path / "img", tmp_path / "y.csv"), progress=False)
+    norm = channel_stats(idx[idx.file_id.isin([1, 2])])  # "training split" only
+    for k in range(3):
+        pixels = np.concatenate([imgs[1][k].ravel(), imgs[2][k].ravel()]).astype(np.float64)
+        assert norm.mean[k] == pytest.approx(pixels.mean(), rel=1e-9)
+        assert norm.std[k] == pytest.approx(pixels.std(), rel=1e-9)
+
+
+def test_label_map_is_sorted_and_round_trips():
+    lm = LabelMap.from_labels(pd.Series(["U-2 OS", "HEK 293", "A549", "HEK 293"]))
+    assert lm.names == ("A549", "HEK 293", "U-2 OS")
+    ys = lm.encode(pd.Series(["U-2 OS", "A549"]))
+    assert ys.tolist() == [2, 0] and lm.decode(ys) == ["U-2 OS", "A549"]
