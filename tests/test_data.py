@@ -119,10 +119,10 @@ def test_split_is_stratified_seeded_and_disjoint(small_synth):
 
 def test_channel_stats_against_numpy(tmp_path):
     rng = np.random.default_rng(0)
-    imgs = {i: [rng.integers(0, 256, (20, 24)) for _ in range(3)] for i in (1, 2, 3)}
+    imgs = {i: [rng.integers(0, 256, (20, 24)) for _ in range(3)] for i in (1, 2, 3, 4)}
     for i, (y, r, b) in imgs.items():
         write_sample(tmp_path / "img", i, y, r, b)
-    write_labels(tmp_path / "y.csv", [(1, "a"), (2, "b"), (3, "b")])
+    write_labels(tmp_path / "y.csv", [(1, "a"), (2, "b"), (3, "b"), (4, "a")])
     idx = inspect_images(build_index(tmp_path / "img", tmp_path / "y.csv"), progress=False)
     norm = channel_stats(idx[idx.file_id.isin([1, 2])])  # "training split" only
     for k in range(3):
