@@ -37,8 +37,9 @@ def _process(images, spec: AugmentSpec, norm: Normalization, train: bool, out_dt
         images = fn.random_resized_crop(images, size=size, random_area=list(spec.crop_area),
                                         random_aspect_ratio=list(spec.crop_ratio), interp_type=types.INTERP_LINEAR,
                                         antialias=False, dtype=types.FLOAT)
-        angle = fn.random.uniform(range=[-spec.max_rotation, spec.max_rotation])
-        images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
+        if spec.max_rotation > 0:  # DALI's uniform() rejects an empty range
+            angle = fn.random.uniform(range=[-spec.max_rotation, spec.max_rotation])
+            images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=spec.hflip_p),
                          vertical=fn.random.coin_flip(probability=spec.vflip_p))
     else:

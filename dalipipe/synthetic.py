@@ -51,12 +51,13 @@ def class_weights(n_classes: int) -> np.ndarray:
 
 def _labels(n: int, n_classes: int, rng: np.random.Generator, min_per_class: int) -> np.ndarray:
     """Exactly proportional class counts (largest remainder), at least min_per_class each, shuffled."""
-    w = class_weights(n_classes)
-    base = np.full(n_classes, min_per_class)
-    rest = n - base.sum()
-    raw = w * rest
-    counts = base + np.floor(raw).astype(int)
-    counts[np.argsort(raw - np.floor(raw))[::-1][: n - counts.sum()]] += 1
+    raw = class_weights(n_classes) * n
+    counts = np.floor(raw).astype(int)
+    counts[np.argsort(raw - counts, kind="stable")[::-1][: n - counts.sum()]] += 1
+    for k in np.flatnonzero(counts < min_per_class):  # small sets: lift tiny classes, take from the largest
+        need = min_per_class - counts[k]
+        counts[k] += need
+        counts[np.argmax(counts)] -= need
     y = np.repeat(np.arange(n_classes), counts)
     rng.shuffle(y)
     return y

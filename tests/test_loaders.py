@@ -1,0 +1,190 @@
+"""Both loaders against one spec: equal tensors without augmentation, the spec's statistics with it,
+and exact epoch coverage with channels that never mix."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.data import build_index, channel_stats, inspect_images, scan_images
+from dalipipe.loaders import make_loader
+from tests.conftest import pngsuite, write_sample
+
+KINDS = ["dali", "torch"]
+CPU = torch.device("cpu")
+RAW = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # outputs stay on the 0-255 scale
+
+
+def _epochs(kind, index, spec, norm, train, epochs=1, batch_size=64, targets=None):
+    targets = np.arange(len(index)) if targets is None else targets
+    loader = make_loader(kind, index, targets, spec, norm, train, CPU, batch_size, 2, seed=11)
+    out = []
+    for _ in range(epochs):
+        xs, ts = zip(*[(x, t) for x, t in loader])
+        out.append((torch.cat(xs), torch.cat(ts)))
+    assert len(loader) == math.ceil(len(index) / batch_size)
+    loader.close()
+    return out
+
+
+def _in_order(x, t):
+    return x[torch.argsort(t)]
+
+
+def test_no_augmentation_dali_equals_torch_on_synthetic(small_synth):
+    idx = inspect_images(build_index(small_synth / "images_train", small_synth / "y_train.csv"), progress=False)
+    norm = channel_stats(idx)
+    spec = AugmentSpec(image_size=48)
+    (xd, td), = _epochs("dali", idx, spec, norm, train=False)
+    (xt, tt), = _epochs("torch", idx, spec, norm, train=False)
+    assert xd.shape == (240, 3, 48, 48) and xd.dtype == torch.float32
+    assert td.tolist() == list(range(240)) == tt.tolist()  # evaluation keeps file order
+    assert (xd - xt).abs().max().item() < 1e-3
+
+
+def _pngsuite_samples(tmp_path, predicate):
+    files = sorted(f for f in pngsuite().glob("*.png") if predicate(f.name))
+    folder = tmp_path / "suite"
+    folder.mkdir()
+    for i, f in enumerate(files):  # each file serves once as each channel, beside two others
+        for k, ch in enumerate(("yellow", "red", "blue")):
+            shutil.copy(files[(i + k) % len(files)], folder / f"{i + 1:05d}_{ch}.png")
+    return inspect_images(scan_images(folder), progress=False), len(files)
+
+
+@pytest.mark.parametrize("which", ["8bit", "16bit"])
+def test_no_augmentation_dali_equals_torch_on_pngsuite_gray(tmp_path, which):
+    if which == "8bit":
+        pred = lambda n: n.startswith(("basn0g", "basi0g", "ftp", "f0")) and "0g16" not in n and "n2c" not in n
+    else:
+        pred = lambda n: n.endswith("0g16.png") and n.startswith(("basn", "basi", "oi", "g"))
+    idx, n = _pngsuite_samples(tmp_path, pred)
+    assert n >= 6
+    norm = Normalization((30.0, 60.0, 90.0), (40.0, 50.0, 60.0))
+    spec = AugmentSpec(image_size=64)
+    (xd, _), = _epochs("dali", idx, spec, norm, train=False, batch_size=4)
+    (xt, _), = _epochs("torch", idx, spec, norm, train=False, batch_size=4)
+    assert (xd - xt).abs().max().item() < 1e-3
+
+
+def _coded_dataset(folder, n, size=8):
+    """Constant channels that encode the sample id, differently per channel."""
+    for fid in range(1, n + 1):
+        write_sample(folder, fid, *[np.full((size, size), code) for code in _codes(fid)])
+    return scan_images(folder)
+
+
+def _codes(fid):
+    return [(fid * m) % 200 + 20 for m in (1, 7, 13)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_epoch_sees_each_sample_once_and_channels_stay_together(tmp_path, kind):
+    idx = _coded_dataset(tmp_path / "img", 301)
+    spec = AugmentSpec(image_size=16)
+    epochs = _epochs(kind, idx, spec, RAW, train=True, epochs=3, batch_size=64)
+    orders = []
+    for x, t in epochs:
+        assert len(t) == 301 and sorted(t.tolist()) == list(range(301))
+        orders.append(t.tolist())
+        # The centre pixel is inside every crop and rotation: it carries the sample's three codes.
+        centre = x[:, :, 8, 8]
+        expected = torch.tensor([_codes(int(idx.file_id[int(i)])) for i in t], dtype=torch.float32)
+        assert (centre - expected).abs().max().item() < 1e-3
+    assert orders[0] != orders[1] != orders[2] and orders[0] != list(range(301))
+
+
+def _marker_dataset(folder, n, size, draw):
+    img = np.zeros((size, size), dtype=np.uint8)
+    draw(img)
+    for fid in range(1, n + 1):
+        write_sample(folder, fid, img, img, img)
+    return scan_images(folder)
+
+
+def _centroids(x):
+    """Intensity centroid of channel 0 relative to the image centre, in pixels: (cx, cy)."""
+    img = x[:, 0].clamp(min=0)
+    s = img.shape[-1]
+    coords = torch.arange(s, dtype=torch.float32) + 0.5 - s / 2
+    total = img.sum((1, 2))
+    return (img.sum(1) * coords).sum(1) / total, (img.sum(2) * coords).sum(1) / total
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flip_rates_follow_the_spec(tmp_path, kind):
+    def draw(img):
+        img[2:12, 2:12] = 255  # bright top-left quadrant
+
+    idx = _marker_dataset(tmp_path / "img", 200, 32, draw)
+    spec = AugmentSpec(image_size=32, crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), max_rotation=0.0)
+    xs = torch.cat([x for x, _ in _epochs(kind, idx, spec, RAW, train=True, epochs=3)])
+    cx, cy = _centroids(xs)
+    # 600 draws: standard error of a rate near 0.6 is 0.02; allow four of them.
+    assert abs((cx > 0).float().mean().item() - 0.6) < 0.08
+    assert abs((cy > 0).float().mean().item() - 0.6) < 0.08
+    assert ((cx.abs() > 5) & (cy.abs() > 5)).all()  # flipped or not, never anything else
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rotation_range_follows_the_spec(tmp_path, kind):
+    def draw(img):
+        img[14:18, 24:28] = 255  # a dot right of the centre
+
+    idx = _marker_dataset(tmp_path / "img", 200, 32, draw)
+    spec = AugmentSpec(image_size=32, crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_p=0.0, vflip_p=0.0)
+    xs = torch.cat([x for x, _ in _epochs(kind, idx, spec, RAW, train=True, epochs=2)])
+    cx, cy = _centroids(xs)
+    angle = torch.rad2deg(torch.atan2(cy, cx))
+    assert angle.abs().max().item() < 45 + 3
+    assert angle.min().item() < -38 and angle.max().item() > 38
+    # Uniform on +-45: standard deviation 26 degrees.
+    assert 22 < angle.std().item() < 30 and abs(angle.mean().item()) < 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crop_area_and_ratio_follow_the_spec(tmp_path, kind):
+    size = 40
+    ramp = np.tile(np.arange(size) * 6, (size, 1))  # value = 6 * x
+    folder = tmp_path / "img"
+    for fid in range(1, 201):
+        write_sample(folder, fid, ramp, ramp.T, ramp)
+    idx = scan_images(folder)
+    spec = AugmentSpec(image_size=size, max_rotation=0.0, hflip_p=0.0, vflip_p=0.0)
+    xs = torch.cat([x for x, _ in _epochs(kind, idx, spec, RAW, train=True, epochs=2)])
+    q1, q3 = size // 4, 3 * size // 4
+    # The ramp's slope in the output gives the crop's extent in input pixels.
+    width = (xs[:, 0, size // 2, q3] - xs[:, 0, size // 2, q1]) / 6 * size / (q3 - q1)
+    height = (xs[:, 1, q3, size // 2] - xs[:, 1, q1, size // 2]) / 6 * size / (q3 - q1)
+    area = width * height / size**2
+    ratio = width / height
+    assert area.min().item() > 0.7 - 0.03 and area.max().item() < 1.0 + 0.03
+    assert area.min().item() < 0.75 and area.max().item() > 0.9  # the whole range is used
+    assert ratio.min().item() > 3 / 4 - 0.05 and ratio.max().item() < 4 / 3 + 0.05
+
+
+def test_normalized_means_near_zero_and_loaders_agree_under_augmentation(small_synth):
+    idx = inspect_images(build_index(small_synth / "images_train", small_synth / "y_train.csv"), progress=False)
+    norm = channel_stats(idx)
+    spec = AugmentSpec(image_size=32)
+    means = {}
+    for kind in KINDS:
+        (x, _), = _epochs(kind, idx, spec, norm, train=True)
+        means[kind] = x.mean(dim=(0, 2, 3))
+        # Zero fill of rotated corners pulls means below 0, crops towards the bright centre push up.
+        assert means[kind].abs().max().item() < 0.2, (kind, means[kind])
+    assert (means["dali"] - means["torch"]).abs().max().item() < 0.06
+
+
+def test_fp16_output_option(small_synth):
+    idx = scan_images(small_synth / "images_test")
+    for kind in KINDS:
+        loader = make_loader(kind, idx, np.arange(len(idx)), AugmentSpec(image_size=32), RAW, False, CPU, 16, 1, 0,
+                             out_dtype=torch.float16)
+        x, _ = next(iter(loader))
+        assert x.dtype == torch.float16 and x.shape == (16, 3, 32, 32)
