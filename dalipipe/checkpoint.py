@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +36,10 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
 
 def save(obj: dict[str, Any], path: str | Path) -> None:
     write_atomic(path, lambda tmp: torch.save({"format": FORMAT, **obj}, tmp))
+
+
+def copy(src: str | Path, dst: str | Path) -> None:
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def save_json(obj: Any, path: str | Path) -> None:

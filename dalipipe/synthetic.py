@@ -128,20 +128,20 @@ def render(y: np.ndarray, size: int, rng: np.random.Generator, n_classes: int) -
     r = np.hypot(u, v) + 1e-6
     theta = np.arctan2(v, u)
 
-    nuc_r = jitter(cp["nuc_r"], 0.14) * s
-    nuc_e = np.maximum(jitter(cp["nuc_elong"], 0.12), 1.0)
+    nuc_r = jitter(cp["nuc_r"], 0.10) * s
+    nuc_e = np.maximum(jitter(cp["nuc_elong"], 0.08), 1.0)
     rn = np.hypot(u / (nuc_r * np.sqrt(nuc_e)), v * np.sqrt(nuc_e) / nuc_r)
     nucleus = 1 / (1 + np.exp((rn - 1) * 9))
     chromatin = 0.75 + 0.12 * _smooth_noise(rng, b, 10, size)
     blue = nucleus * chromatin * _col(rng.uniform(0.8, 1.2, b))
 
-    cell_r = jitter(cp["cell_r"], 0.12) * s
-    cell_e = np.maximum(jitter(cp["cell_elong"], 0.12), 1.0)
+    cell_r = jitter(cp["cell_r"], 0.08) * s
+    cell_e = np.maximum(jitter(cp["cell_elong"], 0.08), 1.0)
     rc = np.hypot(u / (cell_r * np.sqrt(cell_e)), v * np.sqrt(cell_e) / cell_r)
     cell = 1 / (1 + np.exp((rc - 1) * 7))
 
-    n_fil = np.round(jitter(cp["n_fil"], 0.15))
-    twist = jitter(cp["twist"], 0.25) + _col(rng.normal(0, 0.3, b))
+    n_fil = np.round(jitter(cp["n_fil"], 0.10))
+    twist = jitter(cp["twist"], 0.2) + _col(rng.normal(0, 0.2, b))
     phase = _col(rng.uniform(0, 2 * np.pi, b))
     # Wiggle the filaments' angle with smooth noise so that they bend like microtubules.
     wiggle = 0.5 * _smooth_noise(rng, b, 6, size) / np.maximum(n_fil, 1)
@@ -149,13 +149,13 @@ def render(y: np.ndarray, size: int, rng: np.random.Generator, n_classes: int) -
     fil_tex = np.clip(1 + 0.5 * _smooth_noise(rng, b, 14, size), 0, None)
     red = cell * (0.15 + 0.85 * fil * fil_tex) * (1 - 0.55 * nucleus) * _col(rng.uniform(0.75, 1.25, b))
 
-    er_grid = np.clip(jitter(cp["er_scale"], 0.1), 3, None)
+    er_grid = np.clip(jitter(cp["er_scale"], 0.08), 3, None)
     er = np.zeros((b, size, size), dtype=np.float32)
     for g in np.unique(np.round(er_grid).astype(int)):  # one noise grid size per group of samples
         idx = np.flatnonzero(np.round(er_grid[:, 0, 0]).astype(int) == g)
         n = _smooth_noise(rng, len(idx), int(g), size)
         er[idx] = np.exp(-((n / 0.6) ** 2))  # zero crossings of smooth noise: a reticular network
-    spread = jitter(cp["er_spread"], 0.15) * s
+    spread = jitter(cp["er_spread"], 0.10) * s
     perinuclear = np.exp(-np.maximum(rn - 1, 0) * nuc_r / spread)
     yellow = cell * perinuclear * (0.35 + 0.65 * er) * _col(rng.uniform(0.75, 1.25, b))
 

@@ -47,6 +47,19 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
         raise DataError(f"{out}: no {CKPT_LAST} to resume from")
 
 
+def repair_run_dir(out: Path, state: dict) -> None:
+    """After a kill: drop temporary files, make best.pt match last.pt when the last epoch was the best,
+    and rewrite the metrics file from the checkpoint's history (a kill can fall between the two)."""
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink()
+    best = out / CKPT_BEST
+    if state["val_balanced_accuracy"] >= state["best_score"] and (
+            not best.exists() or checkpoint.load(best)["epoch"] != state["epoch"]):
+        checkpoint.copy(out / CKPT_LAST, best)
+    lines = "".join(json.dumps(row) + "\n" for row in state["history"])
+    checkpoint.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     world = distributed.init(cfg.device)
     try:
@@ -61,6 +74,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     device = dev.resolve(cfg.device, world.local_rank)
     torch.manual_seed(cfg.seed + world.rank)
     state = checkpoint.load(out / CKPT_LAST) if resume else None
+    if state is not None and world.is_main:
+        repair_run_dir(out, state)
 
     labels, train_df, val_df, norm = prepare_data(cfg, progress=world.is_main)
     if state is not None:
@@ -138,20 +153,21 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         improved = score > best
         best = max(best, score)
         if world.is_main:
-            with open(out / METRICS_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
             ck = {"model_name": MODEL_NAME, "class_names": list(labels.names), "mean": list(norm.mean),
                   "std": list(norm.std), "image_size": cfg.augment.image_size, "config": cfg.to_dict(),
                   "epoch": epoch + 1, "best_score": best, "history": history, "model": model.state_dict(),
                   "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                   "split": {"train_ids": train_df.file_id.tolist(), "val_ids": val_df.file_id.tolist()},
                   "val_balanced_accuracy": score}
+            # last first, then best as its copy: a kill between the two is repaired on resume.
+            checkpoint.save(ck, out / CKPT_LAST)
             if improved:
-                checkpoint.save(ck, out / CKPT_BEST)
+                checkpoint.copy(out / CKPT_LAST, out / CKPT_BEST)
                 plots.confusion(confusion_matrix(y_val[pos], pred, labels=range(len(labels.names))),
                                 list(labels.names), out / CONFUSION_PNG,
                                 f"validation, epoch {epoch + 1}, balanced accuracy {score:.3f}")
-            checkpoint.save(ck, out / CKPT_LAST)
+            with open(out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
             plots.learning_curves(history, out / CURVES_PNG)
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  val loss "
                        f"{row['val_loss']:.4f}  val balanced acc {score:.4f}{' *' if improved else ''}  "

@@ -1,0 +1,126 @@
+"""The command line as a user meets it: one-line errors, and synth -> train -> resume -> predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from dalipipe import checkpoint
+from dalipipe.synthetic import SynthSpec, generate
+from tests.conftest import pngsuite
+
+
+def dalipipe(*args, check=True, timeout=600):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-m", "dalipipe", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"dalipipe {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def assert_one_line_error(r, *fragments):
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, r.stderr
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+
+
+def test_data_errors_are_one_line_and_exit_2(synth_copy, tmp_path):
+    d = synth_copy
+    shutil.copy(pngsuite() / "xcsn0g01.png", d / "images_train" / "00003_red.png")
+    r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", tmp_path / "run", check=False)
+    assert_one_line_error(r, "00003_red.png", "does not decode")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+    (d / "bad.csv").write_text("id,label\n1,RT4\n")
+    r = dalipipe("train", d / "images_train", d / "bad.csv", "--out", tmp_path / "run", check=False)
+    assert_one_line_error(r, "bad.csv", "expected header")
+
+    r = dalipipe("predict", d / "y_train.csv", d / "images_test", "--out", tmp_path / "s.csv", check=False)
+    assert_one_line_error(r, "y_train.csv", "checkpoint")
+
+    r = dalipipe("synth", d, check=False)
+    assert_one_line_error(r, "not empty")
+
+
+@pytest.fixture(scope="module")
+def e2e_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "data"
+    return generate(out, SynthSpec(n_train=480, n_test=120, n_classes=4, image_size=64, seed=9))
+
+
+def test_train_resume_predict_end_to_end(e2e_data, tmp_path):
+    d, run = e2e_data, tmp_path / "run"
+    # 64 px and batch 16: from scratch, efficientnet-b1 needs enough steps and pixels to learn in 7 epochs.
+    common = ["--image-size", "64", "--batch-size", "16", "--device", "cpu", "--workers", "2"]
+    dalipipe("train", d / "images_train", d / "y_train.csv", "--out", run, "--epochs", "3", *common)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for name in ("best.pt", "last.pt", "config.json", "labels.json", "learning_curves.png", "confusion_matrix.png"):
+        assert (run / name).is_file(), name
+
+    # A second run into the same folder would mix two runs: refused.
+    r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", run, check=False)
+    assert_one_line_error(r, "already holds a run")
+
+    dalipipe("train", "--resume", run, "--epochs", "7")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 8))
+    last = checkpoint.load(run / "last.pt")
+    assert last["epoch"] == 7 and last["class_names"] == ["CACO-2", "HEK 293", "MCF7", "RT4"]
+    assert last["config"]["augment"]["image_size"] == 64 and len(last["mean"]) == 3
+
+    subs = {}
+    for loader in ("dali", "torch"):
+        out = tmp_path / f"sub_{loader}.csv"
+        dalipipe("predict", run, d / "images_test", "--out", out, "--loader", loader, "--probs", "--device", "cpu")
+        subs[loader] = pd.read_csv(out)
+    sub = subs["dali"]
+    assert sub.file_id.tolist() == list(range(481, 601))
+    assert list(sub.columns[:2]) == ["file_id", "cell_line"] and len(sub.columns) == 2 + 4
+    assert (sub.filter(like="p_").sum(axis=1) - 1).abs().max() < 1e-4
+    assert sub.cell_line.tolist() == subs["torch"].cell_line.tolist()
+    r = dalipipe("predict", run, d / "images_test", "--out", tmp_path / "sub_dali.csv", check=False)
+    assert_one_line_error(r, "exists")
+
+    score = float(dalipipe("score", tmp_path / "sub_dali.csv", d / "y_test.csv").stdout.split()[-1])
+    assert score > 0.5, f"test balanced accuracy {score} (chance 0.25)"
+
+    ids = pd.read_csv(d / "sample_submission.csv").iloc[::-1].iloc[:30]
+    ids.to_csv(tmp_path / "ids.csv", index=False)
+    dalipipe("predict", run / "best.pt", d / "images_test", "--out", tmp_path / "sub_ids.csv", "--ids", tmp_path / "ids.csv")
+    assert pd.read_csv(tmp_path / "sub_ids.csv").file_id.tolist() == ids.file_id.tolist()
+
+
+def test_kill_mid_epoch_then_resume(e2e_data, tmp_path):
+    d, run = e2e_data, tmp_path / "run"
+    cmd = [sys.executable, "-m", "dalipipe", "train", d / "images_train", d / "y_train.csv", "--out", run,
+           "--epochs", "4", "--image-size", "32", "--batch-size", "16", "--device", "cpu"]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the second epoch, and maybe into a checkpoint write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.load(run / "last.pt")["epoch"] >= 1  # whatever the moment, the file is whole
+    dalipipe("train", "--resume", run)
+    best = checkpoint.load(run / "best.pt")
+    assert checkpoint.load(run / "last.pt")["epoch"] == 4
+    assert best["val_balanced_accuracy"] == max(
+        json.loads(x)["val_balanced_accuracy"] for x in (run / "metrics.jsonl").read_text().splitlines())
+    assert not list(run.glob(".*.tmp")), "stale temporary files left behind"
+    model_state = torch.load(run / "best.pt", weights_only=False)["model"]
+    assert all(torch.isfinite(v.float()).all() for v in model_state.values())
