@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -12,9 +11,8 @@ from PIL import Image
 
 from dalipipe.synthetic import SynthSpec, generate
 
-PNGSUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pngsuite"
-if not PNGSUITE.is_dir():  # a clean clone beside ../shared, or the path given by the environment
-    PNGSUITE = Path(os.environ.get("DALIPIPE_PNGSUITE", "../shared/data/pngsuite")).resolve()
+# PngSuite (Willem van Schaik; free to copy, see its LICENSE) travels with the tests.
+PNGSUITE = Path(__file__).resolve().parent / "data" / "pngsuite"
 
 
 def write_sample(folder: Path, fid: int, yellow: np.ndarray, red: np.ndarray, blue: np.ndarray) -> None:
