@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -60,6 +61,13 @@ def repair_run_dir(out: Path, state: dict) -> None:
     checkpoint.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
 
 
+def write_sample_log(folder: str, rank: int, epoch: int, file_ids: np.ndarray) -> None:
+    """Debugging aid: the file ids one rank trained on in one epoch, in order."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / f"rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": epoch, "file_ids": [int(i) for i in file_ids]}) + "\n")
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     world = distributed.init(cfg.device)
     try:
@@ -69,6 +77,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
+    if not world.is_main:  # one voice: rank 0 reports, the others only fail
+        log.setLevel(logging.ERROR)
     out = Path(cfg.out_dir)
     check_run_dir(cfg, resume)
     device = dev.resolve(cfg.device, world.local_rank)
@@ -110,8 +120,12 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         checkpoint.save_json(list(labels.names), out / LABELS_FILE)
     # A resumed run reseeds its shuffling so that it does not replay epoch 0's order.
     loader_seed = cfg.seed + start_epoch
-    train_loader = make_loader(cfg.loader, train_df, train_df["y"].to_numpy(), cfg.augment, norm, True, device,
+    # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
+    # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
+    train_loader = make_loader(cfg.loader, train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
                                cfg.batch_size, cfg.workers, loader_seed, world.rank, world.size)
+    y_train = torch.as_tensor(train_df["y"].to_numpy(), device=device)
+    sample_log = os.environ.get("DALIPIPE_SAMPLE_LOG")
     val_loader = make_loader(cfg.loader, val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
                              cfg.batch_size, cfg.workers, cfg.seed, world.rank, world.size)
     y_val = val_df["y"].to_numpy()
@@ -125,7 +139,11 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         t0 = time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not world.is_main,
                    leave=False)
-        for images, y in bar:
+        trained_ids = []
+        for images, positions in bar:
+            y = y_train[positions]
+            if sample_log:
+                trained_ids.append(positions.cpu())
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             with dev.autocast(device):
@@ -138,6 +156,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
             seen += len(y)
         dev.synchronize(device)
         train_time = time.perf_counter() - t0
+        if sample_log:
+            write_sample_log(sample_log, world.rank, epoch + 1, train_df.file_id.to_numpy()[torch.cat(trained_ids).numpy()])
         totals = distributed.gather((float(loss_sum.item()), seen, train_time), world)
         seen_all = sum(t[1] for t in totals)
         train_loss = sum(t[0] for t in totals) / max(seen_all, 1)

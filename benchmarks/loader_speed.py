@@ -1,0 +1,306 @@
+"""DALI against the pure-torch loader, and the data stall in training, on this machine.
+
+    python benchmarks/loader_speed.py [--data DIR] [--device auto|gpu|cpu] [--batch-size 64]
+        [--image-size 224] [--workers N] [--epochs E] [--limit N] [--train] [--sweep] [--json OUT]
+
+Rows (identical AugmentSpec and output contract: normalized NCHW float on the target device):
+  torch    PIL decode + augmentation in DataLoader workers, then the copy to the device;
+  dali     the DALI pipeline on the target device (mixed decoding + GPU operators with a GPU, cpu without);
+  ceiling  a few batches already on the device, cycled: no loading at all, the bound for any loader.
+Each row runs in its own process, so that CPU time (process and children, from the OS) and peak host
+memory are its own. Images/s is the median over the timed epochs after one warm-up epoch, with the device
+synchronized before clocks are read. --train adds an efficientnet-b1 forward/backward step per batch and
+reports the fraction of the step time spent waiting for data. --sweep repeats torch and dali with
+1, 2, 4, ... workers up to the core count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+ROWS = ("torch", "dali", "ceiling")
+CEILING_BATCHES = 16
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dalipipe"
+
+
+def ensure_data(data: str | None) -> Path:
+    """The user's data, or a full-size synthetic set generated once into the cache."""
+    if data:
+        return Path(data)
+    from dalipipe.synthetic import SynthSpec, generate
+
+    path = _cache_dir() / "bench-synthetic-v1"
+    if not (path / "y_train.csv").exists():
+        click.echo(f"generating the synthetic benchmark set in {path} (once)", err=True)
+        generate(path, SynthSpec(), force=True)
+    return path
+
+
+def machine() -> dict:
+    import numpy
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    except ImportError:
+        dali = None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "dali": dali, "numpy": numpy.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "platform": platform.platform()}
+
+
+def _rusage_cpu() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+class _Cycle:
+    """The ceiling: batches already on the device, replayed for as many batches as an epoch has."""
+
+    def __init__(self, batches, n):
+        self.batches, self.n = batches, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield self.batches[i % len(self.batches)]
+
+    def close(self):
+        pass
+
+
+def measure_row(job: dict) -> dict:
+    """Runs inside the row's own process."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+
+    from dalipipe import device as dev
+    from dalipipe.config import AugmentSpec, Normalization
+    from dalipipe.loaders import make_loader
+
+    index = pd.read_csv(job["index_csv"])
+    norm = Normalization(tuple(job["mean"]), tuple(job["std"]))
+    spec = AugmentSpec(image_size=job["image_size"])
+    device = dev.resolve(job["device"])
+    kind, workers, bs = job["row"], job["workers"], job["batch_size"]
+    build = "dali" if kind == "ceiling" else kind
+    loader = make_loader(build, index, index["y"].to_numpy(), spec, norm, True, device, bs, workers, seed=0)
+    if kind == "ceiling":
+        batches = [(x.clone(), y.clone()) for _, (x, y) in zip(range(CEILING_BATCHES), loader)]
+        n_batches = len(loader)
+        loader.close()
+        loader = _Cycle(batches, n_batches)
+    model = opt = None
+    if job["train"]:
+        from dalipipe.model import build_model
+
+        model = build_model(int(index["y"].max()) + 1).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    per_epoch = []
+    for epoch in range(job["epochs"] + 1):  # epoch 0 warms up (pipeline build, cuDNN autotune, workers)
+        dev.synchronize(device)
+        cpu0, t0 = _rusage_cpu(), time.perf_counter()
+        wait, n = 0.0, 0
+        it = iter(loader)
+        while True:
+            tw = time.perf_counter()
+            try:
+                x, y = next(it)
+            except StopIteration:
+                break
+            if job["train"]:
+                dev.synchronize(device)  # the batch is really there: the rest of the step is compute
+                wait += time.perf_counter() - tw
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with dev.autocast(device):
+                    loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                dev.synchronize(device)
+            n += len(y)
+        dev.synchronize(device)
+        dt = time.perf_counter() - t0
+        if epoch > 0:
+            per_epoch.append({"seconds": dt, "images": n, "cpu_seconds": _rusage_cpu() - cpu0, "wait": wait})
+    loader.close()
+    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    ips = [e["images"] / e["seconds"] for e in per_epoch]
+    result = {"row": kind, "workers": workers, "device": str(device), "train": job["train"],
+              "images_per_s": statistics.median(ips), "images_per_s_epochs": ips,
+              "cpu_s_per_1000_images": 1000 * sum(e["cpu_seconds"] for e in per_epoch) / sum(e["images"] for e in per_epoch),
+              "peak_host_memory_mb": peak_kb / 1024, "images_per_epoch": per_epoch[0]["images"]}
+    if job["train"]:
+        result["data_wait_fraction"] = statistics.median(e["wait"] / e["seconds"] for e in per_epoch)
+    return result
+
+
+def run_row(job: dict) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        r = subprocess.run([sys.executable, __file__, "--row-job", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if r.returncode != 0:
+        raise click.ClickException(f"row {job['row']} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    base = {(r["train"], r["workers"]): r["images_per_s"] for r in results if r["row"] == "torch"}
+    head = f"{'row':8} {'mode':6} {'workers':>7} {'images/s':>10} {'x torch':>8} {'CPU s/1k img':>13} {'peak MB':>8} {'data wait':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        ref = base.get((r["train"], r["workers"]))
+        ratio = f"{r['images_per_s'] / ref:.2f}" if ref else "-"
+        wait = f"{100 * r['data_wait_fraction']:.1f}%" if "data_wait_fraction" in r else "-"
+        r["ratio_to_torch"] = r["images_per_s"] / ref if ref else None
+        lines.append(f"{r['row']:8} {'train' if r['train'] else 'load':6} {r['workers']:>7} {r['images_per_s']:>10.0f} "
+                     f"{ratio:>8} {r['cpu_s_per_1000_images']:>13.2f} {r['peak_host_memory_mb']:>8.0f} {wait:>9}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], info: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dalipipe.checkpoint import write_atomic
+
+    main = [r for r in results if not r.get("sweep")]
+    sweep = [r for r in results if r.get("sweep")]
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    labels = [f"{r['row']}\n{'train' if r['train'] else 'load'}" for r in main]
+    bars = ax.bar(range(len(main)), [r["images_per_s"] for r in main],
+                  color=["C0" if r["row"] == "torch" else "C2" if r["row"] == "dali" else "C7" for r in main])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_xticks(range(len(main)), labels)
+    ax.set_ylabel("images/s")
+    ax.set_title(f"{info['gpu'] or info['cpu']} ({info['cpu_count']} CPUs)", fontsize=9)
+    if sweep:
+        ax2 = axes[0][1]
+        for kind, color in (("torch", "C0"), ("dali", "C2")):
+            pts = sorted((r["workers"], r["images_per_s"]) for r in sweep if r["row"] == kind)
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=kind)
+        ax2.set_xscale("log", base=2)
+        ax2.set_xlabel("workers (processes for torch, threads for DALI)")
+        ax2.set_ylabel("images/s")
+        ax2.legend()
+        ax2.grid(alpha=0.3)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+@click.command()
+@click.option("--data", type=click.Path(file_okay=False), help="Challenge-layout folder (images_train/, y_train.csv). Default: a cached synthetic set.")
+@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--image-size", default=224, show_default=True)
+@click.option("--workers", type=int, help="Loader workers/threads. [default: the core count]")
+@click.option("--epochs", type=int, help="Timed epochs after one warm-up epoch. [default: 3; 1 for --train on a CPU]")
+@click.option("--limit", type=int, help="Use at most this many samples. [default: all; 128 for --train on a CPU]")
+@click.option("--train", "train_mode", is_flag=True, help="Also time an efficientnet-b1 training step per batch.")
+@click.option("--sweep", is_flag=True, help="Repeat torch and dali with 1, 2, 4, ... workers.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all numbers and the machine here.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="PNG of the table. [default: next to --json, else loader_speed.png]")
+@click.option("--row-job", hidden=True, type=click.Path())
+def main(data, device, batch_size, image_size, workers, epochs, limit, train_mode, sweep, json_out, plot_out, row_job):
+    """Images/s, CPU time and memory of each loader, and the data stall in training."""
+    if row_job:
+        print(json.dumps(measure_row(json.loads(Path(row_job).read_text()))))
+        return
+    import torch
+
+    from dalipipe import device as dev
+    from dalipipe.data import build_index, channel_stats, inspect_images, stratified_subset
+    from dalipipe.errors import DataError
+
+    try:
+        torch_device = dev.resolve(device)
+        root = ensure_data(data)
+        index = build_index(root / "images_train", root / "y_train.csv")
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
+    on_cpu = torch_device.type == "cpu"
+    cores = os.cpu_count() or 1
+    workers = workers or cores
+    epochs = epochs or (1 if train_mode and on_cpu else 3)
+    if limit is None and train_mode and on_cpu:
+        limit = 128
+        click.echo("no GPU: --train uses 128 samples and 1 timed epoch (a CPU step is ~100x slower than loading)", err=True)
+    if limit:
+        index = stratified_subset(index, limit, 0)
+    index = inspect_images(index)
+    norm = channel_stats(index)
+    info = machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        index_csv = Path(tmp) / "index.csv"
+        index.to_csv(index_csv, index=False)
+        base = {"index_csv": str(index_csv), "mean": list(norm.mean), "std": list(norm.std), "image_size": image_size,
+                "device": device, "batch_size": batch_size, "epochs": epochs}
+        jobs = [dict(base, row=row, workers=workers, train=False) for row in ROWS]
+        if train_mode:
+            jobs += [dict(base, row=row, workers=workers, train=True) for row in ROWS]
+        if sweep:
+            counts = [w for w in (1, 2, 4, 8, 16, 32, 64, 128) if w <= cores]
+            jobs += [dict(base, row=row, workers=w, train=False, sweep=True) for w in counts for row in ("torch", "dali")]
+        results = []
+        for job in jobs:
+            click.echo(f"running {job['row']} ({'train' if job['train'] else 'load'}, {job['workers']} workers)...", err=True)
+            res = run_row(job)
+            res["sweep"] = bool(job.get("sweep"))
+            results.append(res)
+    text = table(results)
+    settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs, "samples": len(index),
+                "data": str(root), "command": " ".join(["python", "benchmarks/loader_speed.py", *sys.argv[1:]])}
+    if json_out:
+        from dalipipe.checkpoint import save_json
+
+        save_json({"machine": info, "settings": settings, "results": results}, json_out)
+    plot_path = Path(plot_out) if plot_out else Path(json_out).with_suffix(".png") if json_out else Path("loader_speed.png")
+    plot(results, info, plot_path)
+    click.echo(f"\n{info['gpu'] or 'no GPU'}; {info['cpu']} x{info['cpu_count']}; torch {info['torch']}, DALI {info['dali']}; "
+               f"{len(index)} samples, batch {batch_size}, {image_size} px, median of {epochs} epoch(s)")
+    click.echo(text)
+    click.echo(f"plot: {plot_path}" + (f"; numbers: {json_out}" if json_out else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The benchmark's JSON output with short settings (numbers are reported, never asserted as targets)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "loader_speed.py"
+
+
+def test_benchmark_json_has_every_row_and_the_machine(small_synth, tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(BENCH), "--data", str(small_synth), "--device", "cpu", "--image-size", "32",
+                        "--batch-size", "32", "--workers", "1", "--epochs", "1", "--limit", "96", "--train",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"]
+    rows = {(x["row"], x["train"]): x for x in report["results"]}
+    assert set(rows) == {(k, t) for k in ("torch", "dali", "ceiling") for t in (False, True)}
+    for (kind, train), row in rows.items():
+        assert row["images_per_epoch"] == 96
+        assert row["images_per_s"] > 0 and row["cpu_s_per_1000_images"] > 0 and row["peak_host_memory_mb"] > 10
+        if train:
+            assert 0 <= row["data_wait_fraction"] < 1
+    assert rows[("torch", False)]["ratio_to_torch"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "x torch" in r.stdout and "ceiling" in r.stdout

@@ -1,0 +1,64 @@
+"""The GPU mode of the same code: skipped cleanly on machines without a CUDA GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dalipipe.config import AugmentSpec
+from dalipipe.data import build_index, channel_stats, inspect_images
+from dalipipe.loaders import make_loader
+from tests.test_loaders import RAW, _codes, _coded_dataset
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+GPU = torch.device("cuda", 0)
+
+
+def _all(loader):
+    xs, ts = zip(*[(x, t) for x, t in loader])
+    return torch.cat(xs), torch.cat(ts)
+
+
+def test_gpu_dali_equals_cpu_torch_without_augmentation(small_synth):
+    idx = inspect_images(build_index(small_synth / "images_train", small_synth / "y_train.csv"), progress=False)
+    norm, spec = channel_stats(idx), AugmentSpec(image_size=96)
+    xg, tg = _all(make_loader("dali", idx, np.arange(len(idx)), spec, norm, False, GPU, 64, 2, 0))
+    xc, tc = _all(make_loader("torch", idx, np.arange(len(idx)), spec, norm, False, torch.device("cpu"), 64, 2, 0))
+    assert xg.is_cuda and xg.dtype == torch.float32 and xg.shape == (240, 3, 96, 96)
+    assert tg.cpu().tolist() == tc.tolist() == list(range(240))
+    assert (xg.cpu() - xc).abs().max().item() < 1e-3
+
+
+def test_gpu_epochs_cover_each_sample_once_with_channels_together(tmp_path):
+    idx = _coded_dataset(tmp_path / "img", 301)
+    loader = make_loader("dali", idx, np.arange(301), AugmentSpec(image_size=16), RAW, True, GPU, 64, 2, 5)
+    assert len(loader) == 5
+    orders = []
+    for _ in range(3):
+        x, t = _all(loader)
+        assert sorted(t.cpu().tolist()) == list(range(301))
+        expected = torch.tensor([_codes(int(idx.file_id[int(i)])) for i in t.cpu()], dtype=torch.float32)
+        assert (x[:, :, 8, 8].cpu() - expected).abs().max().item() < 1e-3
+        orders.append(t.cpu().tolist())
+    assert orders[0] != orders[1] != orders[2]
+
+
+def test_gpu_fp16_output(small_synth):
+    idx = build_index(small_synth / "images_test")
+    loader = make_loader("dali", idx, np.arange(len(idx)), AugmentSpec(image_size=64), RAW, False, GPU, 32, 2, 0,
+                         out_dtype=torch.float16)
+    x, _ = next(iter(loader))
+    assert x.is_cuda and x.dtype == torch.float16
+
+
+def test_gpu_train_and_predict_end_to_end(small_synth, tmp_path):
+    from tests.test_cli import dalipipe
+
+    d = small_synth
+    dalipipe("train", d / "images_train", d / "y_train.csv", "--out", tmp_path / "run", "--epochs", "2",
+             "--image-size", "64", "--batch-size", "32", "--device", "gpu")
+    for loader in ("dali", "torch"):
+        dalipipe("predict", tmp_path / "run", d / "images_test", "--out", tmp_path / f"{loader}.csv", "--device", "gpu",
+                 "--loader", loader)
+    assert (tmp_path / "dali.csv").read_text() == (tmp_path / "torch.csv").read_text()
