@@ -28,20 +28,40 @@ def dali_available() -> bool:
     return True
 
 
+def _train_matrix(images, spec: AugmentSpec):
+    """Random resized crop, flips and rotation composed into one source-to-output affine matrix per
+    sample, the same composition as augment.sample_affine, so that one warp does all the geometry (one
+    pass over the output instead of three; measured faster on the CPU here, and one kernel on a GPU).
+    Coordinates: (x, y) with [0, 0] the corner of the first pixel, as torch's align_corners=False."""
+    from nvidia.dali import fn, types
+
+    s = float(spec.image_size)
+    # torchvision's RandomResizedCrop rule (10 attempts, then a centred fallback), on each image's own shape.
+    anchor, extent = fn.random_crop_generator(images.shape(), random_area=list(spec.crop_area),
+                                              random_aspect_ratio=list(spec.crop_ratio), num_attempts=10)
+    anchor, extent = fn.cast(anchor, dtype=types.FLOAT), fn.cast(extent, dtype=types.FLOAT)
+    start = fn.stack(anchor[1], anchor[0])  # (y, x) -> (x, y)
+    end = start + fn.stack(extent[1], extent[0])
+    m = fn.transforms.crop(from_start=start, from_end=end, to_start=[0.0, 0.0], to_end=[s, s])
+
+    def sign(p: float):
+        return 1.0 - 2.0 * fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+
+    m = fn.transforms.scale(m, scale=fn.stack(sign(spec.hflip_p), sign(spec.vflip_p)), center=[s / 2, s / 2])
+    if spec.max_rotation > 0:  # DALI's uniform() rejects an empty range
+        angle = fn.random.uniform(range=[-spec.max_rotation, spec.max_rotation])
+        m = fn.transforms.rotation(m, angle=angle, center=[s / 2, s / 2])
+    return m
+
+
 def _process(images, spec: AugmentSpec, norm: Normalization, train: bool, out_dtype):
     """The processing graph, separate from the readers so that any source of HWC uint8 RGB can use it."""
     from nvidia.dali import fn, types
 
     size = [spec.image_size, spec.image_size]
     if train:
-        images = fn.random_resized_crop(images, size=size, random_area=list(spec.crop_area),
-                                        random_aspect_ratio=list(spec.crop_ratio), interp_type=types.INTERP_LINEAR,
-                                        antialias=False, dtype=types.FLOAT)
-        if spec.max_rotation > 0:  # DALI's uniform() rejects an empty range
-            angle = fn.random.uniform(range=[-spec.max_rotation, spec.max_rotation])
-            images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
-        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=spec.hflip_p),
-                         vertical=fn.random.coin_flip(probability=spec.vflip_p))
+        images = fn.warp_affine(images, matrix=_train_matrix(images, spec), size=size, inverse_map=False,
+                                fill_value=0, interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
     else:
         # Linear, no antialias: equal to torch's bilinear interpolate(align_corners=False).
         images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=False, dtype=types.FLOAT)

@@ -18,11 +18,15 @@ from dalipipe.pngio import read_gray
 
 
 class ChannelDataset(Dataset):
-    """Sample i -> (float32 (3, S, S) on the 0-255 scale, target i). Augmentation randomness is a
-    function of (seed, epoch, i), so that it does not depend on which worker draws the sample."""
+    """Sample i -> (normalized float32 (3, S, S), target i). Augmentation randomness is a function of
+    (seed, epoch, i), so that it does not depend on which worker draws the sample. Normalization runs
+    here, in the workers, as the reference's transforms did: the main process only collates."""
 
-    def __init__(self, paths: list[list[str]], targets: np.ndarray, spec: AugmentSpec, train: bool, seed: int):
+    def __init__(self, paths: list[list[str]], targets: np.ndarray, spec: AugmentSpec, norm: Normalization,
+                 train: bool, seed: int):
         self.paths, self.targets, self.spec, self.train, self.seed = paths, targets, spec, train, seed
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -36,7 +40,7 @@ class ChannelDataset(Dataset):
             out = augment.warp(img, theta[None], self.spec.image_size)
         else:
             out = augment.resize(img, self.spec.image_size)
-        return out[0], int(self.targets[i])
+        return (out[0] - self.mean) * self.inv_std, int(self.targets[i])
 
 
 class TorchLoader:
@@ -45,7 +49,7 @@ class TorchLoader:
     def __init__(self, paths, targets, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
                  batch_size: int, workers: int, seed: int, shard_id: int = 0, num_shards: int = 1,
                  out_dtype: torch.dtype = torch.float32):
-        self.dataset = ChannelDataset(paths, np.asarray(targets), spec, train, seed)
+        self.dataset = ChannelDataset(paths, np.asarray(targets), spec, norm, train, seed)
         # DistributedSampler also serves one process; without shuffling it keeps file order. With several
         # shards it pads by repeating a few samples so that shards are equal (documented in the README).
         self.sampler = DistributedSampler(self.dataset, num_replicas=num_shards, rank=shard_id, shuffle=train,
@@ -54,8 +58,6 @@ class TorchLoader:
                                  pin_memory=device.type == "cuda", drop_last=False,
                                  persistent_workers=False)  # workers restart per epoch to see the new epoch
         self.device, self.out_dtype, self.epoch = device, out_dtype, 0
-        self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(norm.std, device=device).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.loader.batch_size)
@@ -65,8 +67,7 @@ class TorchLoader:
         self.dataset.epoch = self.epoch
         self.epoch += 1
         for images, targets in self.loader:
-            images = images.to(self.device, non_blocking=True)
-            images = ((images - self.mean) / self.std).to(self.out_dtype)
+            images = images.to(self.device, non_blocking=True).to(self.out_dtype)
             yield images, targets.to(self.device, non_blocking=True)
 
     def close(self) -> None:
