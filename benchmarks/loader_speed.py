@@ -183,15 +183,16 @@ def run_row(job: dict) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    base = {(r["train"], r["workers"]): r["images_per_s"] for r in results if r["row"] == "torch"}
+    base = {(r["train"], r["workers"], r.get("sweep", False)): r["images_per_s"] for r in results if r["row"] == "torch"}
     head = f"{'row':8} {'mode':6} {'workers':>7} {'images/s':>10} {'x torch':>8} {'CPU s/1k img':>13} {'peak MB':>8} {'data wait':>9}"
     lines = [head, "-" * len(head)]
     for r in results:
-        ref = base.get((r["train"], r["workers"]))
+        ref = base.get((r["train"], r["workers"], r.get("sweep", False)))
         ratio = f"{r['images_per_s'] / ref:.2f}" if ref else "-"
         wait = f"{100 * r['data_wait_fraction']:.1f}%" if "data_wait_fraction" in r else "-"
         r["ratio_to_torch"] = r["images_per_s"] / ref if ref else None
-        lines.append(f"{r['row']:8} {'train' if r['train'] else 'load':6} {r['workers']:>7} {r['images_per_s']:>10.0f} "
+        mode = "train" if r["train"] else "sweep" if r.get("sweep") else "load"
+        lines.append(f"{r['row']:8} {mode:6} {r['workers']:>7} {r['images_per_s']:>10.0f} "
                      f"{ratio:>8} {r['cpu_s_per_1000_images']:>13.2f} {r['peak_host_memory_mb']:>8.0f} {wait:>9}")
     return "\n".join(lines)
 

@@ -1,0 +1,48 @@
+"""Model building: local weights, the offline --pretrained message, and the from-scratch BatchNorm fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dalipipe.errors import DataError
+from dalipipe.model import SCRATCH_BN_MOMENTUM, build_model
+
+
+def test_local_weights_load_everything_but_the_classifier(tmp_path):
+    donor = build_model(1000)
+    with torch.no_grad():
+        donor._conv_stem.weight.fill_(0.125)
+    torch.save(donor.state_dict(), tmp_path / "imagenet.pth")
+    model = build_model(9, weights=str(tmp_path / "imagenet.pth"))
+    assert torch.all(model._conv_stem.weight == 0.125)
+    assert model._fc.out_features == 9
+    # Pretrained weights keep the package's BatchNorm momentum, as the reference did.
+    assert model._bn0.momentum == pytest.approx(0.01)
+
+
+def test_from_scratch_uses_pytorch_batchnorm_momentum():
+    model = build_model(4)
+    assert model._bn0.momentum == pytest.approx(1 - SCRATCH_BN_MOMENTUM)
+
+
+def test_bad_weights_files_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        build_model(4, weights=str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(DataError, match="not a torch state dict"):
+        build_model(4, weights=str(tmp_path / "junk.pth"))
+    torch.save({"layer.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(DataError, match="does not fit efficientnet-b1"):
+        build_model(4, weights=str(tmp_path / "other.pth"))
+
+
+def test_pretrained_download_failure_is_a_clear_error(monkeypatch):
+    import efficientnet_pytorch.utils as utils
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(utils.model_zoo, "load_url", offline)
+    with pytest.raises(DataError, match="--pretrained: could not download .* pass --weights PATH"):
+        build_model(4, pretrained=True)
