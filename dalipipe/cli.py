@@ -67,7 +67,7 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--seed", type=int, help=f"[default: {_DEFAULTS.seed}]")
 @click.option("--loader", type=click.Choice(["dali", "torch"]), help=f"[default: {_DEFAULTS.loader}]")
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), help=f"[default: {_DEFAULTS.device}]")
-@click.option("--workers", type=int, help=f"Loader threads/processes. [default: {_DEFAULTS.workers}]")
+@click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
 @click.option("--pretrained", is_flag=True, help="Download ImageNet weights (needs internet).")
 @click.option("--subset", type=int, help="Use at most this many labelled samples (stratified).")
@@ -105,7 +105,7 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
 @click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def predict(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force):
     """Predict the cell line of every sample in IMAGES_DIR with a checkpoint (or a run's best)."""

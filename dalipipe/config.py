@@ -66,7 +66,9 @@ class TrainConfig:
     seed: int = 42
     loader: LoaderKind = "dali"
     device: DeviceName = "auto"
-    workers: int = 2
+    # Loader threads (DALI) or processes (torch) per training process; None: the cores divided among
+    # this machine's processes, at most 8.
+    workers: int | None = None
     weights: str | None = None
     pretrained: bool = False
     # Train on at most this many samples of the training split (stratified); None: all of them.

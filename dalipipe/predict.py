@@ -39,7 +39,7 @@ def select_ids(index: pd.DataFrame, ids_csv: str | Path, images_dir: str | Path)
 
 
 def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None = None, probs: bool = False,
-            loader: str = "dali", device: str = "auto", batch_size: int = 64, workers: int = 2,
+            loader: str = "dali", device: str = "auto", batch_size: int = 64, workers: int | None = None,
             force: bool = False) -> pd.DataFrame:
     out = Path(out_csv)
     if out.exists() and not force:
