@@ -31,7 +31,7 @@ class AugmentSpec:
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
-            raise ValueError(f"image_size must be at least 8, got {self.image_size}")
+            raise ValueError(f"--image-size must be at least 8, got {self.image_size}")
         lo, hi = self.crop_area
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
@@ -74,6 +74,19 @@ class TrainConfig:
     # Train on at most this many samples of the training split (stratified); None: all of them.
     subset: int | None = None
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+
+    def __post_init__(self) -> None:
+        checks = [(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+                  (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+                  (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
+                  (self.weight_decay >= 0, f"--weight-decay must be non-negative, got {self.weight_decay}"),
+                  (0 < self.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {self.val_fraction}"),
+                  (self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+                  (self.subset is None or self.subset >= 2, f"--subset must be at least 2, got {self.subset}"),
+                  (not (self.weights and self.pretrained), "--weights and --pretrained exclude each other")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def read_gray(path: str | Path) -> np.ndarray:
             if im.mode.startswith("I"):
                 a = np.asarray(im).astype(np.int64)
                 return np.clip(np.floor(a / 257.0 + 0.5), 0, 255).astype(np.uint8)
-            return np.asarray(im.convert("L"), dtype=np.uint8)
+            with warnings.catch_warnings():  # transparency is dropped on purpose: channels are intensities
+                warnings.simplefilter("ignore", UserWarning)
+                return np.asarray(im.convert("L"), dtype=np.uint8)
     except DataError:
         raise
     except FileNotFoundError:
