@@ -2,8 +2,8 @@
 
 Graph: three file readers (one per channel, identical order, seed, shuffling and sharding, so that
 they stay in step) -> decode to gray (`mixed` on a GPU: PNG is decoded on DALI's CPU threads and
-handed on as a GPU tensor; `cpu` without one) -> stack as RGB (yellow, red, blue) -> training:
-random resized crop, rotation, flips; evaluation: resize -> normalize to NCHW.
+handed on as a GPU tensor; `cpu` without one) -> stack as RGB (yellow, red, blue) -> training: one
+warp_affine doing random resized crop, flips and rotation; evaluation: linear resize -> normalize to NCHW.
 
 Each reader carries the sample's row position as its label; the wrapper checks that the three
 positions agree (a mixed-up sample would be a silent disaster) and maps them to the caller's targets.
