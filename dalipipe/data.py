@@ -50,8 +50,9 @@ class LabelMap:
         return [self.names[int(y)] for y in ys]
 
 
-def scan_images(images_dir: str | Path) -> pd.DataFrame:
-    """One row per sample id found in `images_dir`; every sample must have all three channels."""
+def scan_images(images_dir: str | Path, skip_incomplete: bool = False) -> pd.DataFrame:
+    """One row per sample id found in `images_dir`. A sample without all three channels is an error,
+    or, with skip_incomplete (prediction), left out with a warning that names it."""
     root = Path(images_dir)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
@@ -64,18 +65,22 @@ def scan_images(images_dir: str | Path) -> pd.DataFrame:
         found.setdefault(int(m["file_id"]), {})[m["channel"]] = str(root / name)
     if not found:
         raise DataError(f"{root}: no channel PNGs named like 00001_blue.png")
-    rows = []
+    rows, incomplete = [], []
     for fid in sorted(found):
         chans = found[fid]
         missing = [c for c in CHANNELS if c not in chans]
         if missing:
-            have = next(iter(chans.values()))
-            stem = Path(have).name.split("_")[0]
-            raise DataError(
-                f"{root / f'{stem}_{missing[0]}.png'}: missing channel file for sample {fid} "
-                f"(found {', '.join(sorted(chans))})"
-            )
+            stem = Path(next(iter(chans.values()))).name.split("_")[0]
+            incomplete.append(f"{root / f'{stem}_{missing[0]}.png'}: missing channel file for sample {fid} "
+                              f"(found {', '.join(sorted(chans))})")
+            continue
         rows.append([fid] + [chans[c] for c in CHANNELS])
+    if incomplete and not skip_incomplete:
+        raise DataError(incomplete[0])
+    if incomplete:
+        log.warning(f"warning: {len(incomplete)} incomplete sample(s) left out, e.g. {incomplete[0]}")
+    if not rows:
+        raise DataError(f"{root}: no sample has all three channels ({', '.join(CHANNELS)})")
     return pd.DataFrame(rows, columns=["file_id"] + PATH_COLUMNS)
 
 

@@ -33,8 +33,8 @@ def select_ids(index: pd.DataFrame, ids_csv: str | Path, images_dir: str | Path)
     by_id = index.set_index("file_id")
     missing = ~ids.isin(by_id.index)
     if missing.any():
-        raise DataError(f"{p}:{int(np.flatnonzero(missing)[0]) + 2}: file_id {ids[missing].iloc[0]} has no images "
-                        f"in {images_dir}")
+        raise DataError(f"{p}:{int(np.flatnonzero(missing)[0]) + 2}: file_id {ids[missing].iloc[0]} has no complete "
+                        f"set of channel images in {images_dir}")
     return by_id.loc[ids.to_numpy()].reset_index()
 
 
@@ -48,7 +48,7 @@ def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None =
     names = list(ck["class_names"])
     spec = AugmentSpec(image_size=int(ck["image_size"]))
     norm = Normalization(tuple(ck["mean"]), tuple(ck["std"]))
-    index = scan_images(images_dir)
+    index = scan_images(images_dir, skip_incomplete=True)
     if ids_csv:
         index = select_ids(index, ids_csv, images_dir)
     index = inspect_images(index)

@@ -32,6 +32,14 @@ def test_missing_channel_names_the_file(synth_copy):
         scan_images(synth_copy / "images_train")
 
 
+def test_prediction_scan_leaves_incomplete_samples_out_with_a_warning(synth_copy, caplog):
+    (synth_copy / "images_test" / "00250_yellow.png").unlink()
+    with caplog.at_level(logging.WARNING, logger="dalipipe"):
+        idx = scan_images(synth_copy / "images_test", skip_incomplete=True)
+    assert 250 not in set(idx.file_id) and len(idx) == 59
+    assert "00250_yellow.png" in caplog.text
+
+
 def test_label_without_images_names_the_row(synth_copy):
     with open(synth_copy / "y_train.csv", "a") as f:
         f.write("99999,RT4\n")
