@@ -61,6 +61,30 @@ def repair_run_dir(out: Path, state: dict) -> None:
     checkpoint.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
 
 
+def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.device, desc: str,
+                show: bool, record: bool = False) -> tuple[float, int, np.ndarray | None]:
+    """One pass over the loader: (summed loss, samples seen, the row positions trained on if `record`)."""
+    net.train()
+    loss_sum = torch.zeros((), device=device)
+    seen, positions = 0, []
+    for images, pos in tqdm(loader, desc=desc, unit="batch", disable=not show, leave=False):
+        y = y_train[pos]
+        if record:  # a copy to the host syncs the GPU: only when asked for
+            positions.append(pos.cpu())
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with dev.autocast(device):
+            loss = F.cross_entropy(net(images), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
+        seen += len(y)
+    dev.synchronize(device)
+    return float(loss_sum.item()), seen, torch.cat(positions).numpy() if record else None
+
+
 def write_sample_log(folder: str, rank: int, epoch: int, file_ids: np.ndarray) -> None:
     """Debugging aid: the file ids one rank trained on in one epoch, in order."""
     Path(folder).mkdir(parents=True, exist_ok=True)
@@ -133,32 +157,13 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         log.info(f"{out}: already trained for {start_epoch} epochs; raise --epochs to train more")
 
     for epoch in range(start_epoch, cfg.epochs):
-        net.train()
-        loss_sum = torch.zeros((), device=device)
-        seen = 0
         t0 = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not world.is_main,
-                   leave=False)
-        trained_ids = []
-        for images, positions in bar:
-            y = y_train[positions]
-            if sample_log:
-                trained_ids.append(positions.cpu())
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            with dev.autocast(device):
-                loss = F.cross_entropy(net(images), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.detach() * len(y)  # on the device: no sync per step
-            seen += len(y)
-        dev.synchronize(device)
+        loss_sum, seen, positions = train_epoch(net, train_loader, y_train, opt, scaler, device,
+                                                f"epoch {epoch + 1}/{cfg.epochs}", world.is_main, bool(sample_log))
         train_time = time.perf_counter() - t0
         if sample_log:
-            write_sample_log(sample_log, world.rank, epoch + 1, train_df.file_id.to_numpy()[torch.cat(trained_ids).numpy()])
-        totals = distributed.gather((float(loss_sum.item()), seen, train_time), world)
+            write_sample_log(sample_log, world.rank, epoch + 1, train_df.file_id.to_numpy()[positions])
+        totals = distributed.gather((loss_sum, seen, train_time), world)
         seen_all = sum(t[1] for t in totals)
         train_loss = sum(t[0] for t in totals) / max(seen_all, 1)
         images_per_s = seen_all / max(max(t[2] for t in totals), 1e-9)
