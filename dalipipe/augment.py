@@ -27,9 +27,11 @@ def sample_crop(rng: np.random.Generator, spec: AugmentSpec, h: int, w: int) -> 
         if cw <= w and ch <= h:
             return rng.uniform(0, w - cw), rng.uniform(0, h - ch), cw, ch
     # Fallback as torchvision: the largest centred crop whose ratio is inside the range.
-    ratio = min(max(w / h, spec.crop_ratio[0]), spec.crop_ratio[1])
-    cw, ch = (w, w / ratio) if w / h < ratio else (h * ratio, h) if w / h > ratio else (w, h)
-    cw, ch = min(cw, w), min(ch, h)
+    cw, ch = float(w), float(h)
+    if w / h < spec.crop_ratio[0]:
+        ch = w / spec.crop_ratio[0]
+    elif w / h > spec.crop_ratio[1]:
+        cw = h * spec.crop_ratio[1]
     return (w - cw) / 2, (h - ch) / 2, cw, ch
 
 

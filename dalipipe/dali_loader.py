@@ -74,8 +74,7 @@ def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizatio
                    num_shards: int = 1, fp16: bool = False):
     from nvidia.dali import fn, pipeline_def, types
 
-    positions = list(range(len(paths)))
-    order = np.random.default_rng(seed).permutation(len(paths)) if train else np.arange(len(paths))
+    order = (np.random.default_rng(seed).permutation(len(paths)) if train else np.arange(len(paths))).tolist()
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id if gpu else None,
                   seed=seed + shard_id, prefetch_queue_depth=2, exec_dynamic=True)
@@ -86,7 +85,7 @@ def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizatio
             # permutation per epoch (random_shuffle only shuffles inside a buffer), and the list is
             # pre-permuted so that the first epoch is shuffled too. pad_last_batch stops the last
             # partial batch from spilling into the next epoch.
-            enc, pos = fn.readers.file(files=[paths[i][k] for i in order], labels=[positions[i] for i in order],
+            enc, pos = fn.readers.file(files=[paths[i][k] for i in order], labels=order,
                                        shuffle_after_epoch=train, random_shuffle=False, seed=seed,
                                        shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
                                        name=f"reader_{channel}")
