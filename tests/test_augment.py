@@ -20,7 +20,7 @@ def test_no_augmentation_is_the_identity_and_warp_equals_resize():
     diff = (augment.warp(img, t, 96) - augment.resize(img, 96)).abs()
     # Inside, identical; at the outermost output pixels the warp blends with its zero fill (as DALI's
     # warp_affine with fill_value=0 does) where resize repeats the edge.
-    assert diff[..., 2:-2, 2:-2].max() < 1e-3
+    assert diff[..., 2:-2, 2:-2].max() < 1e-2  # 0-255 scale: float rounding of the sampling grid
     assert diff[..., 0, :].max() > 1
 
 
