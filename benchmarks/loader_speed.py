@@ -101,7 +101,6 @@ class _Cycle:
 
 def measure_row(job: dict) -> dict:
     """Runs inside the row's own process."""
-    import numpy as np
     import pandas as pd
     import torch
     import torch.nn.functional as F
@@ -248,7 +247,6 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
     if row_job:
         print(json.dumps(measure_row(json.loads(Path(row_job).read_text()))))
         return
-    import torch
 
     from dalipipe import device as dev
     from dalipipe.data import build_index, channel_stats, inspect_images, stratified_subset
