@@ -5,28 +5,38 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import traceback
 
 import click
 
 from dalipipe.config import AugmentSpec, TrainConfig
+from dalipipe.constants import EXIT_INTERNAL, EXIT_USER
 from dalipipe.errors import DataError
 
 _DEFAULTS = TrainConfig(images_dir="", labels_csv="", out_dir="")
 
 
 class UserError(click.ClickException):
-    exit_code = 2
+    exit_code = EXIT_USER
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (DataError, ValueError) as e:
+        except DataError as e:
             raise UserError(str(e)) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted (checkpoints on disk are complete; continue with --resume RUN_DIR)", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            # Not the user's input: a bug. Keep the traceback (it is what a report needs) and say so.
+            traceback.print_exc()
+            click.echo(f"dalipipe internal error ({type(e).__name__}); this is a bug in dalipipe, not in your "
+                       f"data: please report it with the traceback above", err=True)
+            ctx.exit(EXIT_INTERNAL)
 
 
 @click.group(cls=_Group)

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dalipipe.errors import DataError
+
 LoaderKind = Literal["dali", "torch"]
 DeviceName = Literal["auto", "gpu", "cpu"]
 
@@ -31,15 +33,15 @@ class AugmentSpec:
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
-            raise ValueError(f"--image-size must be at least 8, got {self.image_size}")
+            raise DataError(f"--image-size must be at least 8, got {self.image_size}")
         lo, hi = self.crop_area
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
+            raise DataError(f"crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+            raise DataError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
         for p in (self.hflip_p, self.vflip_p):
             if not 0 <= p <= 1:
-                raise ValueError(f"flip probabilities must be in [0, 1], got {p}")
+                raise DataError(f"flip probabilities must be in [0, 1], got {p}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class TrainConfig:
                   (not (self.weights and self.pretrained), "--weights and --pretrained exclude each other")]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise DataError(message)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -40,3 +40,12 @@ CONFIG_FILE = "config.json"
 LABELS_FILE = "labels.json"
 CURVES_PNG = "learning_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
+VAL_PREDICTIONS = "val_predictions.csv"
+
+# Exit statuses of the CLI: bad input or options (one-line error), and a dalipipe bug (traceback).
+EXIT_USER = 2
+EXIT_INTERNAL = 3
+
+# The smallest training batch: BatchNorm in training mode needs more than one value per channel. A
+# last batch smaller than this is dropped, on every rank alike (see loaders.train_plan).
+MIN_TRAIN_BATCH = 2

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from dalipipe.config import AugmentSpec, Normalization
-from dalipipe.constants import CHANNELS
+from dalipipe.constants import CHANNELS, MIN_TRAIN_BATCH
+from dalipipe.loaders import train_plan
 
 READER = "reader_yellow"
 
@@ -108,24 +109,36 @@ class DaliLoader:
                  out_dtype: torch.dtype = torch.float32):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        from dalipipe.device import cuda_index
+
         gpu = device.type == "cuda"
         fp16 = out_dtype == torch.float16
         self.pipe = build_pipeline(paths, spec, norm, train, gpu, batch_size, max(1, workers), seed,
-                                   device.index if gpu else None, shard_id, num_shards, fp16)
+                                   cuda_index(device), shard_id, num_shards, fp16)
         self.iterator = DALIGenericIterator(self.pipe, ["images", "p0", "p1", "p2"], reader_name=READER,
                                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
         self.targets = torch.tensor(np.asarray(targets), dtype=torch.int64)
         self.device, self.out_dtype = device, out_dtype
+        # Training: the same samples and steps on every rank (loaders.train_plan); evaluation: everything.
+        self.plan = train_plan(len(paths), batch_size, num_shards) if train else None
 
     def __len__(self) -> int:
-        return len(self.iterator)
+        return self.plan[1] if self.plan else len(self.iterator)
 
     def __iter__(self):
-        for (batch,) in self.iterator:
+        left = self.plan[0] if self.plan else None
+        for (batch,) in self.iterator:  # always to the end: DALI's iterator resets only there
             pos = [batch[k].view(-1).long().cpu() for k in ("p0", "p1", "p2")]
             if not (torch.equal(pos[0], pos[1]) and torch.equal(pos[0], pos[2])):
                 raise RuntimeError("DALI channel readers fell out of step; please report this as a bug")
-            images = batch["images"].to(self.device, non_blocking=True)
+            images = batch["images"]
+            if left is not None:
+                keep = min(len(pos[0]), left)
+                left -= keep
+                if keep < MIN_TRAIN_BATCH:
+                    continue
+                images, pos = images[:keep], [pos[0][:keep]]
+            images = images.to(self.device, non_blocking=True)
             if images.dtype != self.out_dtype:
                 images = images.to(self.out_dtype)
             yield images, self.targets[pos[0]].to(self.device, non_blocking=True)

@@ -20,16 +20,29 @@ def resolve(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def cuda_index(device: torch.device) -> int | None:
+    """The GPU number of a CUDA device (a bare torch.device("cuda") means the current one); None on the CPU.
+    DALI needs the number: device_id=None would silently build a CPU pipeline."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Native bf16 units only: by default torch also says yes where bf16 is emulated (V100, T4), which is
+    slow there and would keep the fp16 + GradScaler path from ever running."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 mixed precision on GPUs that support it, fp16 on older ones, nothing on the CPU."""
     if device.type != "cuda":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if has_bf16(device) else torch.float16)
 
 
 def needs_grad_scaler(device: torch.device) -> bool:
-    return device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return device.type == "cuda" and not has_bf16(device)
 
 
 def synchronize(device: torch.device) -> None:

@@ -54,6 +54,15 @@ def broadcast(obj, world: World):
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, world: World) -> None:
+    """Make every rank's buffers (BatchNorm running statistics) rank 0's. DDP broadcasts them only at the
+    start of a training forward, so after an epoch's last step each rank holds statistics updated by its
+    own last batch: without this, ranks other than 0 would validate a model that is never saved."""
+    if world.size > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

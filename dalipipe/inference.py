@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +40,13 @@ def logits_by_position(model: torch.nn.Module, loader, device: torch.device, wor
 
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
     return float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)).item())
+
+
+def prediction_frame(file_ids: np.ndarray, logits: np.ndarray, names: list[str], probs: bool) -> pd.DataFrame:
+    """file_id, cell_line (the predicted class) and, with probs, one p_<class> column per class."""
+    frame = pd.DataFrame({"file_id": file_ids, "cell_line": [names[i] for i in logits.argmax(1)]})
+    if probs:
+        p = torch.softmax(torch.from_numpy(logits), 1).numpy()
+        for k, name in enumerate(names):
+            frame[f"p_{name}"] = np.round(p[:, k], 6)
+    return frame

@@ -7,6 +7,7 @@ import pandas as pd
 import torch
 
 from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.constants import MIN_TRAIN_BATCH
 from dalipipe.data import PATH_COLUMNS
 from dalipipe.errors import DataError
 
@@ -17,6 +18,23 @@ def default_workers() -> int:
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(8, (os.cpu_count() or 1) // local))
+
+
+def train_plan(n: int, batch_size: int, num_shards: int) -> tuple[int, int]:
+    """(samples each process trains on per epoch, training steps per epoch), the same on every rank.
+
+    Every rank trains on n // num_shards samples (shards differ by at most one: the extra sample is left
+    out, a different one each epoch as the order is reshuffled), and a last batch of fewer than
+    MIN_TRAIN_BATCH samples is dropped: BatchNorm cannot train on one sample, an empty batch has a NaN
+    loss, and under DDP every rank must run the same number of steps or the collectives hang.
+    """
+    per_rank = n // num_shards
+    full, rest = divmod(per_rank, batch_size)
+    steps = full + (1 if rest >= MIN_TRAIN_BATCH else 0)
+    if steps == 0:
+        raise DataError(f"{n} training samples are too few for {num_shards} process(es): each needs at least "
+                        f"{MIN_TRAIN_BATCH}")
+    return per_rank, steps
 
 
 def make_loader(kind: str, index: pd.DataFrame, targets: np.ndarray, spec: AugmentSpec, norm: Normalization,

@@ -14,7 +14,7 @@ from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, Normalization
 from dalipipe.data import inspect_images, read_labels, scan_images
 from dalipipe.errors import DataError
-from dalipipe.inference import logits_by_position
+from dalipipe.inference import logits_by_position, prediction_frame
 from dalipipe.loaders import make_loader
 from dalipipe.model import build_model
 
@@ -66,12 +66,7 @@ def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None =
     data.close()
     if len(pos) != len(index):
         raise RuntimeError(f"loader returned {len(pos)} of {len(index)} samples; please report this as a bug")
-    sub = pd.DataFrame({"file_id": index["file_id"].to_numpy()[pos],
-                        "cell_line": [names[i] for i in logits.argmax(1)]})
-    if probs:
-        p = torch.softmax(torch.from_numpy(logits), 1).numpy()
-        for k, name in enumerate(names):
-            sub[f"p_{name}"] = np.round(p[:, k], 6)
+    sub = prediction_frame(index["file_id"].to_numpy()[pos], logits, names, probs)
     if not ids_csv:
         sub = sub.sort_values("file_id").reset_index(drop=True)
     checkpoint.write_atomic(out, lambda tmp: sub.to_csv(tmp, index=False))

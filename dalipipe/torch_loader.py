@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dalipipe import augment
 from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.constants import MIN_TRAIN_BATCH
+from dalipipe.loaders import train_plan
 from dalipipe.pngio import read_gray
 
 
@@ -50,23 +52,28 @@ class TorchLoader:
                  batch_size: int, workers: int, seed: int, shard_id: int = 0, num_shards: int = 1,
                  out_dtype: torch.dtype = torch.float32):
         self.dataset = ChannelDataset(paths, np.asarray(targets), spec, norm, train, seed)
-        # DistributedSampler also serves one process; without shuffling it keeps file order. With several
-        # shards it pads by repeating a few samples so that shards are equal (documented in the README).
+        # DistributedSampler also serves one process; without shuffling it keeps file order. Evaluation:
+        # shards padded by repeating a few samples (de-duplicated by the caller). Training: every rank the
+        # same n // num_shards samples and steps, a last batch too small for BatchNorm dropped
+        # (loaders.train_plan).
+        self.plan = train_plan(len(paths), batch_size, num_shards) if train else None
         self.sampler = DistributedSampler(self.dataset, num_replicas=num_shards, rank=shard_id, shuffle=train,
-                                          seed=seed, drop_last=False)
+                                          seed=seed, drop_last=train)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=device.type == "cuda", drop_last=False,
                                  persistent_workers=False)  # workers restart per epoch to see the new epoch
         self.device, self.out_dtype, self.epoch = device, out_dtype, 0
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.loader.batch_size)
+        return self.plan[1] if self.plan else math.ceil(len(self.sampler) / self.loader.batch_size)
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)
         self.dataset.epoch = self.epoch
         self.epoch += 1
         for images, targets in self.loader:
+            if self.plan and len(targets) < MIN_TRAIN_BATCH:
+                continue
             images = images.to(self.device, non_blocking=True).to(self.out_dtype)
             yield images, targets.to(self.device, non_blocking=True)
 

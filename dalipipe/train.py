@@ -18,10 +18,10 @@ from dalipipe import checkpoint, distributed, plots
 from dalipipe import device as dev
 from dalipipe.config import Normalization, TrainConfig
 from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE,
-                                METRICS_FILE, MODEL_NAME)
+                                METRICS_FILE, MODEL_NAME, VAL_PREDICTIONS)
 from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, stratified_split, stratified_subset
 from dalipipe.errors import DataError
-from dalipipe.inference import cross_entropy, logits_by_position
+from dalipipe.inference import cross_entropy, logits_by_position, prediction_frame
 from dalipipe.loaders import make_loader
 from dalipipe.model import build_model
 
@@ -85,6 +85,14 @@ def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.d
     return float(loss_sum.item()), seen, torch.cat(positions).numpy() if record else None
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """A GradScaler's state, where it means something: a run may have started on the CPU or a bf16 GPU
+    (scaler disabled, empty state) and go on with fp16 (enabled), or the other way round. A fresh
+    scaler starts at its default scale, which it adapts within a few steps."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+
+
 def write_sample_log(folder: str, rank: int, epoch: int, file_ids: np.ndarray) -> None:
     """Debugging aid: the file ids one rank trained on in one epoch, in order."""
     Path(folder).mkdir(parents=True, exist_ok=True)
@@ -136,7 +144,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     start_epoch, best, history = 0, -1.0, []
     if state:
         opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        restore_scaler(scaler, state["scaler"])
         start_epoch, best, history = state["epoch"], state["best_score"], state["history"]
 
     if world.is_main:
@@ -168,6 +176,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         train_loss = sum(t[0] for t in totals) / max(seen_all, 1)
         images_per_s = seen_all / max(max(t[2] for t in totals), 1e-9)
 
+        distributed.broadcast_buffers(model, world)  # every rank validates exactly what rank 0 saves
         pos, logits = logits_by_position(model, val_loader, device, world)
         pred = logits.argmax(1)
         score = float(balanced_accuracy_score(y_val[pos], pred))
@@ -188,6 +197,10 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
             checkpoint.save(ck, out / CKPT_LAST)
             if improved:
                 checkpoint.copy(out / CKPT_LAST, out / CKPT_BEST)
+                # The best epoch's validation predictions, to see which samples it gets wrong.
+                frame = prediction_frame(val_df.file_id.to_numpy()[pos], logits, list(labels.names), probs=True)
+                frame.insert(1, "true_cell_line", labels.decode(y_val[pos]))
+                checkpoint.write_atomic(out / VAL_PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False))
                 plots.confusion(confusion_matrix(y_val[pos], pred, labels=range(len(labels.names))),
                                 list(labels.names), out / CONFUSION_PNG,
                                 f"validation, epoch {epoch + 1}, balanced accuracy {score:.3f}")

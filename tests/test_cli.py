@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -125,3 +126,32 @@ def test_kill_mid_epoch_then_resume(e2e_data, tmp_path):
     assert not list(run.glob(".*.tmp")), "stale temporary files left behind"
     model_state = torch.load(run / "best.pt", weights_only=False)["model"]
     assert all(torch.isfinite(v.float()).all() for v in model_state.values())
+
+
+def test_training_split_one_more_than_a_multiple_of_the_batch(tmp_path):
+    # 25 labelled -> 17 training samples (8 validation) = 2 x 8 + 1: a last batch of one used to crash
+    # BatchNorm and was reported as bad input.
+    d = generate(tmp_path / "data", SynthSpec(n_train=25, n_test=4, n_classes=2, image_size=32, seed=1))
+    for loader in ("dali", "torch"):
+        run = tmp_path / f"run_{loader}"
+        dalipipe("train", d / "images_train", d / "y_train.csv", "--out", run, "--epochs", "2", "--image-size", "32",
+                 "--batch-size", "8", "--device", "cpu", "--loader", loader)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(math.isfinite(r["train_loss"]) for r in rows)
+
+
+def test_internal_errors_are_reported_as_bugs_not_as_bad_input(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import dalipipe.predict
+    from dalipipe.cli import cli
+
+    def broken(*args):
+        raise ValueError("Expected more than 1 value per channel when training")
+
+    monkeypatch.setattr(dalipipe.predict, "score", broken)
+    (tmp_path / "a.csv").write_text("file_id,cell_line\n1,A\n")
+    r = CliRunner().invoke(cli, ["score", str(tmp_path / "a.csv"), str(tmp_path / "a.csv")])
+    assert r.exit_code == 3
+    assert "internal error" in r.output and "report" in r.output
+    assert not any(line.startswith("Error:") for line in r.output.splitlines())  # not disguised as bad input

@@ -188,3 +188,31 @@ def test_fp16_output_option(small_synth):
                              out_dtype=torch.float16)
         x, _ = next(iter(loader))
         assert x.dtype == torch.float16 and x.shape == (16, 3, 32, 32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_drops_a_last_batch_of_one_on_one_process(tmp_path, kind):
+    idx = _coded_dataset(tmp_path / "img", 17)  # 2 x 8 + 1: the last batch would hold one sample
+    loader = make_loader(kind, idx, np.arange(17), AugmentSpec(image_size=8), RAW, True, CPU, 8, 1, seed=2)
+    for _ in range(2):
+        sizes = [len(t) for _, t in loader]
+        assert sizes == [8, 8] and len(loader) == 2
+    loader.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,batch,expected", [(9, 4, [4]), (129, 64, [64]), (13, 4, [4, 2])])
+def test_sharded_training_runs_the_same_steps_on_every_rank(tmp_path, kind, n, batch, expected):
+    # 129 samples on 2 ranks with batch 64: DALI's shards hold 64 and 65, its padded iterator gives
+    # rank 0 a second, empty batch and rank 1 a second batch of one. Every rank must run the same steps.
+    idx = _coded_dataset(tmp_path / "img", n)
+    seen = []
+    for rank in (0, 1):
+        loader = make_loader(kind, idx, np.arange(n), AugmentSpec(image_size=8), RAW, True, CPU, batch, 1, seed=4,
+                             shard_id=rank, num_shards=2)
+        batches = [t for _, t in loader]
+        assert [len(t) for t in batches] == expected and len(loader) == len(expected)
+        seen.append(torch.cat(batches).tolist())
+        loader.close()
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert len(seen[0]) == len(seen[1]) == n // 2
