@@ -81,6 +81,8 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
 @click.option("--pretrained", is_flag=True, help="Download ImageNet weights (needs internet).")
 @click.option("--subset", type=int, help="Use at most this many labelled samples (stratified).")
+@click.option("--time-limit", "time_limit_minutes", type=float,
+              help="Minutes; stop cleanly after the epoch during which they pass (resume later with --resume).")
 def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
     """Train on IMAGES_DIR with LABELS_CSV (file_id,cell_line) into --out RUN_DIR."""
     from dalipipe import checkpoint
@@ -91,7 +93,7 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
     image_size = given.pop("image_size", None)
     if resume_dir:
         cfg = TrainConfig.from_dict(checkpoint.load(f"{resume_dir}/{CKPT_LAST}")["config"])
-        fixed = set(given) - {"epochs", "device", "loader", "workers"}
+        fixed = set(given) - {"epochs", "device", "loader", "workers", "time_limit_minutes"}
         if fixed or image_size:
             raise DataError(f"--resume keeps the run's settings; only --epochs, --device, --loader and --workers "
                             f"may change (got --{sorted(fixed or ['image_size'])[0].replace('_', '-')})")

@@ -75,6 +75,8 @@ class TrainConfig:
     pretrained: bool = False
     # Train on at most this many samples of the training split (stratified); None: all of them.
     subset: int | None = None
+    # Stop cleanly after the epoch during which this many minutes have passed (a job's time slot); None: no limit.
+    time_limit_minutes: float | None = None
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def __post_init__(self) -> None:
@@ -84,6 +86,8 @@ class TrainConfig:
                   (self.weight_decay >= 0, f"--weight-decay must be non-negative, got {self.weight_decay}"),
                   (0 < self.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {self.val_fraction}"),
                   (self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+                  (self.time_limit_minutes is None or self.time_limit_minutes > 0,
+                   f"--time-limit must be positive, got {self.time_limit_minutes}"),
                   (self.subset is None or self.subset >= 2, f"--subset must be at least 2, got {self.subset}"),
                   (not (self.weights and self.pretrained), "--weights and --pretrained exclude each other")]
         for ok, message in checks:

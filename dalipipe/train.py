@@ -111,6 +111,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     if not world.is_main:  # one voice: rank 0 reports, the others only fail
         log.setLevel(logging.ERROR)
+    t_start = time.perf_counter()
+    timings = {"data_check_s": 0.0, "model_build_s": 0.0, "loader_build_s": 0.0, "train_s": 0.0, "val_s": 0.0}
     out = Path(cfg.out_dir)
     check_run_dir(cfg, resume)
     device = dev.resolve(cfg.device, world.local_rank)
@@ -119,7 +121,9 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     if state is not None and world.is_main:
         repair_run_dir(out, state)
 
+    t0 = time.perf_counter()
     labels, train_df, val_df, norm = prepare_data(cfg, progress=world.is_main)
+    timings["data_check_s"] = time.perf_counter() - t0
     if state is not None:
         if list(state["class_names"]) != list(labels.names) or state["split"]["val_ids"] != val_df.file_id.tolist():
             raise DataError(f"{out}: the data or split differs from the run being resumed")
@@ -130,6 +134,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
                  f"device {device}, loader {cfg.loader}, {world.size} process(es), lr {lr:g}, "
                  f"{'weights ' + cfg.weights if cfg.weights else 'pretrained' if cfg.pretrained else 'from scratch'}")
 
+    t0 = time.perf_counter()
     model = build_model(len(labels.names), None if state else cfg.weights, False if state else cfg.pretrained)
     if state:
         model.load_state_dict(state["model"])
@@ -147,6 +152,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         restore_scaler(scaler, state["scaler"])
         start_epoch, best, history = state["epoch"], state["best_score"], state["history"]
 
+    timings["model_build_s"] = time.perf_counter() - t0
     if world.is_main:
         checkpoint.save_json(cfg.to_dict(), out / CONFIG_FILE)
         checkpoint.save_json(list(labels.names), out / LABELS_FILE)
@@ -154,6 +160,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     loader_seed = cfg.seed + start_epoch
     # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
     # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
+    t0 = time.perf_counter()
     train_loader = make_loader(cfg.loader, train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
                                cfg.batch_size, cfg.workers, loader_seed, world.rank, world.size)
     y_train = torch.as_tensor(train_df["y"].to_numpy(), device=device)
@@ -161,6 +168,9 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     val_loader = make_loader(cfg.loader, val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
                              cfg.batch_size, cfg.workers, cfg.seed, world.rank, world.size)
     y_val = val_df["y"].to_numpy()
+    timings["loader_build_s"] = time.perf_counter() - t0
+    deadline = t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
+    stopped_early = False
     if start_epoch >= cfg.epochs and world.is_main:
         log.info(f"{out}: already trained for {start_epoch} epochs; raise --epochs to train more")
 
@@ -169,6 +179,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         loss_sum, seen, positions = train_epoch(net, train_loader, y_train, opt, scaler, device,
                                                 f"epoch {epoch + 1}/{cfg.epochs}", world.is_main, bool(sample_log))
         train_time = time.perf_counter() - t0
+        timings["train_s"] += train_time
         if sample_log:
             write_sample_log(sample_log, world.rank, epoch + 1, train_df.file_id.to_numpy()[positions])
         totals = distributed.gather((loss_sum, seen, train_time), world)
@@ -176,12 +187,15 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         train_loss = sum(t[0] for t in totals) / max(seen_all, 1)
         images_per_s = seen_all / max(max(t[2] for t in totals), 1e-9)
 
+        t_val = time.perf_counter()
         distributed.broadcast_buffers(model, world)  # every rank validates exactly what rank 0 saves
         pos, logits = logits_by_position(model, val_loader, device, world)
+        val_time = time.perf_counter() - t_val
+        timings["val_s"] += val_time
         pred = logits.argmax(1)
         score = float(balanced_accuracy_score(y_val[pos], pred))
         row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(cross_entropy(logits, y_val[pos]), 5),
-               "val_balanced_accuracy": round(score, 5), "train_images_per_s": round(images_per_s, 1),
+               "val_balanced_accuracy": round(score, 5), "train_images_per_s": round(images_per_s, 1), "val_seconds": round(val_time, 2),
                "epoch_seconds": round(time.perf_counter() - t0, 2)}
         history.append(row)
         improved = score > best
@@ -211,6 +225,14 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
                        f"{row['val_loss']:.4f}  val balanced acc {score:.4f}{' *' if improved else ''}  "
                        f"{images_per_s:.0f} img/s")
         distributed.barrier(world)
+        # Rank 0's clock decides, so that every rank stops after the same epoch.
+        if deadline and epoch + 1 < cfg.epochs and distributed.broadcast(time.perf_counter() > deadline, world):
+            stopped_early = True
+            log.info(f"--time-limit {cfg.time_limit_minutes:g} min reached after epoch {epoch + 1}; "
+                     f"continue with --resume {out}")
+            break
     for loader in (train_loader, val_loader):
         loader.close()
-    return {"best_val_balanced_accuracy": best, "epochs": len(history), "history": history}
+    timings["total_s"] = time.perf_counter() - t_start
+    return {"best_val_balanced_accuracy": best, "epochs": len(history), "history": history,
+            "stopped_early": stopped_early, "timings": timings}

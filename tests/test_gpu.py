@@ -67,6 +67,6 @@ def test_gpu_train_and_predict_end_to_end(small_synth, tmp_path):
     a, b = subs["dali"], subs["torch"]
     assert a.file_id.tolist() == b.file_id.tolist()
     # Under bf16 autocast inputs that agree to 1e-3 can flip a near-tie: compare agreement and probabilities.
-    assert (a.cell_line == b.cell_line).mean() >= 0.99
+    assert (a.cell_line != b.cell_line).sum() <= max(1, len(a) // 100)
     probs = [c for c in a.columns if c.startswith("p_")]
     assert (a[probs] - b[probs]).abs().to_numpy().max() < 0.02
