@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import traceback
 
 import click
 
-from dalipipe.config import AugmentSpec, TrainConfig
+from dalipipe.config import TrainConfig
 from dalipipe.constants import EXIT_INTERNAL, EXIT_USER
 from dalipipe.errors import DataError
 
@@ -67,42 +66,37 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.argument("images_dir", required=False, type=click.Path())
 @click.argument("labels_csv", required=False, type=click.Path())
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run directory for checkpoints, metrics, plots.")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
-@click.option("--epochs", type=int, help=f"[default: {_DEFAULTS.epochs}]")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the run in this directory with its own settings. --epochs, --device, --loader, "
+                   "--workers and --time-limit may change; other options may be given only with the run's values; "
+                   "IMAGES_DIR and LABELS_CSV may point at moved data.")
+@click.option("--epochs", type=int, help=f"Passes over the training split. [default: {_DEFAULTS.epochs}]")
 @click.option("--batch-size", type=int, help=f"Per process. [default: {_DEFAULTS.batch_size}]")
 @click.option("--lr", type=float, help="[default: 7e-5 with --weights/--pretrained, 1e-3 from scratch]")
-@click.option("--weight-decay", type=float, help=f"[default: {_DEFAULTS.weight_decay}]")
-@click.option("--image-size", type=int, help=f"[default: {_DEFAULTS.augment.image_size}]")
-@click.option("--val-fraction", type=float, help=f"[default: {_DEFAULTS.val_fraction}]")
-@click.option("--seed", type=int, help=f"[default: {_DEFAULTS.seed}]")
+@click.option("--weight-decay", type=float, help=f"Adam's L2 penalty. [default: {_DEFAULTS.weight_decay:g}]")
+@click.option("--image-size", type=int, help=f"Side of the square model input, in pixels. [default: {_DEFAULTS.augment.image_size}]")
+@click.option("--val-fraction", type=float, help=f"Share of the labelled samples held out for validation (stratified). [default: {_DEFAULTS.val_fraction}]")
+@click.option("--seed", type=int, help=f"Seeds the split, the shuffling and the augmentation. [default: {_DEFAULTS.seed}]")
 @click.option("--loader", type=click.Choice(["dali", "torch"]), help=f"[default: {_DEFAULTS.loader}]")
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), help=f"[default: {_DEFAULTS.device}]")
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
 @click.option("--pretrained", is_flag=True, help="Download ImageNet weights (needs internet).")
 @click.option("--subset", type=int, help="Use at most this many labelled samples (stratified).")
 @click.option("--time-limit", "time_limit_minutes", type=float,
               help="Minutes; stop cleanly after the epoch during which they pass (resume later with --resume).")
 def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
     """Train on IMAGES_DIR with LABELS_CSV (file_id,cell_line) into --out RUN_DIR."""
-    from dalipipe import checkpoint
-    from dalipipe.constants import CKPT_LAST
+    from dalipipe import run_dir
     from dalipipe.train import train as run
 
     given = {k: v for k, v in opts.items() if v is not None and v is not False}
-    image_size = given.pop("image_size", None)
     if resume_dir:
-        cfg = TrainConfig.from_dict(checkpoint.load(f"{resume_dir}/{CKPT_LAST}")["config"])
-        fixed = set(given) - {"epochs", "device", "loader", "workers", "time_limit_minutes"}
-        if fixed or image_size:
-            raise DataError(f"--resume keeps the run's settings; only --epochs, --device, --loader and --workers "
-                            f"may change (got --{sorted(fixed or ['image_size'])[0].replace('_', '-')})")
-        cfg = dataclasses.replace(cfg, out_dir=resume_dir, **given)
+        cfg = run_dir.resume_config(resume_dir, given, images_dir, labels_csv, out_dir)
     else:
         if not (images_dir and labels_csv and out_dir):
             raise click.UsageError("IMAGES_DIR, LABELS_CSV and --out RUN_DIR are required (or --resume RUN_DIR)")
-        augment = AugmentSpec(image_size=image_size) if image_size else AugmentSpec()
-        cfg = TrainConfig(images_dir=images_dir, labels_csv=labels_csv, out_dir=out_dir, augment=augment, **given)
+        cfg = run_dir.new_config(images_dir, labels_csv, out_dir, given)
     result = run(cfg, resume=bool(resume_dir))
     if result["epochs"]:
         click.echo(f"best validation balanced accuracy {result['best_val_balanced_accuracy']:.4f}; run in {cfg.out_dir}")
@@ -125,6 +119,22 @@ def predict(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, devi
 
     sub = run(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force)
     click.echo(f"wrote {len(sub)} predictions to {out_csv}")
+
+
+@cli.command()
+@click.argument("images_dir", type=click.Path())
+@click.argument("labels_csv", required=False, type=click.Path())
+@click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+def check(images_dir, labels_csv, val_fraction, seed):
+    """Check IMAGES_DIR (and LABELS_CSV) as a run would, without training: the first problem, or what a
+    run would use (samples, classes, image sizes, channel statistics)."""
+    from dalipipe.check import summarize
+
+    cfg = TrainConfig(images_dir=images_dir, labels_csv=labels_csv or "", out_dir="", val_fraction=val_fraction,
+                      seed=seed)
+    for line in summarize(images_dir, labels_csv, cfg):
+        click.echo(line)
 
 
 @cli.command()

@@ -61,7 +61,8 @@ class TrainConfig:
     out_dir: str
     epochs: int = 30
     batch_size: int = 64
-    # None: 7e-5 (the reference, for pretrained weights) with --weights, 1e-3 from scratch.
+    # None: 7e-5 (the reference, for pretrained weights) with --weights, 1e-3 from scratch; filled in at
+    # creation, so that config.json and checkpoints record the rate used.
     lr: float | None = None
     weight_decay: float = 1e-6
     val_fraction: float = 0.3
@@ -93,6 +94,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise DataError(message)
+        if self.lr is None:  # record the rate used, not "the default"
+            object.__setattr__(self, "lr", self.effective_lr())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -41,6 +41,7 @@ LABELS_FILE = "labels.json"
 CURVES_PNG = "learning_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 VAL_PREDICTIONS = "val_predictions.csv"
+LOCK_FILE = ".dalipipe.lock"
 
 # Exit statuses of the CLI: bad input or options (one-line error), and a dalipipe bug (traceback).
 EXIT_USER = 2

@@ -28,8 +28,12 @@ from dalipipe.pngio import read_gray
 log = logging.getLogger("dalipipe")
 
 PATH_COLUMNS = [f"path_{c}" for c in CHANNELS]
-_SUM_COLUMNS = [f"sum_{c}" for c in CHANNELS]
-_SQ_COLUMNS = [f"sumsq_{c}" for c in CHANNELS]
+# Per-sample mean and mean square of each channel: statistics weight every sample equally, so that one
+# huge image cannot outweigh thousands of small ones.
+_MEAN_COLUMNS = [f"mean_{c}" for c in CHANNELS]
+_MEANSQ_COLUMNS = [f"meansq_{c}" for c in CHANNELS]
+# A sample with this many times the median pixel count is called out by name (it is still used).
+LARGE_IMAGE_FACTOR = 16
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,11 @@ def scan_images(images_dir: str | Path, skip_incomplete: bool = False) -> pd.Dat
         m = rx.match(name)
         if m is None or m["channel"] not in CHANNELS:
             continue
-        found.setdefault(int(m["file_id"]), {})[m["channel"]] = str(root / name)
+        chans = found.setdefault(int(m["file_id"]), {})
+        if m["channel"] in chans:
+            raise DataError(f"{root / name}: sample {int(m['file_id'])} has two {m['channel']} files "
+                            f"({Path(chans[m['channel']]).name} and {name}); keep one")
+        chans[m["channel"]] = str(root / name)
     if not found:
         raise DataError(f"{root}: no channel PNGs named like 00001_blue.png")
     rows, incomplete = [], []
@@ -84,23 +92,24 @@ def scan_images(images_dir: str | Path, skip_incomplete: bool = False) -> pd.Dat
     return pd.DataFrame(rows, columns=["file_id"] + PATH_COLUMNS)
 
 
-def read_labels(labels_csv: str | Path) -> pd.DataFrame:
-    """Read `file_id,cell_line`; errors name the CSV line (1-based, header is line 1)."""
+def read_labels(labels_csv: str | Path, what: str = "labels file", extra_columns: bool = False) -> pd.DataFrame:
+    """Read `file_id,cell_line` (with extra_columns: as the first two columns, as in a submission with
+    probabilities); errors name the CSV line (1-based, header is line 1). Names are stripped of spaces."""
     path = Path(labels_csv)
     if not path.is_file():
-        raise DataError(f"{path}: labels file not found")
+        raise DataError(f"{path}: {what} not found")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: labels file is empty") from None
+        raise DataError(f"{path}: {what} is empty") from None
     except pd.errors.ParserError as e:
         raise DataError(f"{path}: malformed CSV ({str(e).splitlines()[0]})") from None
     cols = [c.strip() for c in df.columns]
-    if cols != list(LABEL_COLUMNS):
+    if (cols[:2] if extra_columns else cols) != list(LABEL_COLUMNS):
         raise DataError(f"{path}: expected header '{','.join(LABEL_COLUMNS)}', got '{','.join(cols)}'")
     df.columns = cols
     if df.empty:
-        raise DataError(f"{path}: labels file has a header but no rows")
+        raise DataError(f"{path}: {what} has a header but no rows")
     ids = []
     first_line: dict[int, int] = {}
     for i, (fid, label) in enumerate(zip(df["file_id"], df["cell_line"])):
@@ -139,6 +148,9 @@ def build_index(images_dir: str | Path, labels_csv: str | Path | None = None) ->
     if unlabelled > 0:
         log.warning(f"warning: {unlabelled} sample(s) in {images_dir} have no label in {labels_csv}; ignored")
     counts = labels["cell_line"].value_counts()
+    if len(counts) < 2:
+        raise DataError(f"{labels_csv}: every sample is labelled '{counts.index[0]}'; a classifier needs at least "
+                        "two classes")
     small = counts[counts < 2]
     if len(small):
         name = small.index[0]
@@ -158,9 +170,9 @@ def _inspect_sample(paths: list[str]) -> tuple[int, int, list[float], list[float
     if len(set(shapes)) != 1:
         desc = ", ".join(f"{Path(p).name} {s[1]}x{s[0]}" for p, s in zip(paths, shapes))
         raise DataError(f"{Path(paths[0]).parent}: channels of one sample differ in size ({desc})")
-    sums = [float(a.sum(dtype=np.float64)) for a in arrays]
-    sqs = [float(np.square(a, dtype=np.float64).sum()) for a in arrays]
-    return shapes[0][0], shapes[0][1], sums, sqs
+    means = [float(a.mean(dtype=np.float64)) for a in arrays]
+    meansqs = [float(np.square(a, dtype=np.float64).mean()) for a in arrays]
+    return shapes[0][0], shapes[0][1], means, meansqs
 
 
 def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bool = True) -> pd.DataFrame:
@@ -183,9 +195,23 @@ def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bo
     out["height"] = [r[0] for r in results]
     out["width"] = [r[1] for r in results]
     for k in range(len(CHANNELS)):
-        out[_SUM_COLUMNS[k]] = [r[2][k] for r in results]
-        out[_SQ_COLUMNS[k]] = [r[3][k] for r in results]
+        out[_MEAN_COLUMNS[k]] = [r[2][k] for r in results]
+        out[_MEANSQ_COLUMNS[k]] = [r[3][k] for r in results]
+    warn_large_images(out)
     return out
+
+
+def warn_large_images(index: pd.DataFrame) -> None:
+    """One line naming the samples far larger than the rest: usually a stray file (a whole slide, a
+    mosaic), which decodes slowly, costs memory, and is shrunk to the model's input like the others."""
+    pixels = index["height"] * index["width"]
+    large = index[pixels > LARGE_IMAGE_FACTOR * pixels.median()]
+    if len(large):
+        names = ", ".join(f"{Path(p).name} ({w}x{h})" for p, w, h in
+                          zip(large[PATH_COLUMNS[0]][:3], large["width"][:3], large["height"][:3]))
+        more = f" and {len(large) - 3} more" if len(large) > 3 else ""
+        log.warning(f"warning: {len(large)} sample(s) over {LARGE_IMAGE_FACTOR}x the median size "
+                    f"({int(index['width'].median())}x{int(index['height'].median())}): {names}{more}")
 
 
 def stratified_split(index: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -213,12 +239,12 @@ def stratified_subset(index: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def channel_stats(index: pd.DataFrame) -> Normalization:
-    """Per-channel mean and std (0-255 scale) over every pixel of the given samples (the training split)."""
-    if "sum_yellow" not in index:
+    """Per-channel mean and std (0-255 scale) of the given samples (the training split), each sample
+    weighted equally whatever its size (equal to per-pixel statistics when all images share a size)."""
+    if _MEAN_COLUMNS[0] not in index:
         raise ValueError("channel_stats needs an index from inspect_images")
-    n = float((index["height"] * index["width"]).sum())
-    mean = [index[c].sum() / n for c in _SUM_COLUMNS]
-    var = [index[q].sum() / n - m * m for q, m in zip(_SQ_COLUMNS, mean)]
+    mean = [float(index[c].mean()) for c in _MEAN_COLUMNS]
+    var = [float(index[q].mean()) - m * m for q, m in zip(_MEANSQ_COLUMNS, mean)]
     # Floor at one grey level: a constant channel would otherwise divide by ~0.
     std = [float(max(np.sqrt(max(v, 0.0)), 1.0)) for v in var]
     return Normalization(tuple(float(m) for m in mean), tuple(std))

@@ -33,8 +33,11 @@ def learning_curves(history: list[dict], path: str | Path) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation balanced accuracy")
     ax2.set_ylim(0, 1)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     _save(fig, Path(path))
 
 

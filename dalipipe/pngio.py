@@ -55,7 +55,10 @@ def read_gray(path: str | Path) -> np.ndarray:
     try:
         data = Path(path).read_bytes()
         _check_chunks(path, data)
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # a huge image is reported once, by name (data.warn_large_images)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
             if im.format != "PNG":
                 raise DataError(f"{path}: not a PNG file (format {im.format})")
             if im.mode not in _GRAY_MODES:
@@ -65,7 +68,9 @@ def read_gray(path: str | Path) -> np.ndarray:
                         f"{path}: colour PNG with gamma {gamma}: decoders disagree on it; "
                         "save the channel as 8-bit grayscale"
                     )
-            im.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
             if im.mode.startswith("I"):
                 a = np.asarray(im).astype(np.int64)
                 return np.clip(np.floor(a / 257.0 + 0.5), 0, 255).astype(np.uint8)

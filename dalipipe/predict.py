@@ -44,6 +44,7 @@ def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None =
     out = Path(out_csv)
     if out.exists() and not force:
         raise DataError(f"{out}: exists; choose another --out or pass --force to replace it")
+    checkpoint.ensure_writable(out.parent, "predictions")  # before inference, not after it
     ck = checkpoint.load(ckpt_path)
     names = list(ck["class_names"])
     spec = AugmentSpec(image_size=int(ck["image_size"]))
@@ -74,15 +75,25 @@ def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None =
 
 
 def score(submission_csv: str, answers_csv: str) -> float:
-    """Balanced accuracy of a submission against a labels file with the same ids."""
+    """Balanced accuracy of a submission against a labels file, both read by the rules of training
+    (names stripped, ids integers, no duplicates); every answer needs a prediction of a known class."""
     from sklearn.metrics import balanced_accuracy_score
 
-    sub = pd.read_csv(submission_csv)
-    if list(sub.columns[:2]) != ["file_id", "cell_line"]:
-        raise DataError(f"{submission_csv}: expected columns file_id,cell_line")
-    truth = read_labels(answers_csv)
+    truth = read_labels(answers_csv, what="answers file")
+    sub = read_labels(submission_csv, what="submission", extra_columns=True)
+    classes = set(truth["cell_line"])
+    unknown = ~sub["cell_line"].isin(classes)
+    if unknown.any():
+        row = sub[unknown].iloc[0]
+        raise DataError(f"{submission_csv}:{row.csv_line}: predicted class '{row.cell_line}' is not a class of "
+                        f"{answers_csv} ({', '.join(sorted(classes))})")
     merged = truth.merge(sub[["file_id", "cell_line"]], on="file_id", how="left", suffixes=("", "_pred"))
-    if merged["cell_line_pred"].isna().any():
-        fid = merged.loc[merged["cell_line_pred"].isna(), "file_id"].iloc[0]
-        raise DataError(f"{submission_csv}: no prediction for file_id {fid} of {answers_csv}")
+    missing = merged["cell_line_pred"].isna()
+    if missing.any():
+        row = merged[missing].iloc[0]
+        raise DataError(f"{answers_csv}:{row.csv_line}: no prediction for file_id {row.file_id} in {submission_csv} "
+                        f"({int(missing.sum())} in all)")
+    extra = len(set(sub["file_id"]) - set(truth["file_id"]))
+    if extra:
+        log.warning(f"warning: {extra} prediction(s) in {submission_csv} for ids not in {answers_csv}; ignored")
     return float(balanced_accuracy_score(merged["cell_line"], merged["cell_line_pred"]))

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from tqdm.auto import tqdm
 
-from dalipipe import checkpoint, distributed, plots
+from dalipipe import checkpoint, distributed, plots, run_dir
 from dalipipe import device as dev
 from dalipipe.config import Normalization, TrainConfig
 from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE,
                                 METRICS_FILE, MODEL_NAME, VAL_PREDICTIONS)
 from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, stratified_split, stratified_subset
 from dalipipe.errors import DataError
+from dalipipe.versions import versions
 from dalipipe.inference import cross_entropy, logits_by_position, prediction_frame
 from dalipipe.loaders import make_loader
 from dalipipe.model import build_model
@@ -37,28 +38,6 @@ def prepare_data(cfg: TrainConfig, progress: bool):
     index = inspect_images(index, progress=progress)
     train_df, val_df = stratified_split(index, cfg.val_fraction, cfg.seed)
     return labels, train_df, val_df, channel_stats(train_df)
-
-
-def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
-    out = Path(cfg.out_dir)
-    has_run = (out / CKPT_LAST).exists() or (out / METRICS_FILE).exists()
-    if has_run and not resume:
-        raise DataError(f"{out}: already holds a run; continue it with --resume {out} or choose another --out")
-    if resume and not (out / CKPT_LAST).exists():
-        raise DataError(f"{out}: no {CKPT_LAST} to resume from")
-
-
-def repair_run_dir(out: Path, state: dict) -> None:
-    """After a kill: drop temporary files, make best.pt match last.pt when the last epoch was the best,
-    and rewrite the metrics file from the checkpoint's history (a kill can fall between the two)."""
-    for tmp in out.glob(".*.tmp"):
-        tmp.unlink()
-    best = out / CKPT_BEST
-    if state["val_balanced_accuracy"] >= state["best_score"] and (
-            not best.exists() or checkpoint.load(best)["epoch"] != state["epoch"]):
-        checkpoint.copy(out / CKPT_LAST, best)
-    lines = "".join(json.dumps(row) + "\n" for row in state["history"])
-    checkpoint.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
 
 
 def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.device, desc: str,
@@ -101,9 +80,16 @@ def write_sample_log(folder: str, rank: int, epoch: int, file_ids: np.ndarray) -
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    out = Path(cfg.out_dir)
+    run_dir.check_run_dir(out, resume)
     world = distributed.init(cfg.device)
     try:
-        return _train(cfg, resume, world)
+        if not world.is_main:
+            return _train(cfg, resume, world)
+        checkpoint.ensure_writable(out, "run")  # before the long data check, not after it
+        with run_dir.locked(out):
+            run_dir.check_run_dir(out, resume)  # again: another run may have started in the meantime
+            return _train(cfg, resume, world)
     finally:
         distributed.shutdown(world)
 
@@ -114,12 +100,11 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     t_start = time.perf_counter()
     timings = {"data_check_s": 0.0, "model_build_s": 0.0, "loader_build_s": 0.0, "train_s": 0.0, "val_s": 0.0}
     out = Path(cfg.out_dir)
-    check_run_dir(cfg, resume)
     device = dev.resolve(cfg.device, world.local_rank)
     torch.manual_seed(cfg.seed + world.rank)
     state = checkpoint.load(out / CKPT_LAST) if resume else None
     if state is not None and world.is_main:
-        repair_run_dir(out, state)
+        run_dir.repair_run_dir(out, state)
 
     t0 = time.perf_counter()
     labels, train_df, val_df, norm = prepare_data(cfg, progress=world.is_main)
@@ -130,9 +115,10 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         norm = Normalization(tuple(state["mean"]), tuple(state["std"]))
     lr = cfg.effective_lr()
     if world.is_main:
+        start = (f"resumed after epoch {state['epoch']}" if state else f"weights {cfg.weights}" if cfg.weights
+                 else "pretrained" if cfg.pretrained else "from scratch")
         log.info(f"{len(train_df)} training / {len(val_df)} validation samples, {len(labels.names)} classes; "
-                 f"device {device}, loader {cfg.loader}, {world.size} process(es), lr {lr:g}, "
-                 f"{'weights ' + cfg.weights if cfg.weights else 'pretrained' if cfg.pretrained else 'from scratch'}")
+                 f"device {device}, loader {cfg.loader}, {world.size} process(es), lr {lr:g}, {start}")
 
     t0 = time.perf_counter()
     model = build_model(len(labels.names), None if state else cfg.weights, False if state else cfg.pretrained)
@@ -163,7 +149,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     t0 = time.perf_counter()
     train_loader = make_loader(cfg.loader, train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
                                cfg.batch_size, cfg.workers, loader_seed, world.rank, world.size)
-    y_train = torch.as_tensor(train_df["y"].to_numpy(), device=device)
+    y_train = torch.tensor(train_df["y"].to_numpy(), device=device)  # a copy: pandas' arrays may be read-only
     sample_log = os.environ.get("DALIPIPE_SAMPLE_LOG")
     val_loader = make_loader(cfg.loader, val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
                              cfg.batch_size, cfg.workers, cfg.seed, world.rank, world.size)
@@ -206,7 +192,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
                   "epoch": epoch + 1, "best_score": best, "history": history, "model": model.state_dict(),
                   "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                   "split": {"train_ids": train_df.file_id.tolist(), "val_ids": val_df.file_id.tolist()},
-                  "val_balanced_accuracy": score}
+                  "val_balanced_accuracy": score, "versions": versions()}
             # last first, then best as its copy: a kill between the two is repaired on resume.
             checkpoint.save(ck, out / CKPT_LAST)
             if improved:

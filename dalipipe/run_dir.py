@@ -1,0 +1,106 @@
+"""The run folder's rules: one run at a time, writable before any long work, resume settings checked,
+and repaired after a kill."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+from dalipipe import checkpoint
+from dalipipe.config import AugmentSpec, TrainConfig
+from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
+from dalipipe.errors import DataError
+
+# What a resumed run may change; every other setting must equal the run's (given again or not).
+RESUME_MAY_CHANGE = ("epochs", "device", "loader", "workers", "time_limit_minutes")
+
+
+def option(name: str) -> str:
+    return "--" + {"time_limit_minutes": "time-limit"}.get(name, name.replace("_", "-"))
+
+
+@contextlib.contextmanager
+def locked(folder: str | Path) -> Iterator[None]:
+    """Hold the run folder for the life of a run. An OS lock (flock): the OS releases it when the process
+    ends, however it ends, so that a kill never leaves a stale lock behind."""
+    folder = Path(folder)
+    with open(folder / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{folder}: another dalipipe train is running in this folder; wait for it to end "
+                            "or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    has_run = (out / CKPT_LAST).exists() or (out / METRICS_FILE).exists()
+    if has_run and not resume:
+        raise DataError(f"{out}: already holds a run; continue it with --resume {out} or choose another --out")
+    if resume and not (out / CKPT_LAST).exists():
+        raise DataError(f"{out}: no {CKPT_LAST} to resume from")
+
+
+def repair_run_dir(out: Path, state: dict) -> None:
+    """After a kill: drop temporary files, make best.pt match last.pt when the last epoch was the best,
+    and rewrite the metrics file from the checkpoint's history (a kill can fall between the two)."""
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink()
+    best = out / CKPT_BEST
+    if state["val_balanced_accuracy"] >= state["best_score"] and (
+            not best.exists() or checkpoint.load(best)["epoch"] != state["epoch"]):
+        checkpoint.copy(out / CKPT_LAST, best)
+    lines = "".join(json.dumps(row) + "\n" for row in state["history"])
+    checkpoint.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None, labels_csv: str | None,
+                  out_dir: str | None) -> TrainConfig:
+    """The run's own config, with what may change changed. The same command given again with --resume
+    added is accepted; a different value for a fixed setting is refused, naming both values."""
+    run = Path(resume_dir)
+    if out_dir is not None and Path(out_dir).resolve() != run.resolve():
+        raise DataError(f"--resume {run} --out {out_dir}: a resumed run stays in its own folder; "
+                        "drop --out (or give the same folder)")
+    check_run_dir(run, resume=True)
+    cfg = TrainConfig.from_dict(checkpoint.load(run / CKPT_LAST)["config"])
+    fixed = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE}
+    current = {**dataclasses.asdict(cfg), "image_size": cfg.augment.image_size}
+    for name, value in fixed.items():
+        if name == "weights":
+            value = str(Path(value).resolve())
+        if not _same(current[name], value):
+            raise DataError(f"--resume {run}: {option(name)} is {current[name]} in the run, got {value}; "
+                            f"only {', '.join(option(k) for k in RESUME_MAY_CHANGE)} may change")
+    changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    # Moved data: new paths are accepted; training checks that classes and split are the run's.
+    if images_dir:
+        changes["images_dir"] = str(Path(images_dir).resolve())
+    if labels_csv:
+        changes["labels_csv"] = str(Path(labels_csv).resolve())
+    return dataclasses.replace(cfg, out_dir=str(run.resolve()), **changes)
+
+
+def new_config(images_dir: str, labels_csv: str, out_dir: str, given: dict[str, Any]) -> TrainConfig:
+    """A new run's config, with every path stored resolved, so that the run resumes from any folder."""
+    given = dict(given)
+    image_size = given.pop("image_size", None)
+    if given.get("weights"):
+        given["weights"] = str(Path(given["weights"]).resolve())
+    augment = AugmentSpec(image_size=image_size) if image_size else AugmentSpec()
+    return TrainConfig(images_dir=str(Path(images_dir).resolve()), labels_csv=str(Path(labels_csv).resolve()),
+                       out_dir=str(Path(out_dir).resolve()), augment=augment, **given)

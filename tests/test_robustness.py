@@ -1,0 +1,203 @@
+"""A new user's bad inputs and habits: each gets a one-line error or the right result, never a traceback
+and never a silently wrong number."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dalipipe import checkpoint, run_dir
+from dalipipe.cli import cli
+from dalipipe.data import build_index, channel_stats, inspect_images
+from tests.conftest import write_labels, write_sample
+
+SMALL = ["--epochs", "1", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--workers", "1"]
+
+
+def invoke(*args, cwd: Path | None = None):
+    old = os.getcwd()
+    try:
+        if cwd:
+            os.chdir(cwd)
+        return CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+def one_line_error(r, *fragments):
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, r.output
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_synth):
+    """A one-epoch run, started from inside the data's parent with relative paths (as users type them)."""
+    root = tmp_path_factory.mktemp("runs")
+    shutil.copytree(small_synth, root / "data")
+    r = invoke("train", "data/images_train", "data/y_train.csv", "--out", "run", *SMALL, cwd=root)
+    assert r.exit_code == 0, r.output
+    return root
+
+
+# 1. Security
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": checkpoint.FORMAT, "model": Evil()}, tmp_path / "evil.pt")
+    r = invoke("predict", tmp_path / "evil.pt", tmp_path, "--out", tmp_path / "s.csv")
+    one_line_error(r, "evil.pt", "refused")
+    assert not marker.exists()
+
+
+def test_dalipipe_checkpoints_load_as_plain_data(trained):
+    ck = checkpoint.load(trained / "run" / "last.pt")
+    assert ck["epoch"] == 1 and ck["versions"]["torch"] == torch.__version__ and ck["versions"]["dali"]
+
+
+# 2-5. The run folder
+def test_a_second_training_into_a_busy_folder_is_refused(small_synth, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with run_dir.locked(run):
+        r = invoke("train", small_synth / "images_train", small_synth / "y_train.csv", "--out", run, *SMALL)
+        one_line_error(r, str(run), "another dalipipe train is running")
+    assert not (run / "last.pt").exists()
+    with run_dir.locked(run):  # released when its holder ended: no stale lock
+        pass
+
+
+def test_resume_refuses_another_out_and_different_values_but_accepts_the_same_command(trained, tmp_path):
+    root = trained
+    r = invoke("train", "--resume", root / "run", "--out", tmp_path / "other")
+    one_line_error(r, "--out", "stays in its own folder")
+    r = invoke("train", "data/images_train", "data/y_train.csv", "--resume", "run", *SMALL[:2], "--batch-size", "16",
+               cwd=root)
+    one_line_error(r, "--batch-size is 32 in the run, got 16")
+    # The same command again with --resume and more epochs, from another folder: paths were stored resolved.
+    r = invoke("train", root / "data/images_train", root / "data/y_train.csv", "--out", root / "run", "--resume",
+               root / "run", *[a if a != "1" else "2" for a in SMALL], cwd=tmp_path)
+    assert r.exit_code == 0, r.output
+    rows = (root / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in rows] == [1, 2]
+    cfg = json.loads((root / "run" / "config.json").read_text())
+    assert Path(cfg["images_dir"]).is_absolute() and cfg["lr"] == 1e-3  # the rate used, not null
+
+
+def test_resume_with_moved_data(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    moved = tmp_path / "moved"
+    shutil.copytree(trained / "data", moved)
+    r = invoke("train", "--resume", run, "--epochs", "3", cwd=tmp_path)  # the old paths still exist: fine
+    assert r.exit_code == 0, r.output
+    shutil.move(trained / "data", tmp_path / "gone")  # now they do not
+    try:
+        r = invoke("train", "--resume", run, "--epochs", "4")
+        one_line_error(r, "not a directory")
+        r = invoke("train", moved / "images_train", moved / "y_train.csv", "--resume", run, "--epochs", "4")
+        assert r.exit_code == 0, r.output
+    finally:
+        shutil.move(tmp_path / "gone", trained / "data")
+    assert json.loads((run / "config.json").read_text())["images_dir"] == str(moved / "images_train")
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs a read-only /sys (Linux)")
+def test_unwritable_outputs_fail_before_any_long_work(small_synth, trained, tmp_path):
+    # /sys refuses new files even to root, whom file modes do not stop.
+    r = invoke("train", small_synth / "images_train", small_synth / "y_train.csv", "--out", "/sys/dalipipe-run", *SMALL)
+    one_line_error(r, "/sys/dalipipe-run", "cannot write")
+    r = invoke("predict", trained / "run", small_synth / "images_test", "--out", "/sys/sub.csv")
+    one_line_error(r, "/sys", "cannot write")
+
+
+# 7-9. Wrong results without a word
+def test_one_huge_image_neither_takes_over_the_statistics_nor_passes_unnamed(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    for fid in range(1, 21):
+        write_sample(tmp_path / "img", fid, *(rng.integers(20, 60, (32, 32)) for _ in range(3)))
+    big = np.zeros((640, 640), dtype=np.uint8)  # 400x the pixels of the others, all black
+    write_sample(tmp_path / "img", 21, big, big, big)
+    with caplog.at_level(logging.WARNING, logger="dalipipe"):
+        idx = inspect_images(build_index(tmp_path / "img"), progress=False)
+    assert "00021_yellow.png (640x640)" in caplog.text
+    mean = channel_stats(idx).mean
+    # Per pixel the black image would pull the means from about 40 to about 0.1; per sample to 40 * 20/21.
+    assert all(36 < m < 40 for m in mean), mean
+
+
+def test_two_files_for_one_id_are_refused_by_name(synth_copy, tmp_path):
+    d = synth_copy / "images_train"
+    shutil.copy(d / "00001_blue.png", d / "1_blue.png")
+    r = invoke("check", d, synth_copy / "y_train.csv")
+    one_line_error(r, "00001_blue.png", "1_blue.png", "two blue files")
+
+
+def test_one_class_is_refused(tmp_path):
+    for fid in (1, 2, 3):
+        write_sample(tmp_path / "img", fid, *(np.full((8, 8), 9) for _ in range(3)))
+    write_labels(tmp_path / "y.csv", [(1, "HeLa"), (2, "HeLa"), (3, "HeLa")])
+    one_line_error(invoke("check", tmp_path / "img", tmp_path / "y.csv"), "y.csv", "at least two classes")
+
+
+# 10. score
+def test_score_reads_submissions_by_the_rules_of_training(tmp_path):
+    answers = tmp_path / "answers.csv"
+    write_labels(answers, [(1, "A"), (2, "B"), (3, "A")])
+    sub = tmp_path / "sub.csv"
+    one_line_error(invoke("score", tmp_path / "nosuch.csv", answers), "nosuch.csv", "not found")
+    sub.write_text("file_id,cell_line\n1,A\n2,C\n3,A\n")
+    one_line_error(invoke("score", sub, answers), "sub.csv:3", "'C' is not a class")
+    sub.write_text("file_id,cell_line\n1,A\n2,B\n2,A\n3,A\n")
+    one_line_error(invoke("score", sub, answers), "sub.csv:4", "duplicate file_id 2")
+    sub.write_text("file_id,cell_line\n1,A\nx,B\n3,A\n")
+    one_line_error(invoke("score", sub, answers), "sub.csv:3", "not an integer")
+    sub.write_text("file_id,cell_line,p_A,p_B\n1, A ,0.9,0.1\n2,B,0.2,0.8\n3,A ,0.7,0.3\n")
+    r = invoke("score", sub, answers)
+    assert r.exit_code == 0 and r.output.strip() == "balanced accuracy 1.0000", r.output
+
+
+# 11-14. Papercuts
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        checkpoint.save_json({"a": 1}, tmp_path / "x.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+
+
+def test_help_describes_every_option_and_bad_weights_fail_first(small_synth, tmp_path):
+    text = invoke("train", "--help").output
+    for opt in ("--epochs", "--image-size", "--seed", "--weight-decay"):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(opt))
+        assert len(line.split(None, 2)) == 3 or "pixels" in text, line
+    assert "pixels" in text and "may change" in text
+    r = invoke("train", small_synth / "images_train", small_synth / "y_train.csv", "--out", tmp_path / "r",
+               "--weights", tmp_path / "nosuch.pth")
+    assert r.exit_code == 2 and "nosuch.pth" in r.output and not (tmp_path / "r").exists()
+
+
+def test_check_reports_what_a_run_would_use(small_synth):
+    r = invoke("check", small_synth / "images_train", small_synth / "y_train.csv")
+    assert r.exit_code == 0, r.output
+    assert "240 samples" in r.output and "4 classes" in r.output and "32x32 (240)" in r.output
+    assert "train on 168 and validate on 72" in r.output and "no problems found" in r.output
+    assert invoke("check", small_synth / "images_test").exit_code == 0
