@@ -106,7 +106,7 @@ def measure_row(job: dict) -> dict:
     import torch.nn.functional as F
 
     from dalipipe import device as dev
-    from dalipipe.config import AugmentSpec, Normalization
+    from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
     from dalipipe.loaders import make_loader
 
     index = pd.read_csv(job["index_csv"])
@@ -115,7 +115,8 @@ def measure_row(job: dict) -> dict:
     device = dev.resolve(job["device"])
     kind, workers, bs = job["row"], job["workers"], job["batch_size"]
     build = "dali" if kind == "ceiling" else kind
-    loader = make_loader(build, index, index["y"].to_numpy(), spec, norm, True, device, bs, workers, seed=0)
+    loader = make_loader(index, index["y"].to_numpy(), spec, norm, True, device,
+                         LoaderSettings(kind=build, batch_size=bs, workers=workers, decoder=job.get("decoder", "mixed")))
     if kind == "ceiling":
         batches = [(x.clone(), y.clone()) for _, (x, y) in zip(range(CEILING_BATCHES), loader)]
         n_batches = len(loader)

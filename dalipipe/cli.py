@@ -80,6 +80,9 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--loader", type=click.Choice(["dali", "torch"]), help=f"[default: {_DEFAULTS.loader}]")
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), help=f"[default: {_DEFAULTS.device}]")
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
+@click.option("--decoder", type=click.Choice(["mixed", "cpu"]),
+              help="DALI on a GPU: a mixed decoder per channel, or one CPU pool and one copy per batch. [default: mixed]")
+@click.option("--compile", "compile", is_flag=True, help="Run the training steps through torch.compile (GPU: compiles for a minute or so first).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
 @click.option("--pretrained", is_flag=True, help="Download ImageNet weights (needs internet).")
 @click.option("--subset", type=int, help="Use at most this many labelled samples (stratified).")

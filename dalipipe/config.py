@@ -52,6 +52,37 @@ class Normalization:
     std: tuple[float, float, float]
 
 
+DecoderPlacement = Literal["mixed", "cpu"]
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How a loader delivers its batches (what it delivers is the AugmentSpec's business)."""
+
+    kind: LoaderKind = "dali"
+    batch_size: int = 64
+    # DALI threads or torch worker processes; None: loaders.default_workers().
+    workers: int | None = None
+    seed: int = 0
+    # This process's shard of the samples (torchrun: rank and world size).
+    shard_id: int = 0
+    num_shards: int = 1
+    # "float32" or "float16" (images leave the loader in this dtype).
+    out_dtype: str = "float32"
+    # DALI on a GPU: "mixed" = one mixed decoder per channel (decoded on DALI's CPU threads, handed on as
+    # GPU tensors); "cpu" = the three channels decoded in DALI's one CPU pool, stacked, and copied to the
+    # GPU once per batch. The same on the CPU, where there is nothing to copy.
+    decoder: DecoderPlacement = "mixed"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("dali", "torch"):
+            raise DataError(f"--loader must be dali or torch, got '{self.kind}'")
+        if self.decoder not in ("mixed", "cpu"):
+            raise DataError(f"--decoder must be mixed or cpu, got '{self.decoder}'")
+        if self.batch_size < 1:
+            raise DataError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything `dalipipe train` needs; saved inside every checkpoint and as config.json."""
@@ -76,6 +107,9 @@ class TrainConfig:
     pretrained: bool = False
     # Train on at most this many samples of the training split (stratified); None: all of them.
     subset: int | None = None
+    decoder: DecoderPlacement = "mixed"
+    # Run the model through torch.compile (CUDA: faster steps after a compile of a minute or so).
+    compile: bool = False
     # Stop cleanly after the epoch during which this many minutes have passed (a job's time slot); None: no limit.
     time_limit_minutes: float | None = None
     augment: AugmentSpec = field(default_factory=AugmentSpec)
@@ -107,6 +141,11 @@ class TrainConfig:
         aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known}, augment=AugmentSpec(**aug))
+
+    def loader_settings(self, train: bool, shard_id: int, num_shards: int) -> LoaderSettings:
+        # Training shuffles with the run's seed; evaluation keeps file order.
+        return LoaderSettings(kind=self.loader, batch_size=self.batch_size, workers=self.workers, seed=self.seed,
+                              shard_id=shard_id, num_shards=num_shards, decoder=self.decoder)
 
     def effective_lr(self) -> float:
         if self.lr is not None:

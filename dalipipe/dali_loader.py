@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import CHANNELS, MIN_TRAIN_BATCH
 from dalipipe.loaders import train_plan
 
@@ -55,7 +55,7 @@ def _train_matrix(images, spec: AugmentSpec):
     return m
 
 
-def _process(images, spec: AugmentSpec, norm: Normalization, train: bool, out_dtype):
+def _process(images, spec: AugmentSpec, norm: Normalization, train: bool, out_dtype, layout: str):
     """The processing graph, separate from the readers so that any source of HWC uint8 RGB can use it."""
     from nvidia.dali import fn, types
 
@@ -66,18 +66,28 @@ def _process(images, spec: AugmentSpec, norm: Normalization, train: bool, out_dt
     else:
         # Linear, no antialias: equal to torch's bilinear interpolate(align_corners=False).
         images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=False, dtype=types.FLOAT)
-    return fn.crop_mirror_normalize(images, mean=list(norm.mean), std=list(norm.std), output_layout="CHW",
+    return fn.crop_mirror_normalize(images, mean=list(norm.mean), std=list(norm.std), output_layout=layout,
                                     dtype=out_dtype)
 
 
-def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalization, train: bool, gpu: bool,
-                   batch_size: int, threads: int, seed: int, device_id: int | None, shard_id: int = 0,
-                   num_shards: int = 1, fp16: bool = False):
+def output_layout(gpu: bool) -> str:
+    """HWC on a GPU: viewed as NCHW (a permute, no copy) it is already channels_last, the layout the model
+    runs in there. CHW on the CPU, where the model runs contiguous NCHW."""
+    return "HWC" if gpu else "CHW"
+
+
+def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalization, train: bool,
+                   device_id: int | None, settings: LoaderSettings):
+    """device_id None: every operator on the CPU; a GPU number: decoding as settings.decoder says, the
+    processing on that GPU."""
     from nvidia.dali import fn, pipeline_def, types
 
+    gpu = device_id is not None
+    seed, shard_id = settings.seed, settings.shard_id
     order = (np.random.default_rng(seed).permutation(len(paths)) if train else np.arange(len(paths))).tolist()
+    decode_on = "mixed" if gpu and settings.decoder == "mixed" else "cpu"
 
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id if gpu else None,
+    @pipeline_def(batch_size=settings.batch_size, num_threads=max(1, settings.workers or 1), device_id=device_id,
                   seed=seed + shard_id, prefetch_queue_depth=2, exec_dynamic=True)
     def pipe():
         outs, labels = [], []
@@ -88,13 +98,15 @@ def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizatio
             # partial batch from spilling into the next epoch.
             enc, pos = fn.readers.file(files=[paths[i][k] for i in order], labels=order,
                                        shuffle_after_epoch=train, random_shuffle=False, seed=seed,
-                                       shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
+                                       shard_id=shard_id, num_shards=settings.num_shards, pad_last_batch=True,
                                        name=f"reader_{channel}")
-            outs.append(fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.GRAY))
+            outs.append(fn.decoders.image(enc, device=decode_on, output_type=types.GRAY))
             labels.append(pos)
         rgb = fn.cat(*outs, axis=2)
-        out_dtype = types.FLOAT16 if fp16 else types.FLOAT
-        return (_process(rgb, spec, norm, train, out_dtype), *labels)
+        if gpu and decode_on == "cpu":
+            rgb = rgb.gpu()  # one host-to-device copy of the stacked batch
+        out_dtype = types.FLOAT16 if settings.out_dtype == "float16" else types.FLOAT
+        return (_process(rgb, spec, norm, train, out_dtype, output_layout(gpu)), *labels)
 
     p = pipe()
     p.build()
@@ -105,22 +117,19 @@ class DaliLoader:
     """DALI pipeline + DALIGenericIterator as an iterable of (images, targets) with len()."""
 
     def __init__(self, paths, targets, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
-                 batch_size: int, workers: int, seed: int, shard_id: int = 0, num_shards: int = 1,
-                 out_dtype: torch.dtype = torch.float32):
+                 settings: LoaderSettings):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         from dalipipe.device import cuda_index
 
-        gpu = device.type == "cuda"
-        fp16 = out_dtype == torch.float16
-        self.pipe = build_pipeline(paths, spec, norm, train, gpu, batch_size, max(1, workers), seed,
-                                   cuda_index(device), shard_id, num_shards, fp16)
+        self.pipe = build_pipeline(paths, spec, norm, train, cuda_index(device), settings)
         self.iterator = DALIGenericIterator(self.pipe, ["images", "p0", "p1", "p2"], reader_name=READER,
                                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
         self.targets = torch.tensor(np.asarray(targets), dtype=torch.int64)
-        self.device, self.out_dtype = device, out_dtype
+        self.device, self.out_dtype = device, getattr(torch, settings.out_dtype)
+        self.hwc = output_layout(device.type == "cuda") == "HWC"
         # Training: the same samples and steps on every rank (loaders.train_plan); evaluation: everything.
-        self.plan = train_plan(len(paths), batch_size, num_shards) if train else None
+        self.plan = train_plan(len(paths), settings.batch_size, settings.num_shards) if train else None
 
     def __len__(self) -> int:
         return self.plan[1] if self.plan else len(self.iterator)
@@ -138,6 +147,8 @@ class DaliLoader:
                 if keep < MIN_TRAIN_BATCH:
                     continue
                 images, pos = images[:keep], [pos[0][:keep]]
+            if self.hwc:
+                images = images.permute(0, 3, 1, 2)  # NCHW view, channels_last in memory
             images = images.to(self.device, non_blocking=True)
             if images.dtype != self.out_dtype:
                 images = images.to(self.out_dtype)

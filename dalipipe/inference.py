@@ -27,10 +27,11 @@ def logits_by_position(model: torch.nn.Module, loader, device: torch.device, wor
             images = images.contiguous(memory_format=torch.channels_last)
         with dev.autocast(device):
             out = model(images)
-        pos_parts.append(positions.cpu())
-        logit_parts.append(out.float().cpu())
-    pos = torch.cat(pos_parts).numpy() if pos_parts else np.zeros(0, dtype=np.int64)
-    logits = torch.cat(logit_parts).numpy() if logit_parts else np.zeros((0, 0), dtype=np.float32)
+        # Kept where they are until the end: a copy to the host per batch would sync the GPU each time.
+        pos_parts.append(positions)
+        logit_parts.append(out.float())
+    pos = torch.cat([p.to(device) for p in pos_parts]).cpu().numpy() if pos_parts else np.zeros(0, dtype=np.int64)
+    logits = torch.cat(logit_parts).cpu().numpy() if logit_parts else np.zeros((0, 0), dtype=np.float32)
     gathered = distributed.gather((pos, logits), world)
     pos = np.concatenate([g[0] for g in gathered])
     logits = np.concatenate([g[1] for g in gathered if len(g[1])])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import torch
 
-from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import MIN_TRAIN_BATCH
 from dalipipe.data import PATH_COLUMNS
 from dalipipe.errors import DataError
@@ -37,24 +39,21 @@ def train_plan(n: int, batch_size: int, num_shards: int) -> tuple[int, int]:
     return per_rank, steps
 
 
-def make_loader(kind: str, index: pd.DataFrame, targets: np.ndarray, spec: AugmentSpec, norm: Normalization,
-                train: bool, device: torch.device, batch_size: int, workers: int, seed: int, shard_id: int = 0,
-                num_shards: int = 1, out_dtype: torch.dtype = torch.float32):
-    """An iterable of (images, targets) over the rows of `index`; targets[i] belongs to row i.
-    workers=0 or None: default_workers()."""
-    workers = workers or default_workers()
+def make_loader(index: pd.DataFrame, targets: np.ndarray, spec: AugmentSpec, norm: Normalization, train: bool,
+                device: torch.device, settings: LoaderSettings = LoaderSettings()):
+    """An iterable of (images, targets) over the rows of `index`; targets[i] belongs to row i."""
+    if not settings.workers:
+        settings = dataclasses.replace(settings, workers=default_workers())
     paths = index[PATH_COLUMNS].values.tolist()
     if len(paths) == 0:
         raise DataError("no samples to load")
-    if kind == "dali":
+    if settings.kind == "dali":
         from dalipipe.dali_loader import DaliLoader, dali_available
 
         if not dali_available():
             raise DataError("--loader dali: nvidia-dali is not installed (pip install nvidia-dali-cuda120), "
                             "or use --loader torch")
         cls = DaliLoader
-    elif kind == "torch":
-        from dalipipe.torch_loader import TorchLoader as cls
     else:
-        raise DataError(f"--loader must be dali or torch, got '{kind}'")
-    return cls(paths, targets, spec, norm, train, device, batch_size, workers, seed, shard_id, num_shards, out_dtype)
+        from dalipipe.torch_loader import TorchLoader as cls
+    return cls(paths, targets, spec, norm, train, device, settings)

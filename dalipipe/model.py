@@ -54,3 +54,12 @@ def load_backbone(model: nn.Module, path: str) -> None:
     if missing or unexpected:
         raise DataError(f"--weights {p}: does not fit {MODEL_NAME} ({len(missing)} missing, "
                         f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]})")
+
+
+def compiled(module: nn.Module, model: nn.Module | None = None, backend: str = "inductor") -> nn.Module:
+    """torch.compile'd `module` (the model, or its DDP wrapper with `model` inside). efficientnet-pytorch's
+    memory-efficient swish is a custom autograd Function, at which older torch releases break the graph
+    (torch 2.13 traces it: one graph either way, checked with torch._dynamo.explain); the plain swish
+    (x * sigmoid(x), the same values) is plain tensor code that any release compiles whole."""
+    (model or module).set_swish(memory_efficient=False)
+    return torch.compile(module, backend=backend)

@@ -11,7 +11,7 @@ import torch
 
 from dalipipe import checkpoint
 from dalipipe import device as dev
-from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.data import inspect_images, read_labels, scan_images
 from dalipipe.errors import DataError
 from dalipipe.inference import logits_by_position, prediction_frame
@@ -59,7 +59,8 @@ def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None =
     model = model.to(torch_device)
     if torch_device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    data = make_loader(loader, index, np.arange(len(index)), spec, norm, False, torch_device, batch_size, workers, 0)
+    data = make_loader(index, np.arange(len(index)), spec, norm, False, torch_device,
+                       LoaderSettings(kind=loader, batch_size=batch_size, workers=workers))
     from tqdm.auto import tqdm
 
     pos, logits = logits_by_position(model, data, torch_device,

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dalipipe import augment
-from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import MIN_TRAIN_BATCH
 from dalipipe.loaders import train_plan
 from dalipipe.pngio import read_gray
@@ -49,8 +49,9 @@ class TorchLoader:
     """Iterable of (images, targets) with len(); each epoch a new seeded order (train) or file order."""
 
     def __init__(self, paths, targets, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
-                 batch_size: int, workers: int, seed: int, shard_id: int = 0, num_shards: int = 1,
-                 out_dtype: torch.dtype = torch.float32):
+                 settings: LoaderSettings):
+        batch_size, seed = settings.batch_size, settings.seed
+        shard_id, num_shards = settings.shard_id, settings.num_shards
         self.dataset = ChannelDataset(paths, np.asarray(targets), spec, norm, train, seed)
         # DistributedSampler also serves one process; without shuffling it keeps file order. Evaluation:
         # shards padded by repeating a few samples (de-duplicated by the caller). Training: every rank the
@@ -59,10 +60,10 @@ class TorchLoader:
         self.plan = train_plan(len(paths), batch_size, num_shards) if train else None
         self.sampler = DistributedSampler(self.dataset, num_replicas=num_shards, rank=shard_id, shuffle=train,
                                           seed=seed, drop_last=train)
-        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=settings.workers,
                                  pin_memory=device.type == "cuda", drop_last=False,
                                  persistent_workers=False)  # workers restart per epoch to see the new epoch
-        self.device, self.out_dtype, self.epoch = device, out_dtype, 0
+        self.device, self.out_dtype, self.epoch = device, getattr(torch, settings.out_dtype), 0
 
     def __len__(self) -> int:
         return self.plan[1] if self.plan else math.ceil(len(self.sampler) / self.loader.batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from dalipipe.errors import DataError
 from dalipipe.versions import versions
 from dalipipe.inference import cross_entropy, logits_by_position, prediction_frame
 from dalipipe.loaders import make_loader
-from dalipipe.model import build_model
+from dalipipe.model import build_model, compiled
 
 log = logging.getLogger("dalipipe")
 
@@ -127,10 +128,14 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    dev.configure(device)
     net = model
     if world.size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.cuda_index(device)] if device.type == "cuda" else None)
+    if cfg.compile:  # training steps only: validation runs the eager model (no recompile for eval mode)
+        net = compiled(net, model)
+    # Fused Adam: one kernel for all parameters on a GPU instead of several per parameter.
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device))
     start_epoch, best, history = 0, -1.0, []
     if state:
@@ -147,12 +152,12 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
     # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
     t0 = time.perf_counter()
-    train_loader = make_loader(cfg.loader, train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
-                               cfg.batch_size, cfg.workers, loader_seed, world.rank, world.size)
+    train_loader = make_loader(train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
+                               dataclasses.replace(cfg.loader_settings(True, world.rank, world.size), seed=loader_seed))
     y_train = torch.tensor(train_df["y"].to_numpy(), device=device)  # a copy: pandas' arrays may be read-only
     sample_log = os.environ.get("DALIPIPE_SAMPLE_LOG")
-    val_loader = make_loader(cfg.loader, val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
-                             cfg.batch_size, cfg.workers, cfg.seed, world.rank, world.size)
+    val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
+                             cfg.loader_settings(False, world.rank, world.size))
     y_val = val_df["y"].to_numpy()
     timings["loader_build_s"] = time.perf_counter() - t0
     deadline = t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None

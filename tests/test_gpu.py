@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dalipipe.config import AugmentSpec
+from dalipipe.config import AugmentSpec, LoaderSettings
 from dalipipe.data import build_index, channel_stats, inspect_images
 from dalipipe.loaders import make_loader
 from tests.test_loaders import RAW, _codes, _coded_dataset
@@ -24,8 +24,9 @@ def _all(loader):
 def test_gpu_dali_equals_cpu_torch_without_augmentation(small_synth):
     idx = inspect_images(build_index(small_synth / "images_train", small_synth / "y_train.csv"), progress=False)
     norm, spec = channel_stats(idx), AugmentSpec(image_size=96)
-    xg, tg = _all(make_loader("dali", idx, np.arange(len(idx)), spec, norm, False, GPU, 64, 2, 0))
-    xc, tc = _all(make_loader("torch", idx, np.arange(len(idx)), spec, norm, False, torch.device("cpu"), 64, 2, 0))
+    xg, tg = _all(make_loader(idx, np.arange(len(idx)), spec, norm, False, GPU, LoaderSettings("dali", 64, 2, 0)))
+    xc, tc = _all(make_loader(idx, np.arange(len(idx)), spec, norm, False, torch.device("cpu"),
+                                LoaderSettings("torch", 64, 2, 0)))
     assert xg.is_cuda and xg.dtype == torch.float32 and xg.shape == (240, 3, 96, 96)
     assert tg.cpu().tolist() == tc.tolist() == list(range(240))
     assert (xg.cpu() - xc).abs().max().item() < 1e-3
@@ -33,7 +34,7 @@ def test_gpu_dali_equals_cpu_torch_without_augmentation(small_synth):
 
 def test_gpu_epochs_cover_each_sample_once_with_channels_together(tmp_path):
     idx = _coded_dataset(tmp_path / "img", 301)
-    loader = make_loader("dali", idx, np.arange(301), AugmentSpec(image_size=16), RAW, True, GPU, 64, 2, 5)
+    loader = make_loader(idx, np.arange(301), AugmentSpec(image_size=16), RAW, True, GPU, LoaderSettings("dali", 64, 2, 5))
     assert len(loader) == 5
     orders = []
     for _ in range(3):
@@ -47,8 +48,8 @@ def test_gpu_epochs_cover_each_sample_once_with_channels_together(tmp_path):
 
 def test_gpu_fp16_output(small_synth):
     idx = build_index(small_synth / "images_test")
-    loader = make_loader("dali", idx, np.arange(len(idx)), AugmentSpec(image_size=64), RAW, False, GPU, 32, 2, 0,
-                         out_dtype=torch.float16)
+    loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=64), RAW, False, GPU,
+                         LoaderSettings("dali", 32, 2, 0, out_dtype="float16"))
     x, _ = next(iter(loader))
     assert x.is_cuda and x.dtype == torch.float16
 
@@ -70,3 +71,15 @@ def test_gpu_train_and_predict_end_to_end(small_synth, tmp_path):
     assert (a.cell_line != b.cell_line).sum() <= max(1, len(a) // 100)
     probs = [c for c in a.columns if c.startswith("p_")]
     assert (a[probs] - b[probs]).abs().to_numpy().max() < 0.02
+
+
+def test_gpu_decoder_arrangements_agree_and_arrive_channels_last(small_synth):
+    idx = build_index(small_synth / "images_test")
+    outs = []
+    for decoder in ("mixed", "cpu"):
+        loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=64), RAW, False, GPU,
+                             LoaderSettings("dali", 32, 2, 0, decoder=decoder))
+        x = torch.cat([b for b, _ in loader])
+        assert next(iter(loader))[0].is_contiguous(memory_format=torch.channels_last)
+        outs.append(x)
+    assert torch.equal(outs[0], outs[1])

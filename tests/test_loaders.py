@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dalipipe.config import AugmentSpec, Normalization
+from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.data import build_index, channel_stats, inspect_images, scan_images
 from dalipipe.loaders import make_loader
 from tests.conftest import pngsuite, write_sample
@@ -22,7 +22,7 @@ RAW = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # outputs stay on the 0-2
 
 def _epochs(kind, index, spec, norm, train, epochs=1, batch_size=64, targets=None):
     targets = np.arange(len(index)) if targets is None else targets
-    loader = make_loader(kind, index, targets, spec, norm, train, CPU, batch_size, 2, seed=11)
+    loader = make_loader(index, targets, spec, norm, train, CPU, LoaderSettings(kind, batch_size, 2, seed=11))
     out = []
     for _ in range(epochs):
         xs, ts = zip(*[(x, t) for x, t in loader])
@@ -184,8 +184,8 @@ def test_normalized_means_near_zero_and_loaders_agree_under_augmentation(small_s
 def test_fp16_output_option(small_synth):
     idx = scan_images(small_synth / "images_test")
     for kind in KINDS:
-        loader = make_loader(kind, idx, np.arange(len(idx)), AugmentSpec(image_size=32), RAW, False, CPU, 16, 1, 0,
-                             out_dtype=torch.float16)
+        loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=32), RAW, False, CPU,
+                             LoaderSettings(kind, 16, 1, 0, out_dtype="float16"))
         x, _ = next(iter(loader))
         assert x.dtype == torch.float16 and x.shape == (16, 3, 32, 32)
 
@@ -193,7 +193,7 @@ def test_fp16_output_option(small_synth):
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_drops_a_last_batch_of_one_on_one_process(tmp_path, kind):
     idx = _coded_dataset(tmp_path / "img", 17)  # 2 x 8 + 1: the last batch would hold one sample
-    loader = make_loader(kind, idx, np.arange(17), AugmentSpec(image_size=8), RAW, True, CPU, 8, 1, seed=2)
+    loader = make_loader(idx, np.arange(17), AugmentSpec(image_size=8), RAW, True, CPU, LoaderSettings(kind, 8, 1, seed=2))
     for _ in range(2):
         sizes = [len(t) for _, t in loader]
         assert sizes == [8, 8] and len(loader) == 2
@@ -208,11 +208,24 @@ def test_sharded_training_runs_the_same_steps_on_every_rank(tmp_path, kind, n, b
     idx = _coded_dataset(tmp_path / "img", n)
     seen = []
     for rank in (0, 1):
-        loader = make_loader(kind, idx, np.arange(n), AugmentSpec(image_size=8), RAW, True, CPU, batch, 1, seed=4,
-                             shard_id=rank, num_shards=2)
+        loader = make_loader(idx, np.arange(n), AugmentSpec(image_size=8), RAW, True, CPU,
+                             LoaderSettings(kind, batch, 1, seed=4, shard_id=rank, num_shards=2))
         batches = [t for _, t in loader]
         assert [len(t) for t in batches] == expected and len(loader) == len(expected)
         seen.append(torch.cat(batches).tolist())
         loader.close()
     assert set(seen[0]).isdisjoint(seen[1])
     assert len(seen[0]) == len(seen[1]) == n // 2
+
+
+def test_decoder_setting_builds_and_agrees(small_synth):
+    # On the CPU both settings decode in DALI's CPU pool (there is no copy to make); on a GPU they differ
+    # in where decoding happens (tests/test_gpu.py) and the benchmark times both.
+    idx = scan_images(small_synth / "images_test")
+    outs = []
+    for decoder in ("mixed", "cpu"):
+        loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=24), RAW, False, CPU,
+                             LoaderSettings("dali", 32, 1, 0, decoder=decoder))
+        outs.append(torch.cat([x for x, _ in loader]))
+        loader.close()
+    assert outs[0].shape == (60, 3, 24, 24) and torch.equal(outs[0], outs[1])

@@ -46,3 +46,22 @@ def test_pretrained_download_failure_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(utils.model_zoo, "load_url", offline)
     with pytest.raises(DataError, match="--pretrained: could not download .* pass --weights PATH"):
         build_model(4, pretrained=True)
+
+
+def test_compiled_model_gives_the_eager_logits_in_one_graph():
+    import torch._dynamo
+
+    from dalipipe.model import compiled
+
+    torch.manual_seed(0)
+    model = build_model(4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(x)
+        # aot_eager: dynamo's graph capture and AOTAutograd, as for the GPU, without inductor's minutes of
+        # C++ compilation on a CPU.
+        out = compiled(model, backend="aot_eager")(x)
+    assert torch.allclose(out, eager, atol=1e-5)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)  # the whole model in one graph
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
