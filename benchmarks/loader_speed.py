@@ -36,17 +36,14 @@ ROWS = ("torch", "dali", "ceiling")
 CEILING_BATCHES = 16
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dalipipe"
-
-
 def ensure_data(data: str | None) -> Path:
     """The user's data, or a full-size synthetic set generated once into the cache."""
     if data:
         return Path(data)
+    from dalipipe.check_cache import cache_dir
     from dalipipe.synthetic import SynthSpec, generate
 
-    path = _cache_dir() / "bench-synthetic-v1"
+    path = cache_dir() / "bench-synthetic-v1"
     if not (path / "y_train.csv").exists():
         click.echo(f"generating the synthetic benchmark set in {path} (once)", err=True)
         generate(path, SynthSpec(), force=True)
@@ -203,7 +200,7 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dalipipe.checkpoint import write_atomic
+    from dalipipe.atomic import write_atomic
 
     main = [r for r in results if not r.get("sweep")]
     sweep = [r for r in results if r.get("sweep")]
@@ -292,7 +289,7 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
     settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs, "samples": len(index),
                 "data": str(root), "command": " ".join(["python", "benchmarks/loader_speed.py", *sys.argv[1:]])}
     if json_out:
-        from dalipipe.checkpoint import save_json
+        from dalipipe.atomic import save_json
 
         save_json({"machine": info, "settings": settings, "results": results}, json_out)
     plot_path = Path(plot_out) if plot_out else Path(json_out).with_suffix(".png") if json_out else Path("loader_speed.png")

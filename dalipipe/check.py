@@ -9,7 +9,7 @@ from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, 
 
 def summarize(images_dir: str, labels_csv: str | None, cfg: TrainConfig | None = None) -> list[str]:
     """Lines to print; raises DataError (the same one-line errors as train and predict) on the first problem."""
-    index = inspect_images(build_index(images_dir, labels_csv))
+    index = inspect_images(build_index(images_dir, labels_csv), cache=cfg.check_cache if cfg else True)
     sizes = (index["width"].astype(str) + "x" + index["height"].astype(str)).value_counts()
     size_text = ", ".join(f"{s} ({n})" for s, n in sizes.head(5).items()) + (
         f" and {len(sizes) - 5} other sizes" if len(sizes) > 5 else "")

@@ -82,6 +82,7 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
 @click.option("--decoder", type=click.Choice(["mixed", "cpu"]),
               help="DALI on a GPU: a mixed decoder per channel, or one CPU pool and one copy per batch. [default: mixed]")
+@click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
 @click.option("--compile", "compile", is_flag=True, help="Run the training steps through torch.compile (GPU: compiles for a minute or so first).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
 @click.option("--pretrained", is_flag=True, help="Download ImageNet weights (needs internet).")
@@ -93,7 +94,10 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
     from dalipipe import run_dir
     from dalipipe.train import train as run
 
-    given = {k: v for k, v in opts.items() if v is not None and v is not False}
+    no_cache = opts.pop("no_cache")
+    given = {k: v for k, v in opts.items() if v is not None and v is not False}  # False: a flag not given
+    if no_cache:
+        given["check_cache"] = False
     if resume_dir:
         cfg = run_dir.resume_config(resume_dir, given, images_dir, labels_csv, out_dir)
     else:
@@ -116,11 +120,14 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def predict(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force):
+@click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
+def predict(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force,
+            no_cache):
     """Predict the cell line of every sample in IMAGES_DIR with a checkpoint (or a run's best)."""
     from dalipipe.predict import predict as run
 
-    sub = run(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force)
+    sub = run(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force,
+              cache=not no_cache)
     click.echo(f"wrote {len(sub)} predictions to {out_csv}")
 
 
@@ -129,13 +136,14 @@ def predict(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, devi
 @click.argument("labels_csv", required=False, type=click.Path())
 @click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True)
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
-def check(images_dir, labels_csv, val_fraction, seed):
+@click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
+def check(images_dir, labels_csv, val_fraction, seed, no_cache):
     """Check IMAGES_DIR (and LABELS_CSV) as a run would, without training: the first problem, or what a
     run would use (samples, classes, image sizes, channel statistics)."""
     from dalipipe.check import summarize
 
     cfg = TrainConfig(images_dir=images_dir, labels_csv=labels_csv or "", out_dir="", val_fraction=val_fraction,
-                      seed=seed)
+                      seed=seed, check_cache=not no_cache)
     for line in summarize(images_dir, labels_csv, cfg):
         click.echo(line)
 

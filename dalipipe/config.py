@@ -108,6 +108,8 @@ class TrainConfig:
     # Train on at most this many samples of the training split (stratified); None: all of them.
     subset: int | None = None
     decoder: DecoderPlacement = "mixed"
+    # Remember the data check of unchanged files between runs (check_cache); False: check every file.
+    check_cache: bool = True
     # Run the model through torch.compile (CUDA: faster steps after a compile of a minute or so).
     compile: bool = False
     # Stop cleanly after the epoch during which this many minutes have passed (a job's time slot); None: no limit.

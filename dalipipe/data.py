@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from tqdm.auto import tqdm
 from dalipipe.config import Normalization
 from dalipipe.constants import CHANNELS, FILE_REGEX, LABEL_COLUMNS
 from dalipipe.errors import DataError
-from dalipipe.pngio import read_gray
+from dalipipe.check_cache import CheckCache
+from dalipipe.pngio import inspect_sample
 
 log = logging.getLogger("dalipipe")
 
@@ -164,41 +166,60 @@ def build_index(images_dir: str | Path, labels_csv: str | Path | None = None) ->
     return merged
 
 
-def _inspect_sample(paths: list[str]) -> tuple[int, int, list[float], list[float]]:
-    arrays = [read_gray(p) for p in paths]
-    shapes = [a.shape for a in arrays]
-    if len(set(shapes)) != 1:
-        desc = ", ".join(f"{Path(p).name} {s[1]}x{s[0]}" for p, s in zip(paths, shapes))
-        raise DataError(f"{Path(paths[0]).parent}: channels of one sample differ in size ({desc})")
-    means = [float(a.mean(dtype=np.float64)) for a in arrays]
-    meansqs = [float(np.square(a, dtype=np.float64).mean()) for a in arrays]
-    return shapes[0][0], shapes[0][1], means, meansqs
+# Below this many samples to check, a process pool costs more to start than it saves.
+PARALLEL_FROM = 500
 
 
-def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Decode every PNG once (threads: PIL releases the GIL while decoding), check that it decodes and
-    that the channels of each sample agree in size; add height, width and per-channel pixel sums."""
-    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bool = True, cache: bool = True,
+                   parallel_from: int = PARALLEL_FROM) -> pd.DataFrame:
+    """Decode every PNG once, check that it decodes and that the channels of each sample agree in size;
+    add height, width and per-channel means. Samples checked before and unchanged since (check_cache)
+    are not decoded again; the others are checked on all cores, in processes (decoding here is bound by
+    Python and the GIL: threads were slower than one loop). The first bad sample, in index order,
+    raises its one-line DataError, whatever the number of processes."""
     paths = index[PATH_COLUMNS].values.tolist()
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(
-            tqdm(
-                pool.map(_inspect_sample, paths),
-                total=len(paths),
-                desc="checking images",
-                unit="sample",
-                disable=not progress,
-                leave=False,
-            )
-        )
+    memory = CheckCache(Path(paths[0][0]).parent) if cache and paths else None
+    results = [memory.get(p) if memory else None for p in paths]
+    todo = [i for i, r in enumerate(results) if r is None]
+    workers = workers or available_cores()
+    bar = tqdm(total=len(todo), desc="checking images", unit="sample", disable=not progress or not todo, leave=False)
+    try:
+        if len(todo) < parallel_from or workers == 1:
+            checked = (inspect_sample(paths[i]) for i in todo)
+            for i, r in zip(todo, checked):
+                results[i] = r
+                bar.update()
+        else:
+            # fork, as torch's DataLoader workers: the children only decode with PIL and numpy (no CUDA),
+            # start at once, and need no `if __name__ == "__main__"` guard in the caller's script (spawn does).
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
+                chunk = max(1, min(256, len(todo) // (4 * workers)))
+                for i, r in zip(todo, pool.map(inspect_sample, [paths[i] for i in todo], chunksize=chunk)):
+                    results[i] = r
+                    bar.update()
+    finally:
+        bar.close()
+        if memory:  # what passed is remembered, even when a later sample failed
+            for i in todo:
+                if results[i] is not None:
+                    memory.put(paths[i], results[i])
+            memory.save()
     out = index.copy()
     out["height"] = [r[0] for r in results]
     out["width"] = [r[1] for r in results]
     for k in range(len(CHANNELS)):
-        out[_MEAN_COLUMNS[k]] = [r[2][k] for r in results]
-        out[_MEANSQ_COLUMNS[k]] = [r[3][k] for r in results]
+        out[_MEAN_COLUMNS[k]] = [r[2 + k] for r in results]
+        out[_MEANSQ_COLUMNS[k]] = [r[2 + len(CHANNELS) + k] for r in results]
     warn_large_images(out)
     return out
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def warn_large_images(index: pd.DataFrame) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dalipipe.checkpoint import write_atomic
+from dalipipe.atomic import write_atomic
 
 
 def _save(fig, path: Path) -> None:

@@ -84,3 +84,17 @@ def read_gray(path: str | Path) -> np.ndarray:
     except Exception as e:  # PIL raises many types for corrupt data; all mean "does not decode"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{path}: PNG does not decode ({msg})") from None
+
+
+def inspect_sample(paths: list[str]) -> tuple:
+    """Check one sample's channel files: (height, width, mean of each channel..., mean square of each
+    channel...). Raises DataError naming the file. Runs in the data check's worker processes, which is
+    why it lives here, in a module that imports only numpy and PIL."""
+    arrays = [read_gray(p) for p in paths]
+    shapes = [a.shape for a in arrays]
+    if len(set(shapes)) != 1:
+        desc = ", ".join(f"{Path(p).name} {s[1]}x{s[0]}" for p, s in zip(paths, shapes))
+        raise DataError(f"{Path(paths[0]).parent}: channels of one sample differ in size ({desc})")
+    means = [float(a.mean(dtype=np.float64)) for a in arrays]
+    meansqs = [float(np.square(a, dtype=np.float64).mean()) for a in arrays]
+    return (shapes[0][0], shapes[0][1], *means, *meansqs)

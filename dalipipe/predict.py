@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dalipipe import checkpoint
+from dalipipe import atomic, checkpoint
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.data import inspect_images, read_labels, scan_images
@@ -40,11 +40,11 @@ def select_ids(index: pd.DataFrame, ids_csv: str | Path, images_dir: str | Path)
 
 def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None = None, probs: bool = False,
             loader: str = "dali", device: str = "auto", batch_size: int = 64, workers: int | None = None,
-            force: bool = False) -> pd.DataFrame:
+            force: bool = False, cache: bool = True) -> pd.DataFrame:
     out = Path(out_csv)
     if out.exists() and not force:
         raise DataError(f"{out}: exists; choose another --out or pass --force to replace it")
-    checkpoint.ensure_writable(out.parent, "predictions")  # before inference, not after it
+    atomic.ensure_writable(out.parent, "predictions")  # before inference, not after it
     ck = checkpoint.load(ckpt_path)
     names = list(ck["class_names"])
     spec = AugmentSpec(image_size=int(ck["image_size"]))
@@ -52,7 +52,7 @@ def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None =
     index = scan_images(images_dir, skip_incomplete=True)
     if ids_csv:
         index = select_ids(index, ids_csv, images_dir)
-    index = inspect_images(index)
+    index = inspect_images(index, cache=cache)
     torch_device = dev.resolve(device)
     model = build_model(len(names))
     model.load_state_dict(ck["model"])
@@ -71,7 +71,7 @@ def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None =
     sub = prediction_frame(index["file_id"].to_numpy()[pos], logits, names, probs)
     if not ids_csv:
         sub = sub.sort_values("file_id").reset_index(drop=True)
-    checkpoint.write_atomic(out, lambda tmp: sub.to_csv(tmp, index=False))
+    atomic.write_atomic(out, lambda tmp: sub.to_csv(tmp, index=False))
     return sub
 
 

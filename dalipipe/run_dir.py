@@ -11,17 +11,18 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from dalipipe import checkpoint
+from dalipipe import atomic, checkpoint
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
 
 # What a resumed run may change; every other setting must equal the run's (given again or not).
-RESUME_MAY_CHANGE = ("epochs", "device", "loader", "workers", "time_limit_minutes", "decoder", "compile")
+RESUME_MAY_CHANGE = ("epochs", "device", "loader", "workers", "time_limit_minutes", "decoder", "compile",
+                     "check_cache")
 
 
 def option(name: str) -> str:
-    return "--" + {"time_limit_minutes": "time-limit"}.get(name, name.replace("_", "-"))
+    return "--" + {"time_limit_minutes": "time-limit", "check_cache": "no-cache"}.get(name, name.replace("_", "-"))
 
 
 @contextlib.contextmanager
@@ -59,7 +60,7 @@ def repair_run_dir(out: Path, state: dict) -> None:
             not best.exists() or checkpoint.load(best)["epoch"] != state["epoch"]):
         checkpoint.copy(out / CKPT_LAST, best)
     lines = "".join(json.dumps(row) + "\n" for row in state["history"])
-    checkpoint.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
+    atomic.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
 
 
 def _same(a: Any, b: Any) -> bool:

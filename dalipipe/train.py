@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from tqdm.auto import tqdm
 
-from dalipipe import checkpoint, distributed, plots, run_dir
+from dalipipe import atomic, checkpoint, distributed, plots, run_dir
 from dalipipe import device as dev
 from dalipipe.config import Normalization, TrainConfig
 from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE,
@@ -30,13 +30,20 @@ from dalipipe.model import build_model, compiled
 log = logging.getLogger("dalipipe")
 
 
-def prepare_data(cfg: TrainConfig, progress: bool):
-    """Validate everything, then split: (label map, train frame, validation frame, normalization)."""
+def prepare_data(cfg: TrainConfig, world: distributed.World):
+    """Validate everything, then split: (label map, train frame, validation frame, normalization).
+    Under torchrun with the check cache, one process per machine checks the images and the others then
+    find every check remembered, instead of each decoding every file again."""
     index = build_index(cfg.images_dir, cfg.labels_csv)
     labels = LabelMap.from_labels(index["cell_line"])
     if cfg.subset:
         index = stratified_subset(index, cfg.subset, cfg.seed)
-    index = inspect_images(index, progress=progress)
+    first = world.local_rank == 0 or not cfg.check_cache
+    if first:
+        index = inspect_images(index, progress=world.is_main, cache=cfg.check_cache)
+    distributed.barrier(world)
+    if not first:
+        index = inspect_images(index, progress=False, cache=True)
     train_df, val_df = stratified_split(index, cfg.val_fraction, cfg.seed)
     return labels, train_df, val_df, channel_stats(train_df)
 
@@ -87,7 +94,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     try:
         if not world.is_main:
             return _train(cfg, resume, world)
-        checkpoint.ensure_writable(out, "run")  # before the long data check, not after it
+        atomic.ensure_writable(out, "run")  # before the long data check, not after it
         with run_dir.locked(out):
             run_dir.check_run_dir(out, resume)  # again: another run may have started in the meantime
             return _train(cfg, resume, world)
@@ -108,7 +115,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         run_dir.repair_run_dir(out, state)
 
     t0 = time.perf_counter()
-    labels, train_df, val_df, norm = prepare_data(cfg, progress=world.is_main)
+    labels, train_df, val_df, norm = prepare_data(cfg, world)
     timings["data_check_s"] = time.perf_counter() - t0
     if state is not None:
         if list(state["class_names"]) != list(labels.names) or state["split"]["val_ids"] != val_df.file_id.tolist():
@@ -145,8 +152,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
 
     timings["model_build_s"] = time.perf_counter() - t0
     if world.is_main:
-        checkpoint.save_json(cfg.to_dict(), out / CONFIG_FILE)
-        checkpoint.save_json(list(labels.names), out / LABELS_FILE)
+        atomic.save_json(cfg.to_dict(), out / CONFIG_FILE)
+        atomic.save_json(list(labels.names), out / LABELS_FILE)
     # A resumed run reseeds its shuffling so that it does not replay epoch 0's order.
     loader_seed = cfg.seed + start_epoch
     # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
@@ -205,7 +212,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
                 # The best epoch's validation predictions, to see which samples it gets wrong.
                 frame = prediction_frame(val_df.file_id.to_numpy()[pos], logits, list(labels.names), probs=True)
                 frame.insert(1, "true_cell_line", labels.decode(y_val[pos]))
-                checkpoint.write_atomic(out / VAL_PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False))
+                atomic.write_atomic(out / VAL_PREDICTIONS, lambda tmp: frame.to_csv(tmp, index=False))
                 plots.confusion(confusion_matrix(y_val[pos], pred, labels=range(len(labels.names))),
                                 list(labels.names), out / CONFUSION_PNG,
                                 f"validation, epoch {epoch + 1}, balanced accuracy {score:.3f}")

@@ -306,7 +306,7 @@ def markdown(report: dict) -> str:
 @click.option("--work", "work_dir", type=click.Path(file_okay=False), help="Data and run folders. [default: a temporary folder]")
 def main(out_dir, budget_s, device, quick, work_dir):
     """Verify this machine's GPU path and measure it against the project's targets."""
-    from dalipipe.checkpoint import save_json, write_atomic
+    from dalipipe.atomic import save_json, write_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,15 @@ def write_labels(path: Path, rows: list[tuple[int, str]]) -> None:
     path.write_text("file_id,cell_line\n" + "".join(f"{i},{c}\n" for i, c in rows))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The check cache of the tests (and of the commands they start) is theirs, not the user's."""
+    import os
+
+    os.environ["DALIPIPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def small_synth(tmp_path_factory) -> Path:
     """4 classes, 240 labelled + 60 test samples, 32 px."""

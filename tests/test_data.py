@@ -144,3 +144,35 @@ def test_label_map_is_sorted_and_round_trips():
     assert lm.names == ("A549", "HEK 293", "U-2 OS")
     ys = lm.encode(pd.Series(["U-2 OS", "A549"]))
     assert ys.tolist() == [2, 0] and lm.decode(ys) == ["U-2 OS", "A549"]
+
+
+def test_checks_are_remembered_until_a_file_changes(synth_copy, monkeypatch):
+    import dalipipe.data
+    from dalipipe.pngio import inspect_sample
+
+    idx = build_index(synth_copy / "images_train", synth_copy / "y_train.csv")
+    first = inspect_images(idx, progress=False)
+    calls = []
+    monkeypatch.setattr(dalipipe.data, "inspect_sample", lambda p: calls.append(p) or inspect_sample(p))
+    again = inspect_images(idx, progress=False)
+    assert calls == [] and again.equals(first)  # nothing decoded the second time, the same results
+    # A changed file (another size or time) is checked again: here it is now corrupt.
+    bad = synth_copy / "images_train" / "00007_red.png"
+    bad.write_bytes(bad.read_bytes()[:-20])
+    with pytest.raises(DataError, match="00007_red.png"):
+        inspect_images(idx, progress=False)
+    assert len(calls) == 1
+    calls.clear()
+    inspect_images(idx.iloc[:5], progress=False, cache=False)  # the memory off: every sample decoded
+    assert len(calls) == 5
+
+
+def test_parallel_check_equals_serial_and_reports_the_first_bad_sample(synth_copy):
+    idx = build_index(synth_copy / "images_train", synth_copy / "y_train.csv")
+    serial = inspect_images(idx, progress=False, cache=False, workers=1)
+    parallel = inspect_images(idx, progress=False, cache=False, workers=2, parallel_from=1)
+    assert parallel.equals(serial)
+    for fid in (30, 12):  # two bad samples: the first in index order is the one reported
+        shutil.copy(pngsuite() / "xcrn0g04.png", synth_copy / "images_train" / f"{fid:05d}_blue.png")
+    with pytest.raises(DataError, match="00012_blue.png"):
+        inspect_images(idx, progress=False, cache=False, workers=2, parallel_from=1)

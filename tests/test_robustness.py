@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dalipipe import checkpoint, run_dir
+from dalipipe import atomic, checkpoint, run_dir
 from dalipipe.cli import cli
 from dalipipe.data import build_index, channel_stats, inspect_images
 from tests.conftest import write_labels, write_sample
@@ -178,7 +178,7 @@ def test_score_reads_submissions_by_the_rules_of_training(tmp_path):
 def test_written_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        checkpoint.save_json({"a": 1}, tmp_path / "x.json")
+        atomic.save_json({"a": 1}, tmp_path / "x.json")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644

@@ -1,0 +1,57 @@
+"""Files written so that a kill at any moment leaves the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from dalipipe.errors import DataError
+
+
+def ensure_writable(folder: str | Path, what: str) -> Path:
+    """Create `folder` if needed and prove that a file can be written there, before any long work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DataError(f"{folder}: cannot write the {what} there ({e.strerror or type(e).__name__})") from None
+    return folder
+
+
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) and rename it over path: a kill at any moment leaves the old file or the new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    # mkstemp creates the file 0600; outputs follow the user's umask like any other file.
+    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    write_atomic(path, write)

@@ -1,0 +1,74 @@
+"""What the data check has already verified, remembered in the user's cache folder.
+
+A sample's check (its three PNGs decode by the gray rule, agree in size; their means) is remembered
+under the files' names, sizes and modification times: a file that changed in any of these is checked
+again. One JSON file per images folder. Only samples that passed are remembered; errors are found again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from dalipipe.atomic import save_json
+
+# Raise when the check or what it records changes, so that older memories are not trusted.
+CHECK_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """$DALIPIPE_CACHE_DIR, else $XDG_CACHE_HOME/dalipipe, else ~/.cache/dalipipe."""
+    if os.environ.get("DALIPIPE_CACHE_DIR"):
+        return Path(os.environ["DALIPIPE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dalipipe"
+
+
+def _signature(paths: list[str]) -> list[int] | None:
+    try:
+        stats = [os.stat(p) for p in paths]
+    except OSError:
+        return None
+    return [v for st in stats for v in (st.st_size, st.st_mtime_ns)]
+
+
+class CheckCache:
+    def __init__(self, folder: str | Path):
+        self.folder = str(Path(folder).resolve())
+        key = hashlib.sha256(self.folder.encode()).hexdigest()[:20]
+        self.path = cache_dir() / "checked" / f"{key}.json"
+        self.entries: dict[str, list] = {}
+        self.dirty = False
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("version") == CHECK_VERSION and data.get("folder") == self.folder:
+                self.entries = data["entries"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass  # no memory yet, or an unreadable one: check everything
+
+    @staticmethod
+    def _key(paths: list[str]) -> str:
+        return "|".join(Path(p).name for p in paths)
+
+    def get(self, paths: list[str]) -> tuple | None:
+        """The remembered result of inspect_sample(paths), if none of the files changed since."""
+        entry = self.entries.get(self._key(paths))
+        if entry is None or entry[0] != _signature(paths):
+            return None
+        return tuple(entry[1])
+
+    def put(self, paths: list[str], result: tuple) -> None:
+        sig = _signature(paths)
+        if sig is not None:
+            self.entries[self._key(paths)] = [sig, list(result)]
+            self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            save_json({"version": CHECK_VERSION, "folder": self.folder, "entries": self.entries}, self.path)
+        except OSError:
+            pass  # a read-only home costs only the speed-up
+        self.dirty = False
