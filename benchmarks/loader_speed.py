@@ -6,6 +6,8 @@
 Rows (identical AugmentSpec and output contract: normalized NCHW float on the target device):
   torch    PIL decode + augmentation in DataLoader workers, then the copy to the device;
   dali     the DALI pipeline on the target device (mixed decoding + GPU operators with a GPU, cpu without);
+  dali-cpudec  (GPU only) the same with decoding in DALI's CPU pool and one copy per batch (--decoder cpu);
+  ceiling-compile  (--train on a GPU) the ceiling with the model through torch.compile (`train --compile`);
   ceiling  (--train only) a few batches already on the device, cycled: no loading at all, the bound that
            any loader can reach in training. Without a training step it would measure nothing.
 Each row runs in its own process, so that CPU time (process and children, from the OS) and peak host
@@ -32,7 +34,9 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-ROWS = ("torch", "dali", "ceiling")
+from probes import DeviceMemory, cpu_delta, cpu_snapshot  # noqa: E402  (beside this script)
+from step_profile import StepRanges, profiler  # noqa: E402
+
 CEILING_BATCHES = 16
 
 
@@ -74,11 +78,6 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
-def _rusage_cpu() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
 class _Cycle:
     """The ceiling: batches already on the device, replayed for as many batches as an epoch has."""
 
@@ -111,10 +110,11 @@ def measure_row(job: dict) -> dict:
     spec = AugmentSpec(image_size=job["image_size"])
     device = dev.resolve(job["device"])
     kind, workers, bs = job["row"], job["workers"], job["batch_size"]
-    build = "dali" if kind == "ceiling" else kind
+    build = "torch" if kind == "torch" else "dali"
+    decoder = "cpu" if kind == "dali-cpudec" else "mixed"
     loader = make_loader(index, index["y"].to_numpy(), spec, norm, True, device,
-                         LoaderSettings(kind=build, batch_size=bs, workers=workers, decoder=job.get("decoder", "mixed")))
-    if kind == "ceiling":
+                         LoaderSettings(kind=build, batch_size=bs, workers=workers, decoder=decoder))
+    if kind.startswith("ceiling"):
         batches = [(x.clone(), y.clone()) for _, (x, y) in zip(range(CEILING_BATCHES), loader)]
         n_batches = len(loader)
         loader.close()
@@ -126,71 +126,164 @@ def measure_row(job: dict) -> dict:
         model = build_model(int(index["y"].max()) + 1).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    per_epoch = []
-    for epoch in range(job["epochs"] + 1):  # epoch 0 warms up (pipeline build, cuDNN autotune, workers)
-        dev.synchronize(device)
-        cpu0, t0 = _rusage_cpu(), time.perf_counter()
-        wait, n = 0.0, 0
+        dev.configure(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+        if kind == "ceiling-compile":  # as `dalipipe train --compile`; the compile falls in the warm-up epoch
+            from dalipipe.model import compiled
+
+            model = compiled(model)
+    ranges = StepRanges(device, exact=bool(job.get("profile_dir")))
+    memory = DeviceMemory(device)
+
+    def step(x, y):
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)  # a no-op for DALI's batches
+        with ranges("forward"), dev.autocast(device):
+            loss = F.cross_entropy(model(x), y)
+        with ranges("backward"):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with ranges("optimizer_step"):
+            opt.step()
+
+    def batches(epoch):
+        """(x, y) with the time waited for each; progress on stderr for the parent's bar."""
         it = iter(loader)
-        while True:
+        for i in range(len(loader) + 1):
             tw = time.perf_counter()
-            try:
-                x, y = next(it)
-            except StopIteration:
-                break
+            with ranges("data_wait"):
+                try:
+                    x, y = next(it)
+                except StopIteration:
+                    return
+                if job["train"]:
+                    dev.synchronize(device)  # the batch is really there: the rest of the step is compute
+            yield x, y, time.perf_counter() - tw
+            print(f"@progress {epoch} {i + 1} {len(loader)}", file=sys.stderr, flush=True)
+
+    per_epoch = []
+    for epoch in range(job["epochs"] + 1):  # epoch 0 warms up (pipeline build, cuDNN autotune, compile)
+        dev.synchronize(device)
+        cpu0, t0 = cpu_snapshot(), time.perf_counter()
+        wait, n = 0.0, 0
+        for x, y, waited in batches(epoch):
             if job["train"]:
-                dev.synchronize(device)  # the batch is really there: the rest of the step is compute
-                wait += time.perf_counter() - tw
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with dev.autocast(device):
-                    loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                wait += waited
+                step(x, y)
                 dev.synchronize(device)
+            memory.sample()
             n += len(y)
         dev.synchronize(device)
         dt = time.perf_counter() - t0
-        if epoch > 0:
-            per_epoch.append({"seconds": dt, "images": n, "cpu_seconds": _rusage_cpu() - cpu0, "wait": wait})
+        if epoch == 0:
+            warmup_s = dt
+            ranges.totals.clear()
+        else:
+            per_epoch.append({"seconds": dt, "images": n, "cpu": cpu_delta(cpu0, cpu_snapshot()), "wait": wait})
+    profile = None
+    if job.get("profile_dir"):
+        profile = profile_steps(job, batches, step, ranges, memory, device)
     loader.close()
     peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     ips = [e["images"] / e["seconds"] for e in per_epoch]
+    images = sum(e["images"] for e in per_epoch)
+
+    def per_1000(kind):
+        if not all(kind in e["cpu"] for e in per_epoch):
+            return None
+        return 1000 * sum(e["cpu"][kind] for e in per_epoch) / images
+
     result = {"row": kind, "workers": workers, "device": str(device), "train": job["train"],
               "images_per_s": statistics.median(ips), "images_per_s_epochs": ips,
-              "cpu_s_per_1000_images": 1000 * sum(e["cpu_seconds"] for e in per_epoch) / sum(e["images"] for e in per_epoch),
-              "peak_host_memory_mb": peak_kb / 1024, "images_per_epoch": per_epoch[0]["images"]}
+              "cpu_s_per_1000_images": per_1000("total"),
+              # The loader's own threads and worker processes, and the training loop's main thread, apart.
+              "loader_cpu_s_per_1000_images": per_1000("loader"), "main_cpu_s_per_1000_images": per_1000("main"),
+              "peak_host_memory_mb": peak_kb / 1024, "images_per_epoch": per_epoch[0]["images"],
+              # pipeline build, cuDNN autotuning, and for ceiling-compile the compilation
+              "warmup_epoch_seconds": warmup_s, **memory.result()}
     if job["train"]:
         result["data_wait_fraction"] = statistics.median(e["wait"] / e["seconds"] for e in per_epoch)
+    if profile:
+        result["profile"] = profile
     return result
 
 
-def run_row(job: dict) -> dict:
+def profile_steps(job, batches, step, ranges, memory, device) -> dict:
+    """A few dozen training steps under torch.profiler, after the timed epochs: a trace and a table."""
+    ranges.totals.clear()
+    ranges.steps = 0
+    out = Path(job["profile_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    with profiler(device) as prof:
+        epoch = 0
+        while ranges.steps < job["profile_steps"]:
+            epoch += 1
+            for x, y, _ in batches(f"profile{epoch}"):
+                step(x, y)
+                memory.sample()
+                ranges.steps += 1
+                if ranges.steps >= job["profile_steps"]:
+                    break
+    trace = out / f"{job['row']}.pt.trace.json"  # the name TensorBoard's profiler plugin looks for
+    prof.export_chrome_trace(str(trace))
+    h2d = [e for e in prof.key_averages() if e.key == "h2d_copy"]
+    rows, text = ranges.table(h2d_ms=h2d[0].cpu_time_total / 1000 if h2d else None)
+    top = prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
+                                    row_limit=15)
+    (out / f"{job['row']}.ops.txt").write_text(top + "\n")
+    return {"steps": ranges.steps, "ranges": rows, "table": text, "trace": str(trace)}
+
+
+def run_row(job: dict, label: str) -> dict:
+    """The row in its own process; its progress lines drive a bar here, the rest of stderr is kept for errors."""
+    from tqdm.auto import tqdm
+
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
+    err: list[str] = []
     try:
-        r = subprocess.run([sys.executable, __file__, "--row-job", f.name], capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, __file__, "--row-job", f.name], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        with tqdm(desc=label, unit="batch", leave=False) as bar:
+            for line in proc.stderr:
+                if line.startswith("@progress "):
+                    epoch, i, n = line.split()[1:]
+                    name = "warm-up" if epoch == "0" else epoch if epoch.startswith("profile") else f"epoch {epoch}"
+                    bar.total = int(n)
+                    bar.set_postfix_str(name, refresh=False)
+                    bar.n = int(i)
+                    bar.refresh()
+                else:
+                    err.append(line)
+        out = proc.stdout.read()
+        proc.wait()
     finally:
         os.unlink(f.name)
-    if r.returncode != 0:
-        raise click.ClickException(f"row {job['row']} failed:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    if proc.returncode != 0:
+        raise click.ClickException(f"row {job['row']} failed:\n{''.join(err)[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def table(results: list[dict]) -> str:
     base = {(r["train"], r["workers"], r.get("sweep", False)): r["images_per_s"] for r in results if r["row"] == "torch"}
-    head = f"{'row':8} {'mode':6} {'workers':>7} {'images/s':>10} {'x torch':>8} {'CPU s/1k img':>13} {'peak MB':>8} {'data wait':>9}"
+    gpu = any("peak_device_memory_mb" in r for r in results)
+    head = (f"{'row':15} {'mode':6} {'workers':>7} {'images/s':>10} {'x torch':>8} {'loader CPU s/1k':>15} "
+            f"{'main CPU s/1k':>13} {'host MB':>8} {'data wait':>9}" + (f" {'device MB':>9}" if gpu else ""))
     lines = [head, "-" * len(head)]
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
     for r in results:
         ref = base.get((r["train"], r["workers"], r.get("sweep", False)))
         ratio = f"{r['images_per_s'] / ref:.2f}" if ref else "-"
         wait = f"{100 * r['data_wait_fraction']:.1f}%" if "data_wait_fraction" in r else "-"
         r["ratio_to_torch"] = r["images_per_s"] / ref if ref else None
         mode = "train" if r["train"] else "sweep" if r.get("sweep") else "load"
-        lines.append(f"{r['row']:8} {mode:6} {r['workers']:>7} {r['images_per_s']:>10.0f} "
-                     f"{ratio:>8} {r['cpu_s_per_1000_images']:>13.2f} {r['peak_host_memory_mb']:>8.0f} {wait:>9}")
+        lines.append(f"{r['row']:15} {mode:6} {r['workers']:>7} {r['images_per_s']:>10.0f} {ratio:>8} "
+                     f"{num(r.get('loader_cpu_s_per_1000_images'), '.2f'):>15} "
+                     f"{num(r.get('main_cpu_s_per_1000_images'), '.2f'):>13} {r['peak_host_memory_mb']:>8.0f} {wait:>9}"
+                     + (f" {num(r.get('peak_device_memory_mb'), '.0f'):>9}" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -239,8 +332,15 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
 @click.option("--sweep", is_flag=True, help="Repeat torch and dali with 1, 2, 4, ... workers.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all numbers and the machine here.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="PNG of the table. [default: next to --json, else loader_speed.png]")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False),
+              help="Profile training steps of --loader after its timed epochs: a trace per row and a table of ranges.")
+@click.option("--loader", "profile_rows", multiple=True,
+              type=click.Choice(["torch", "dali", "dali-cpudec", "ceiling", "ceiling-compile"]),
+              help="With --profile: the row(s) to profile (repeatable). [default: dali]")
+@click.option("--profile-steps", default=30, show_default=True, help="With --profile: training steps recorded.")
 @click.option("--row-job", hidden=True, type=click.Path())
-def main(data, device, batch_size, image_size, workers, epochs, limit, train_mode, sweep, json_out, plot_out, row_job):
+def main(data, device, batch_size, image_size, workers, epochs, limit, train_mode, sweep, json_out, plot_out,
+         profile_dir, profile_rows, profile_steps, row_job):
     """Images/s, CPU time and memory of each loader, and the data stall in training."""
     if row_job:
         print(json.dumps(measure_row(json.loads(Path(row_job).read_text()))))
@@ -259,6 +359,7 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
     on_cpu = torch_device.type == "cpu"
     cores = os.cpu_count() or 1
     workers = workers or cores
+    train_mode = train_mode or bool(profile_dir)
     epochs = epochs or (1 if train_mode and on_cpu else 3)
     if limit is None and train_mode and on_cpu:
         limit = 128
@@ -273,18 +374,26 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
         index.to_csv(index_csv, index=False)
         base = {"index_csv": str(index_csv), "mean": list(norm.mean), "std": list(norm.std), "image_size": image_size,
                 "device": device, "batch_size": batch_size, "epochs": epochs}
-        jobs = [dict(base, row=row, workers=workers, train=False) for row in ("torch", "dali")]
-        if train_mode:
-            jobs += [dict(base, row=row, workers=workers, train=True) for row in ROWS]
-        if sweep:
+        # On a GPU the DALI decoder arrangement is a choice (--decoder): both rows. On the CPU they are one.
+        loaders = ("torch", "dali", "dali-cpudec") if not on_cpu else ("torch", "dali")
+        jobs = [dict(base, row=row, workers=workers, train=False) for row in loaders]
+        if profile_dir:
+            jobs = [dict(base, row=row, workers=workers, train=True, profile_dir=str(Path(profile_dir).resolve()),
+                         profile_steps=profile_steps) for row in (profile_rows or ("dali",))]
+        elif train_mode:
+            # torch.compile: on a GPU only (inductor compiles for minutes on a CPU).
+            ceilings = ("ceiling",) if on_cpu else ("ceiling", "ceiling-compile")
+            jobs += [dict(base, row=row, workers=workers, train=True) for row in (*loaders, *ceilings)]
+        if sweep and not profile_dir:
             counts = [w for w in (1, 2, 4, 8, 16, 32, 64, 128) if w <= cores]
             jobs += [dict(base, row=row, workers=w, train=False, sweep=True) for w in counts for row in ("torch", "dali")]
         results = []
-        for job in jobs:
-            click.echo(f"running {job['row']} ({'train' if job['train'] else 'load'}, {job['workers']} workers)...", err=True)
-            res = run_row(job)
+        for k, job in enumerate(jobs):
+            label = f"[{k + 1}/{len(jobs)}] {job['row']} ({'train' if job['train'] else 'load'}, {job['workers']} workers)"
+            res = run_row(job, label)
             res["sweep"] = bool(job.get("sweep"))
             results.append(res)
+            click.echo(f"{label}: {res['images_per_s']:.0f} images/s", err=True)
     text = table(results)
     settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs, "samples": len(index),
                 "data": str(root), "command": " ".join(["python", "benchmarks/loader_speed.py", *sys.argv[1:]])}
@@ -297,6 +406,11 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
     click.echo(f"\n{info['gpu'] or 'no GPU'}; {info['cpu']} x{info['cpu_count']}; torch {info['torch']}, DALI {info['dali']}; "
                f"{len(index)} samples, batch {batch_size}, {image_size} px, median of {epochs} epoch(s)")
     click.echo(text)
+    for r in results:
+        if "profile" in r:
+            p = r["profile"]
+            click.echo(f"\nprofile of {r['row']} (train, {r['workers']} workers), ranges synchronized at their ends:\n"
+                       f"{p['table']}\ntrace (Perfetto, chrome://tracing, TensorBoard): {p['trace']}")
     click.echo(f"plot: {plot_path}" + (f"; numbers: {json_out}" if json_out else ""))
 
 

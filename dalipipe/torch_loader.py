@@ -75,8 +75,10 @@ class TorchLoader:
         for images, targets in self.loader:
             if self.plan and len(targets) < MIN_TRAIN_BATCH:
                 continue
-            images = images.to(self.device, non_blocking=True).to(self.out_dtype)
-            yield images, targets.to(self.device, non_blocking=True)
+            with torch.profiler.record_function("h2d_copy"):
+                images = images.to(self.device, non_blocking=True).to(self.out_dtype)
+                targets = targets.to(self.device, non_blocking=True)
+            yield images, targets
 
     def close(self) -> None:
         pass

@@ -63,7 +63,7 @@ class Sizes:
         d = TrainConfig(images_dir="", labels_csv="", out_dir="")
         return cls(n_train=REAL_N_TRAIN, n_test=REAL_N_TEST, classes=9, synth_size=64,
                    image_size=AugmentSpec().image_size, epochs=d.epochs, batch_size=d.batch_size,
-                   bench_limit=2048, bench_epochs=3)
+                   bench_limit=1024, bench_epochs=2)
 
 
 class Check:

@@ -28,3 +28,26 @@ def test_benchmark_json_has_every_row_and_the_machine(small_synth, tmp_path):
     assert rows[("torch", False)]["ratio_to_torch"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "x torch" in r.stdout and "ceiling" in r.stdout
+
+
+def test_profile_writes_a_chrome_trace_and_a_table_of_ranges(small_synth, tmp_path):
+    out, prof = tmp_path / "bench.json", tmp_path / "prof"
+    r = subprocess.run([sys.executable, str(BENCH), "--data", str(small_synth), "--device", "cpu", "--image-size", "32",
+                        "--batch-size", "16", "--workers", "1", "--epochs", "1", "--limit", "48", "--profile", str(prof),
+                        "--loader", "dali", "--profile-steps", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["results"]
+    p = row["profile"]
+    assert p["steps"] == 4
+    assert set(p["ranges"]) == {"data_wait", "h2d_copy", "forward", "backward", "optimizer_step"}
+    top = [k for k in p["ranges"] if k != "h2d_copy"]  # h2d_copy is inside data_wait
+    assert abs(sum(p["ranges"][k]["share"] for k in top) - 1) < 1e-6
+    assert all(p["ranges"][k]["total_ms"] > 0 for k in ("forward", "backward", "optimizer_step"))
+    # The trace is Chrome-trace JSON (what Perfetto and TensorBoard read) holding our named ranges.
+    trace = json.loads((prof / "dali.pt.trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"data_wait", "forward", "backward", "optimizer_step", "h2d_copy"} <= names
+    assert "ms/step" in r.stdout and "forward" in r.stdout
+    # The loader's own CPU is reported apart from the main thread's.
+    assert row["loader_cpu_s_per_1000_images"] > 0 and row["main_cpu_s_per_1000_images"] > 0

@@ -1,0 +1,89 @@
+"""What a benchmark row costs besides time: the loader's own CPU, and device memory as the driver sees it.
+
+CPU: on Linux each thread's CPU time is read from /proc/self/task/*/stat and classed by the thread's name:
+DALI's threads ("[DALI]..." executor and pool threads, "PrefetchWorker" reader threads) are the loader's;
+the main thread is the training loop's (on a GPU mostly spinning in CUDA syncs); the rest are torch's own
+(intra-op compute threads). torch DataLoader workers are child processes, counted as the loader's once
+they exit (they do at the end of each epoch). Elsewhere only the process total is known.
+
+Device memory: torch's allocator counters do not see DALI's own pools; cudaMemGetInfo (the driver's view)
+sees everything this process (and any other) holds on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+LOADER_THREAD_PREFIXES = ("[DALI]", "PrefetchWorker")
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _thread_cpu() -> dict[str, float] | None:
+    pid = os.getpid()
+    out = {"main": 0.0, "loader": 0.0, "other": 0.0}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        seconds = (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15 of stat)
+        kind = "main" if int(tid) == pid else "loader" if name.startswith(LOADER_THREAD_PREFIXES) else "other"
+        out[kind] += seconds
+    return out
+
+
+def cpu_snapshot() -> dict[str, float]:
+    """CPU seconds so far: total (process and exited children), and where threads can be told apart,
+    main, loader (DALI threads and exited torch workers) and other."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    children = c.ru_utime + c.ru_stime
+    snap = {"total": s.ru_utime + s.ru_stime + children}
+    threads = _thread_cpu()
+    if threads is not None:
+        snap.update(main=threads["main"], loader=threads["loader"] + children, other=threads["other"])
+    return snap
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after if k in before}
+
+
+class DeviceMemory:
+    """Peak device memory in use during a row, in MB, by the driver's count and by torch's allocator."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.min_free = None
+        if self.cuda:
+            torch.cuda.init()
+            torch.cuda.reset_peak_memory_stats(device)
+            self.sample()
+            self.start_used = self.total - self.min_free  # the CUDA context, and other processes on the GPU
+
+    def sample(self) -> None:
+        if self.cuda:
+            import torch
+
+            free, self.total = torch.cuda.mem_get_info(self.device)
+            self.min_free = free if self.min_free is None else min(self.min_free, free)
+
+    def result(self) -> dict[str, float]:
+        if not self.cuda:
+            return {}
+        import torch
+
+        return {"peak_device_memory_mb": (self.total - self.min_free) / 2**20,
+                "device_memory_at_start_mb": self.start_used / 2**20,
+                "torch_peak_reserved_mb": torch.cuda.max_memory_reserved(self.device) / 2**20}
