@@ -87,6 +87,9 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
 @click.option("--pretrained", is_flag=True, help="Download ImageNet weights (needs internet).")
 @click.option("--subset", type=int, help="Use at most this many labelled samples (stratified).")
+@click.option("--checkpoint-every", type=int, help="Also save last.pt every N training steps (exact resume mid-epoch).")
+@click.option("--checkpoint-minutes", type=float,
+              help="Also save last.pt mid-epoch every M minutes: a kill costs at most that. [default: 5]")
 @click.option("--time-limit", "time_limit_minutes", type=float,
               help="Minutes; stop cleanly after the epoch during which they pass (resume later with --resume).")
 def train(images_dir, labels_csv, out_dir, resume_dir, **opts):

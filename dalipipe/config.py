@@ -73,6 +73,9 @@ class LoaderSettings:
     # GPU tensors); "cpu" = the three channels decoded in DALI's one CPU pool, stacked, and copied to the
     # GPU once per batch. The same on the CPU, where there is nothing to copy.
     decoder: DecoderPlacement = "mixed"
+    # Track the loader's position and random state so that state() can be saved and a loader built from it
+    # continues the same sequence (training: exact resume).
+    checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("dali", "torch"):
@@ -112,6 +115,10 @@ class TrainConfig:
     check_cache: bool = True
     # Run the model through torch.compile (CUDA: faster steps after a compile of a minute or so).
     compile: bool = False
+    # Mid-epoch checkpoints (exact resume): every this many training steps, and/or every this many
+    # minutes (the default keeps short runs free of them). None: off.
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = 5.0
     # Stop cleanly after the epoch during which this many minutes have passed (a job's time slot); None: no limit.
     time_limit_minutes: float | None = None
     augment: AugmentSpec = field(default_factory=AugmentSpec)
@@ -123,6 +130,10 @@ class TrainConfig:
                   (self.weight_decay >= 0, f"--weight-decay must be non-negative, got {self.weight_decay}"),
                   (0 < self.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {self.val_fraction}"),
                   (self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+                  (self.checkpoint_every is None or self.checkpoint_every >= 1,
+                   f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"),
+                  (self.checkpoint_minutes is None or self.checkpoint_minutes > 0,
+                   f"--checkpoint-minutes must be positive, got {self.checkpoint_minutes}"),
                   (self.time_limit_minutes is None or self.time_limit_minutes > 0,
                    f"--time-limit must be positive, got {self.time_limit_minutes}"),
                   (self.subset is None or self.subset >= 2, f"--subset must be at least 2, got {self.subset}"),

@@ -77,9 +77,10 @@ def output_layout(gpu: bool) -> str:
 
 
 def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalization, train: bool,
-                   device_id: int | None, settings: LoaderSettings):
+                   device_id: int | None, settings: LoaderSettings, checkpoint: bytes | None = None):
     """device_id None: every operator on the CPU; a GPU number: decoding as settings.decoder says, the
-    processing on that GPU."""
+    processing on that GPU. checkpoint: a state saved from the same pipeline (readers' positions, random
+    generators), to continue where it was."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -88,7 +89,8 @@ def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizatio
     decode_on = "mixed" if gpu and settings.decoder == "mixed" else "cpu"
 
     @pipeline_def(batch_size=settings.batch_size, num_threads=max(1, settings.workers or 1), device_id=device_id,
-                  seed=seed + shard_id, prefetch_queue_depth=2, exec_dynamic=True)
+                  seed=seed + shard_id, prefetch_queue_depth=2, exec_dynamic=True,
+                  enable_checkpointing=settings.checkpointing, checkpoint=checkpoint)
     def pipe():
         outs, labels = [], []
         for k, channel in enumerate(CHANNELS):
@@ -117,12 +119,14 @@ class DaliLoader:
     """DALI pipeline + DALIGenericIterator as an iterable of (images, targets) with len()."""
 
     def __init__(self, paths, targets, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
-                 settings: LoaderSettings):
+                 settings: LoaderSettings, state: dict | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         from dalipipe.device import cuda_index
 
-        self.pipe = build_pipeline(paths, spec, norm, train, cuda_index(device), settings)
+        self.pipe = build_pipeline(paths, spec, norm, train, cuda_index(device), settings,
+                                   checkpoint=state["dali"] if state else None)
+        self.checkpointing = settings.checkpointing
         self.iterator = DALIGenericIterator(self.pipe, ["images", "p0", "p1", "p2"], reader_name=READER,
                                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
         self.targets = torch.tensor(np.asarray(targets), dtype=torch.int64)
@@ -130,20 +134,31 @@ class DaliLoader:
         self.hwc = output_layout(device.type == "cuda") == "HWC"
         # Training: the same samples and steps on every rank (loaders.train_plan); evaluation: everything.
         self.plan = train_plan(len(paths), settings.batch_size, settings.num_shards) if train else None
+        # Samples of this epoch's plan not yet handed out; restored with the DALI state mid-epoch.
+        self.left = state["left"] if state else None
 
     def __len__(self) -> int:
         return self.plan[1] if self.plan else len(self.iterator)
 
+    def state(self) -> dict:
+        """Where the loader is: DALI's own checkpoint (readers, random generators, iterator counters,
+        prefetched batches accounted for) and this wrapper's count of the epoch's samples still due."""
+        if not self.checkpointing:
+            raise RuntimeError("DaliLoader.state() needs LoaderSettings(checkpointing=True)")
+        return {"dali": self.iterator.checkpoints()[0], "left": self.left}
+
     def __iter__(self):
-        left = self.plan[0] if self.plan else None
+        if self.left is None and self.plan:
+            self.left = self.plan[0]
+        left_in_plan = self.plan is not None
         for (batch,) in self.iterator:  # always to the end: DALI's iterator resets only there
             pos = [batch[k].view(-1).long().cpu() for k in ("p0", "p1", "p2")]
             if not (torch.equal(pos[0], pos[1]) and torch.equal(pos[0], pos[2])):
                 raise RuntimeError("DALI channel readers fell out of step; please report this as a bug")
             images = batch["images"]
-            if left is not None:
-                keep = min(len(pos[0]), left)
-                left -= keep
+            if left_in_plan:
+                keep = min(len(pos[0]), self.left)
+                self.left -= keep
                 if keep < MIN_TRAIN_BATCH:
                     continue
                 images, pos = images[:keep], [pos[0][:keep]]
@@ -154,6 +169,7 @@ class DaliLoader:
             if images.dtype != self.out_dtype:
                 images = images.to(self.out_dtype)
             yield images, self.targets[pos[0]].to(self.device, non_blocking=True)
+        self.left = None  # the next epoch starts with its whole plan
 
     def close(self) -> None:
         del self.iterator, self.pipe

@@ -40,8 +40,9 @@ def train_plan(n: int, batch_size: int, num_shards: int) -> tuple[int, int]:
 
 
 def make_loader(index: pd.DataFrame, targets: np.ndarray, spec: AugmentSpec, norm: Normalization, train: bool,
-                device: torch.device, settings: LoaderSettings = LoaderSettings()):
-    """An iterable of (images, targets) over the rows of `index`; targets[i] belongs to row i."""
+                device: torch.device, settings: LoaderSettings = LoaderSettings(), state: dict | None = None):
+    """An iterable of (images, targets) over the rows of `index`; targets[i] belongs to row i.
+    state: what the same loader's state() returned, to continue exactly where it was."""
     if not settings.workers:
         settings = dataclasses.replace(settings, workers=default_workers())
     paths = index[PATH_COLUMNS].values.tolist()
@@ -56,4 +57,4 @@ def make_loader(index: pd.DataFrame, targets: np.ndarray, spec: AugmentSpec, nor
         cls = DaliLoader
     else:
         from dalipipe.torch_loader import TorchLoader as cls
-    return cls(paths, targets, spec, norm, train, device, settings)
+    return cls(paths, targets, spec, norm, train, device, settings, state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import math
@@ -18,7 +19,7 @@ from dalipipe.errors import DataError
 
 # What a resumed run may change; every other setting must equal the run's (given again or not).
 RESUME_MAY_CHANGE = ("epochs", "device", "loader", "workers", "time_limit_minutes", "decoder", "compile",
-                     "check_cache")
+                     "check_cache", "checkpoint_every", "checkpoint_minutes")
 
 
 def option(name: str) -> str:
@@ -27,19 +28,23 @@ def option(name: str) -> str:
 
 @contextlib.contextmanager
 def locked(folder: str | Path) -> Iterator[None]:
-    """Hold the run folder for the life of a run. An OS lock (flock): the OS releases it when the process
-    ends, however it ends, so that a kill never leaves a stale lock behind."""
+    """Hold the run folder for the life of a run. An OS lock, released by the OS when the process ends,
+    however it ends, so that a kill never leaves a stale lock behind. A POSIX record lock (lockf), not
+    flock: flock's lock is shared with forked children (loader workers), which can outlive a killed run
+    by seconds and would keep its folder locked against the resume."""
     folder = Path(folder)
     with open(folder / LOCK_FILE, "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise DataError(f"{folder}: another dalipipe train is running in this folder; wait for it to end "
                             "or choose another --out") from None
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
@@ -56,7 +61,8 @@ def repair_run_dir(out: Path, state: dict) -> None:
     for tmp in out.glob(".*.tmp"):
         tmp.unlink()
     best = out / CKPT_BEST
-    if state["val_balanced_accuracy"] >= state["best_score"] and (
+    # (A mid-epoch last.pt was written after its epoch's best copy had been made: nothing to repair.)
+    if not state.get("partial") and state["val_balanced_accuracy"] >= state["best_score"] and (
             not best.exists() or checkpoint.load(best)["epoch"] != state["epoch"]):
         checkpoint.copy(out / CKPT_LAST, best)
     lines = "".join(json.dumps(row) + "\n" for row in state["history"])

@@ -45,11 +45,21 @@ class ChannelDataset(Dataset):
         return (out[0] - self.mean) * self.inv_std, int(self.targets[i])
 
 
+class _ResumableSampler(DistributedSampler):
+    """DistributedSampler whose next pass can start part-way (at `start`), for a resumed epoch."""
+
+    start = 0
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        return iter(list(super().__iter__())[start:])
+
+
 class TorchLoader:
     """Iterable of (images, targets) with len(); each epoch a new seeded order (train) or file order."""
 
     def __init__(self, paths, targets, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
-                 settings: LoaderSettings):
+                 settings: LoaderSettings, state: dict | None = None):
         batch_size, seed = settings.batch_size, settings.seed
         shard_id, num_shards = settings.shard_id, settings.num_shards
         self.dataset = ChannelDataset(paths, np.asarray(targets), spec, norm, train, seed)
@@ -58,27 +68,38 @@ class TorchLoader:
         # same n // num_shards samples and steps, a last batch too small for BatchNorm dropped
         # (loaders.train_plan).
         self.plan = train_plan(len(paths), batch_size, num_shards) if train else None
-        self.sampler = DistributedSampler(self.dataset, num_replicas=num_shards, rank=shard_id, shuffle=train,
+        self.sampler = _ResumableSampler(self.dataset, num_replicas=num_shards, rank=shard_id, shuffle=train,
                                           seed=seed, drop_last=train)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=settings.workers,
                                  pin_memory=device.type == "cuda", drop_last=False,
-                                 persistent_workers=False)  # workers restart per epoch to see the new epoch
-        self.device, self.out_dtype, self.epoch = device, getattr(torch, settings.out_dtype), 0
+                                 persistent_workers=False,  # workers restart per epoch to see the new epoch
+                                 # its own generator: drawing the workers' base seed from torch's global
+                                 # one would shift the dropout masks of training (and break exact resume)
+                                 generator=torch.Generator().manual_seed(seed))
+        self.device, self.out_dtype = device, getattr(torch, settings.out_dtype)
+        # The epoch being (or next to be) iterated and the batches of it already handed out. Its
+        # randomness is a function of (seed, epoch, sample): these two are the whole state.
+        self.epoch, self.done = (state["epoch"], state["done"]) if state else (0, 0)
 
     def __len__(self) -> int:
         return self.plan[1] if self.plan else math.ceil(len(self.sampler) / self.loader.batch_size)
 
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "done": self.done}
+
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)
+        self.sampler.start = self.done * self.loader.batch_size
         self.dataset.epoch = self.epoch
-        self.epoch += 1
         for images, targets in self.loader:
             if self.plan and len(targets) < MIN_TRAIN_BATCH:
                 continue
             with torch.profiler.record_function("h2d_copy"):
                 images = images.to(self.device, non_blocking=True).to(self.out_dtype)
                 targets = targets.to(self.device, non_blocking=True)
+            self.done += 1
             yield images, targets
+        self.epoch, self.done = self.epoch + 1, 0
 
     def close(self) -> None:
         pass

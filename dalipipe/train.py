@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from tqdm.auto import tqdm
 
-from dalipipe import atomic, checkpoint, distributed, plots, run_dir
+from dalipipe import atomic, checkpoint, distributed, plots, run_dir, train_state
 from dalipipe import device as dev
 from dalipipe.config import Normalization, TrainConfig
 from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE,
@@ -48,13 +48,18 @@ def prepare_data(cfg: TrainConfig, world: distributed.World):
     return labels, train_df, val_df, channel_stats(train_df)
 
 
-def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.device, desc: str,
-                show: bool, record: bool = False) -> tuple[float, int, np.ndarray | None]:
-    """One pass over the loader: (summed loss, samples seen, the row positions trained on if `record`)."""
+def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.device, desc: str, show: bool,
+                record: bool = False, start_step: int = 0, loss_sum: torch.Tensor | None = None, seen: int = 0,
+                on_step=None) -> tuple[torch.Tensor, int, np.ndarray | None]:
+    """One pass over the loader (or the rest of one, from start_step with the sums so far):
+    (summed loss on the device, samples seen, the row positions trained on if `record`).
+    on_step(step, loss_sum, seen) runs after each step (mid-epoch checkpoints)."""
     net.train()
-    loss_sum = torch.zeros((), device=device)
-    seen, positions = 0, []
-    for images, pos in tqdm(loader, desc=desc, unit="batch", disable=not show, leave=False):
+    loss_sum = torch.zeros((), device=device) if loss_sum is None else loss_sum.to(device)
+    positions = []
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not show, leave=False, initial=start_step,
+               total=len(loader))
+    for step, (images, pos) in enumerate(bar, start=start_step + 1):
         y = y_train[pos]
         if record:  # a copy to the host syncs the GPU: only when asked for
             positions.append(pos.cpu())
@@ -68,8 +73,10 @@ def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.d
         scaler.update()
         loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
         seen += len(y)
+        if on_step:
+            on_step(step, loss_sum, seen)
     dev.synchronize(device)
-    return float(loss_sum.item()), seen, torch.cat(positions).numpy() if record else None
+    return loss_sum, seen, torch.cat(positions).numpy() if positions else np.zeros(0, dtype=np.int64)
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
@@ -129,6 +136,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
                  f"device {device}, loader {cfg.loader}, {world.size} process(es), lr {lr:g}, {start}")
 
     t0 = time.perf_counter()
+    partial = state.get("partial") if state else None
     model = build_model(len(labels.names), None if state else cfg.weights, False if state else cfg.pretrained)
     if state:
         model.load_state_dict(state["model"])
@@ -144,23 +152,29 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     # Fused Adam: one kernel for all parameters on a GPU instead of several per parameter.
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device))
-    start_epoch, best, history = 0, -1.0, []
+    start_epoch, best, history, last_score = 0, -1.0, [], -1.0
     if state:
         opt.load_state_dict(state["optimizer"])
         restore_scaler(scaler, state["scaler"])
         start_epoch, best, history = state["epoch"], state["best_score"], state["history"]
+        last_score = state["val_balanced_accuracy"]
+    # This rank's generators and loader position as saved (restored here, after the model's random init).
+    mine = train_state.restore(state.get("ranks") if state else None, partial, device, world, str(out))
 
     timings["model_build_s"] = time.perf_counter() - t0
     if world.is_main:
         atomic.save_json(cfg.to_dict(), out / CONFIG_FILE)
         atomic.save_json(list(labels.names), out / LABELS_FILE)
-    # A resumed run reseeds its shuffling so that it does not replay epoch 0's order.
-    loader_seed = cfg.seed + start_epoch
+    # A resumed run continues its loaders' saved sequence; without one (a run from an older dalipipe, or
+    # another number of processes) it reseeds, so as not to replay epoch 0's order.
+    loader_seed = cfg.seed if (mine or not state) else cfg.seed + start_epoch
     # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
     # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
     t0 = time.perf_counter()
     train_loader = make_loader(train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
-                               dataclasses.replace(cfg.loader_settings(True, world.rank, world.size), seed=loader_seed))
+                               dataclasses.replace(cfg.loader_settings(True, world.rank, world.size), seed=loader_seed,
+                                                   checkpointing=True),
+                               state=mine["loader"] if mine else None)
     y_train = torch.tensor(train_df["y"].to_numpy(), device=device)  # a copy: pandas' arrays may be read-only
     sample_log = os.environ.get("DALIPIPE_SAMPLE_LOG")
     val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
@@ -172,10 +186,36 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     if start_epoch >= cfg.epochs and world.is_main:
         log.info(f"{out}: already trained for {start_epoch} epochs; raise --epochs to train more")
 
+    def checkpoint_dict(epochs_done: int, ranks: list[dict], partial_steps: int | None) -> dict:
+        """Everything predict and an exact resume need; partial_steps: saved in the middle of an epoch."""
+        return {"model_name": MODEL_NAME, "class_names": list(labels.names), "mean": list(norm.mean),
+                "std": list(norm.std), "image_size": cfg.augment.image_size, "config": cfg.to_dict(),
+                "epoch": epochs_done, "best_score": best, "history": history, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                "split": {"train_ids": train_df.file_id.tolist(), "val_ids": val_df.file_id.tolist()},
+                "val_balanced_accuracy": last_score, "versions": versions(), "ranks": ranks,
+                "partial": None if partial_steps is None else {"steps": partial_steps}}
+
+    interval = train_state.Interval(cfg.checkpoint_every, cfg.checkpoint_minutes, world)
+    steps_per_epoch = len(train_loader)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        loss_sum, seen, positions = train_epoch(net, train_loader, y_train, opt, scaler, device,
-                                                f"epoch {epoch + 1}/{cfg.epochs}", world.is_main, bool(sample_log))
+
+        def on_step(step: int, loss_sum: torch.Tensor, seen: int, epoch: int = epoch) -> None:
+            global_step = epoch * steps_per_epoch + step
+            train_state.kill_for_test(global_step)
+            if interval.due(global_step, step == steps_per_epoch):
+                ranks = train_state.capture(train_loader, device, world, loss_sum, seen)
+                if world.is_main:
+                    checkpoint.save(checkpoint_dict(epoch, ranks, step), out / CKPT_LAST)
+                interval.saved()
+
+        resumed = partial is not None and epoch == start_epoch
+        loss_sum, seen, positions = train_epoch(
+            net, train_loader, y_train, opt, scaler, device, f"epoch {epoch + 1}/{cfg.epochs}", world.is_main,
+            bool(sample_log), start_step=partial["steps"] if resumed else 0,
+            loss_sum=mine["loss_sum"] if resumed else None, seen=mine["seen"] if resumed else 0, on_step=on_step)
+        loss_sum = float(loss_sum.item())
         train_time = time.perf_counter() - t0
         timings["train_s"] += train_time
         if sample_log:
@@ -197,16 +237,12 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
                "epoch_seconds": round(time.perf_counter() - t0, 2)}
         history.append(row)
         improved = score > best
-        best = max(best, score)
+        best, last_score = max(best, score), score
+        ranks = train_state.capture(train_loader, device, world)  # the next epoch's start, on every rank
         if world.is_main:
-            ck = {"model_name": MODEL_NAME, "class_names": list(labels.names), "mean": list(norm.mean),
-                  "std": list(norm.std), "image_size": cfg.augment.image_size, "config": cfg.to_dict(),
-                  "epoch": epoch + 1, "best_score": best, "history": history, "model": model.state_dict(),
-                  "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                  "split": {"train_ids": train_df.file_id.tolist(), "val_ids": val_df.file_id.tolist()},
-                  "val_balanced_accuracy": score, "versions": versions()}
             # last first, then best as its copy: a kill between the two is repaired on resume.
-            checkpoint.save(ck, out / CKPT_LAST)
+            checkpoint.save(checkpoint_dict(epoch + 1, ranks, None), out / CKPT_LAST)
+            interval.saved()
             if improved:
                 checkpoint.copy(out / CKPT_LAST, out / CKPT_BEST)
                 # The best epoch's validation predictions, to see which samples it gets wrong.

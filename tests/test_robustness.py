@@ -74,14 +74,17 @@ def test_dalipipe_checkpoints_load_as_plain_data(trained):
 
 # 2-5. The run folder
 def test_a_second_training_into_a_busy_folder_is_refused(small_synth, tmp_path):
+    from tests.test_cli import assert_one_line_error, dalipipe
+
     run = tmp_path / "run"
     run.mkdir()
-    with run_dir.locked(run):
-        r = invoke("train", small_synth / "images_train", small_synth / "y_train.csv", "--out", run, *SMALL)
-        one_line_error(r, str(run), "another dalipipe train is running")
+    with run_dir.locked(run):  # held by this process; the second training is another process, as in life
+        r = dalipipe("train", small_synth / "images_train", small_synth / "y_train.csv", "--out", run, *SMALL,
+                     check=False)
+        assert_one_line_error(r, str(run), "another dalipipe train is running")
     assert not (run / "last.pt").exists()
-    with run_dir.locked(run):  # released when its holder ended: no stale lock
-        pass
+    # Released when its holder let go: the same command now runs.
+    dalipipe("train", small_synth / "images_train", small_synth / "y_train.csv", "--out", run, *SMALL)
 
 
 def test_resume_refuses_another_out_and_different_values_but_accepts_the_same_command(trained, tmp_path):
