@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
+# Two test processes: most tests start training processes that wait on imports and disk as much as on the CPU.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/loader_speed.py

@@ -68,7 +68,8 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run directory for checkpoints, metrics, plots.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the run in this directory with its own settings. --epochs, --device, --loader, "
-                   "--workers and --time-limit may change; other options may be given only with the run's values; "
+                   "--workers, --decoder, --compile, --no-cache, --checkpoint-every, --checkpoint-minutes and "
+                   "--time-limit may change; other options may be given only with the run's values; "
                    "IMAGES_DIR and LABELS_CSV may point at moved data.")
 @click.option("--epochs", type=int, help=f"Passes over the training split. [default: {_DEFAULTS.epochs}]")
 @click.option("--batch-size", type=int, help=f"Per process. [default: {_DEFAULTS.batch_size}]")
@@ -83,7 +84,7 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--decoder", type=click.Choice(["mixed", "cpu"]),
               help="DALI on a GPU: a mixed decoder per channel, or one CPU pool and one copy per batch. [default: mixed]")
 @click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
-@click.option("--compile", "compile", is_flag=True, help="Run the training steps through torch.compile (GPU: compiles for a minute or so first).")
+@click.option("--compile", "compile", is_flag=True, help="Run the training steps through torch.compile (compiles first; off until a GPU measurement shows it pays).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
 @click.option("--pretrained", is_flag=True, help="Download ImageNet weights (needs internet).")
 @click.option("--subset", type=int, help="Use at most this many labelled samples (stratified).")

@@ -113,7 +113,7 @@ class TrainConfig:
     decoder: DecoderPlacement = "mixed"
     # Remember the data check of unchanged files between runs (check_cache); False: check every file.
     check_cache: bool = True
-    # Run the model through torch.compile (CUDA: faster steps after a compile of a minute or so).
+    # Run the training steps through torch.compile (compiles first: pays off only over enough steps).
     compile: bool = False
     # Mid-epoch checkpoints (exact resume): every this many training steps, and/or every this many
     # minutes (the default keeps short runs free of them). None: off.

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,10 +106,19 @@ class Check:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                    PYTHONWARNINGS="ignore")
         self.log.write("$ " + " ".join(cmd) + "\n")
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, timeout), env=env, cwd=ROOT)
-        self.log.write(r.stdout[-20000:] + r.stderr[-20000:] + "\n")
+        # Its own process group, so that a timeout stops the benchmark's row processes too, not only it.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            self.log.write(out[-20000:] + err[-20000:] + "\n")
+            raise RuntimeError(f"{' '.join(Path(c).name for c in cmd[1:3])} ran past its {timeout:.0f} s") from None
+        self.log.write(out[-20000:] + err[-20000:] + "\n")
         self.log.flush()
-        return r
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def environment(device_name: str) -> dict:

@@ -108,7 +108,7 @@ def test_train_resume_predict_end_to_end(e2e_data, tmp_path):
 def test_kill_mid_epoch_then_resume(e2e_data, tmp_path):
     d, run = e2e_data, tmp_path / "run"
     cmd = [sys.executable, "-m", "dalipipe", "train", d / "images_train", d / "y_train.csv", "--out", run,
-           "--epochs", "4", "--image-size", "32", "--batch-size", "16", "--device", "cpu"]
+           "--epochs", "3", "--image-size", "32", "--batch-size", "16", "--device", "cpu"]
     proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (run / "last.pt").exists() and time.time() < deadline:
@@ -119,9 +119,9 @@ def test_kill_mid_epoch_then_resume(e2e_data, tmp_path):
     assert checkpoint.load(run / "last.pt")["epoch"] >= 1  # whatever the moment, the file is whole
     dalipipe("train", "--resume", run)
     best = checkpoint.load(run / "best.pt")
-    assert checkpoint.load(run / "last.pt")["epoch"] == 4
+    assert checkpoint.load(run / "last.pt")["epoch"] == 3
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # no epoch lost or counted twice by the kill
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # no epoch lost or counted twice by the kill
     assert best["val_balanced_accuracy"] == pytest.approx(max(r["val_balanced_accuracy"] for r in rows), abs=1e-5)
     assert not list(run.glob(".*.tmp")), "stale temporary files left behind"
     model_state = torch.load(run / "best.pt", weights_only=False)["model"]
@@ -134,10 +134,10 @@ def test_training_split_one_more_than_a_multiple_of_the_batch(tmp_path):
     d = generate(tmp_path / "data", SynthSpec(n_train=25, n_test=4, n_classes=2, image_size=32, seed=1))
     for loader in ("dali", "torch"):
         run = tmp_path / f"run_{loader}"
-        dalipipe("train", d / "images_train", d / "y_train.csv", "--out", run, "--epochs", "2", "--image-size", "32",
+        dalipipe("train", d / "images_train", d / "y_train.csv", "--out", run, "--epochs", "1", "--image-size", "16",
                  "--batch-size", "8", "--device", "cpu", "--loader", loader)
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        assert len(rows) == 2 and all(math.isfinite(r["train_loss"]) for r in rows)
+        assert len(rows) == 1 and all(math.isfinite(r["train_loss"]) for r in rows)
 
 
 def test_internal_errors_are_reported_as_bugs_not_as_bad_input(monkeypatch, tmp_path):
