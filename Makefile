@@ -17,11 +17,13 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-# Two test processes: most tests start training processes that wait on imports and disk as much as on the CPU.
+# Two test processes, one OpenMP thread each: the tests' training processes spend much of their time
+# starting up, so two at once use the cores better; more than one OpenMP thread per process would then
+# oversubscribe the cores, which slows torch's spinning threads many times over (seen here).
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/loader_speed.py
