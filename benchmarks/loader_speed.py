@@ -369,6 +369,10 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
     index = inspect_images(index)
     norm = channel_stats(index)
     info = machine()
+    settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs, "samples": len(index),
+                "data": str(root), "command": " ".join(["python", "benchmarks/loader_speed.py", *sys.argv[1:]])}
+    from dalipipe.atomic import save_json
+
     with tempfile.TemporaryDirectory() as tmp:
         index_csv = Path(tmp) / "index.csv"
         index.to_csv(index_csv, index=False)
@@ -394,13 +398,11 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
             res["sweep"] = bool(job.get("sweep"))
             results.append(res)
             click.echo(f"{label}: {res['images_per_s']:.0f} images/s", err=True)
-    text = table(results)
-    settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs, "samples": len(index),
-                "data": str(root), "command": " ".join(["python", "benchmarks/loader_speed.py", *sys.argv[1:]])}
+            if json_out:  # after every row: a run stopped part-way still leaves the rows it finished
+                save_json({"machine": info, "settings": settings, "results": results, "complete": False}, json_out)
+    text = table(results)  # adds each row's ratio_to_torch
     if json_out:
-        from dalipipe.atomic import save_json
-
-        save_json({"machine": info, "settings": settings, "results": results}, json_out)
+        save_json({"machine": info, "settings": settings, "results": results, "complete": True}, json_out)
     plot_path = Path(plot_out) if plot_out else Path(json_out).with_suffix(".png") if json_out else Path("loader_speed.png")
     plot(results, info, plot_path)
     click.echo(f"\n{info['gpu'] or 'no GPU'}; {info['cpu']} x{info['cpu_count']}; torch {info['torch']}, DALI {info['dali']}; "

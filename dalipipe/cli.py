@@ -92,7 +92,7 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--checkpoint-minutes", type=float,
               help="Also save last.pt mid-epoch every M minutes: a kill costs at most that. [default: 5]")
 @click.option("--time-limit", "time_limit_minutes", type=float,
-              help="Minutes; stop cleanly after the epoch during which they pass (resume later with --resume).")
+              help="Minutes; then stop at the next step with a checkpoint there (resume later with --resume).")
 def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
     """Train on IMAGES_DIR with LABELS_CSV (file_id,cell_line) into --out RUN_DIR."""
     from dalipipe import run_dir

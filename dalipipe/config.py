@@ -119,7 +119,8 @@ class TrainConfig:
     # minutes (the default keeps short runs free of them). None: off.
     checkpoint_every: int | None = None
     checkpoint_minutes: float | None = 5.0
-    # Stop cleanly after the epoch during which this many minutes have passed (a job's time slot); None: no limit.
+    # Stop once this many minutes have passed (a job's time slot): at the next training step, with a
+    # checkpoint there from which --resume goes on exactly; None: no limit.
     time_limit_minutes: float | None = None
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 

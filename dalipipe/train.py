@@ -181,8 +181,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
                              cfg.loader_settings(False, world.rank, world.size))
     y_val = val_df["y"].to_numpy()
     timings["loader_build_s"] = time.perf_counter() - t0
-    deadline = t_start + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
-    stopped_early = False
+    deadline = train_state.Deadline(cfg.time_limit_minutes, t_start, world)
+    stopped_early, partial_steps, partial_s = False, 0, 0.0
     if start_epoch >= cfg.epochs and world.is_main:
         log.info(f"{out}: already trained for {start_epoch} epochs; raise --epochs to train more")
 
@@ -204,17 +204,29 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         def on_step(step: int, loss_sum: torch.Tensor, seen: int, epoch: int = epoch) -> None:
             global_step = epoch * steps_per_epoch + step
             train_state.kill_for_test(global_step)
-            if interval.due(global_step, step == steps_per_epoch):
+            last = step == steps_per_epoch
+            time_up = not last and deadline.passed(global_step)
+            if time_up or interval.due(global_step, last):
                 ranks = train_state.capture(train_loader, device, world, loss_sum, seen)
                 if world.is_main:
                     checkpoint.save(checkpoint_dict(epoch, ranks, step), out / CKPT_LAST)
                 interval.saved()
+            if time_up:
+                raise train_state.TimeLimitReached(step)
 
         resumed = partial is not None and epoch == start_epoch
-        loss_sum, seen, positions = train_epoch(
-            net, train_loader, y_train, opt, scaler, device, f"epoch {epoch + 1}/{cfg.epochs}", world.is_main,
-            bool(sample_log), start_step=partial["steps"] if resumed else 0,
-            loss_sum=mine["loss_sum"] if resumed else None, seen=mine["seen"] if resumed else 0, on_step=on_step)
+        try:
+            loss_sum, seen, positions = train_epoch(
+                net, train_loader, y_train, opt, scaler, device, f"epoch {epoch + 1}/{cfg.epochs}", world.is_main,
+                bool(sample_log), start_step=partial["steps"] if resumed else 0,
+                loss_sum=mine["loss_sum"] if resumed else None, seen=mine["seen"] if resumed else 0, on_step=on_step)
+        except train_state.TimeLimitReached as stop:
+            # Saved at this step: the resumed run goes on exactly from here.
+            stopped_early, partial_steps, partial_s = True, stop.args[0], time.perf_counter() - t0
+            timings["train_s"] += partial_s
+            log.info(f"--time-limit {cfg.time_limit_minutes:g} min reached at step {partial_steps} of epoch "
+                     f"{epoch + 1}; saved; continue with --resume {out}")
+            break
         loss_sum = float(loss_sum.item())
         train_time = time.perf_counter() - t0
         timings["train_s"] += train_time
@@ -260,7 +272,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
                        f"{images_per_s:.0f} img/s")
         distributed.barrier(world)
         # Rank 0's clock decides, so that every rank stops after the same epoch.
-        if deadline and epoch + 1 < cfg.epochs and distributed.broadcast(time.perf_counter() > deadline, world):
+        if epoch + 1 < cfg.epochs and deadline.passed():
             stopped_early = True
             log.info(f"--time-limit {cfg.time_limit_minutes:g} min reached after epoch {epoch + 1}; "
                      f"continue with --resume {out}")
@@ -269,4 +281,6 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         loader.close()
     timings["total_s"] = time.perf_counter() - t_start
     return {"best_val_balanced_accuracy": best, "epochs": len(history), "history": history,
-            "stopped_early": stopped_early, "timings": timings}
+            "stopped_early": stopped_early, "timings": timings, "steps_per_epoch": steps_per_epoch,
+            # where a --time-limit stop fell inside an epoch: its steps done and their seconds
+            "partial_steps": partial_steps, "partial_train_s": partial_s}

@@ -74,6 +74,28 @@ class Interval:
         self.last = time.monotonic()
 
 
+class TimeLimitReached(Exception):
+    """Raised after a mid-epoch checkpoint when --time-limit has passed: the run stops there, resumable."""
+
+
+class Deadline:
+    """--time-limit: rank 0's clock decides (under torchrun shared every DECIDE_EVERY_STEPS steps), so that
+    every rank stops at the same step."""
+
+    def __init__(self, minutes: float | None, start: float, world: World):
+        self.at = start + 60 * minutes if minutes else None
+        self.world = world
+
+    def passed(self, global_step: int | None = None) -> bool:
+        if self.at is None:
+            return False
+        if self.world.size > 1:
+            if global_step is not None and global_step % DECIDE_EVERY_STEPS:
+                return False
+            return bool(distributed.broadcast(time.perf_counter() > self.at, self.world))
+        return time.perf_counter() > self.at
+
+
 def kill_for_test(global_step: int) -> None:
     """Testing aid: DALIPIPE_KILL_AT_STEP=N ends this process with SIGKILL right after training step N,
     as a pre-emption would, so that exact resume can be tested at a known point."""

@@ -1,22 +1,30 @@
-"""The training loop called as a library: time limit and the phase timings it reports."""
+"""The training loop called as a library: the time limit, and the phase timings it reports."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+from dalipipe import checkpoint
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.train import train
 
 
-def test_time_limit_stops_cleanly_after_an_epoch_and_reports_phases(small_synth, tmp_path):
+def test_time_limit_stops_at_a_step_with_a_checkpoint_and_resume_finishes(small_synth, tmp_path):
     d = small_synth
     cfg = TrainConfig(images_dir=str(d / "images_train"), labels_csv=str(d / "y_train.csv"), out_dir=str(tmp_path / "run"),
-                      epochs=3, batch_size=32, device="cpu", workers=1, augment=AugmentSpec(image_size=16),
+                      epochs=2, batch_size=32, device="cpu", workers=1, augment=AugmentSpec(image_size=16),
                       time_limit_minutes=1e-6)
     result = train(cfg)
-    assert result["stopped_early"] and result["epochs"] == 1
-    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in rows] == [1]
+    # 168 training samples, batch 32: 6 steps an epoch; the limit has passed at the first step.
+    assert result["stopped_early"] and result["epochs"] == 0 and result["partial_steps"] == 1
+    assert result["steps_per_epoch"] == 6
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["partial"] == {"steps": 1}
     t = result["timings"]
     assert set(t) == {"data_check_s", "model_build_s", "loader_build_s", "train_s", "val_s", "total_s"}
     assert all(v >= 0 for v in t.values()) and t["total_s"] >= t["train_s"] + t["val_s"]
+
+    result = train(dataclasses.replace(cfg, time_limit_minutes=None), resume=True)
+    assert not result["stopped_early"] and result["epochs"] == 2
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
