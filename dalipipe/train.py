@@ -159,7 +159,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         start_epoch, best, history = state["epoch"], state["best_score"], state["history"]
         last_score = state["val_balanced_accuracy"]
     # This rank's generators and loader position as saved (restored here, after the model's random init).
-    mine = train_state.restore(state.get("ranks") if state else None, partial, device, world, str(out))
+    key = train_state.loader_key(cfg.loader, cfg.decoder, device)
+    mine = train_state.restore(state.get("ranks") if state else None, partial, key, device, world, str(out))
 
     timings["model_build_s"] = time.perf_counter() - t0
     if world.is_main:
@@ -167,14 +168,15 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         atomic.save_json(list(labels.names), out / LABELS_FILE)
     # A resumed run continues its loaders' saved sequence; without one (a run from an older dalipipe, or
     # another number of processes) it reseeds, so as not to replay epoch 0's order.
-    loader_seed = cfg.seed if (mine or not state) else cfg.seed + start_epoch
+    loader_state = mine["loader"] if mine else None
+    loader_seed = cfg.seed if (loader_state or not state) else cfg.seed + start_epoch
     # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
     # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
     t0 = time.perf_counter()
     train_loader = make_loader(train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
                                dataclasses.replace(cfg.loader_settings(True, world.rank, world.size), seed=loader_seed,
                                                    checkpointing=True),
-                               state=mine["loader"] if mine else None)
+                               state=loader_state)
     y_train = torch.tensor(train_df["y"].to_numpy(), device=device)  # a copy: pandas' arrays may be read-only
     sample_log = os.environ.get("DALIPIPE_SAMPLE_LOG")
     val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
@@ -207,7 +209,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
             last = step == steps_per_epoch
             time_up = not last and deadline.passed(global_step)
             if time_up or interval.due(global_step, last):
-                ranks = train_state.capture(train_loader, device, world, loss_sum, seen)
+                ranks = train_state.capture(train_loader, key, device, world, loss_sum, seen)
                 if world.is_main:
                     checkpoint.save(checkpoint_dict(epoch, ranks, step), out / CKPT_LAST)
                 interval.saved()
@@ -250,7 +252,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         history.append(row)
         improved = score > best
         best, last_score = max(best, score), score
-        ranks = train_state.capture(train_loader, device, world)  # the next epoch's start, on every rank
+        ranks = train_state.capture(train_loader, key, device, world)  # the next epoch's start, on every rank
         if world.is_main:
             # last first, then best as its copy: a kill between the two is repaired on resume.
             checkpoint.save(checkpoint_dict(epoch + 1, ranks, None), out / CKPT_LAST)

@@ -23,18 +23,29 @@ from dalipipe.errors import DataError
 DECIDE_EVERY_STEPS = 10
 
 
-def capture(loader, device: torch.device, world: World, loss_sum: torch.Tensor | None = None, seen: int = 0) -> list[dict]:
+def loader_key(kind: str, decoder: str, device: torch.device) -> str:
+    """What a loader state fits: DALI's belongs to one pipeline graph (CPU, or GPU with this decoding)."""
+    if kind == "torch":
+        return "torch"
+    return f"dali/{device.type}" + (f"/{decoder}" if device.type == "cuda" else "")
+
+
+def capture(loader, key: str, device: torch.device, world: World, loss_sum: torch.Tensor | None = None,
+            seen: int = 0) -> list[dict]:
     """Every rank's generators, loader state and partial-epoch sums, gathered (in rank order) on every rank."""
     mine = {"rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "loader": loader.state(),
+            "loader": loader.state(), "loader_key": key,
             "loss_sum": None if loss_sum is None else loss_sum.detach().cpu().clone(), "seen": seen}
     return distributed.gather(mine, world)
 
 
-def restore(ranks: list[dict] | None, partial: dict | None, device: torch.device, world: World, run: str) -> dict | None:
+def restore(ranks: list[dict] | None, partial: dict | None, key: str, device: torch.device, world: World,
+            run: str) -> dict | None:
     """This rank's saved state (generators restored here), or None where the run has none to give (a run
-    from an older dalipipe, or another number of processes at an epoch's end: then the loaders reseed)."""
+    from an older dalipipe, or another number of processes at an epoch's end: then the loaders reseed).
+    A loader state saved for another loader, device or decoding is dropped at an epoch's end (the loader
+    reseeds) and refused in the middle of one (its order cannot be continued)."""
     if not ranks:
         return None
     if len(ranks) != world.size:
@@ -42,7 +53,12 @@ def restore(ranks: list[dict] | None, partial: dict | None, device: torch.device
             raise DataError(f"{run}: the run was saved in the middle of an epoch with {len(ranks)} process(es); "
                             f"resume it with {len(ranks)} (got {world.size})")
         return None
-    mine = ranks[world.rank]
+    mine = dict(ranks[world.rank])
+    if mine.get("loader_key") != key:
+        if partial:
+            raise DataError(f"{run}: the run was saved in the middle of an epoch with the loader {mine.get('loader_key')}; "
+                            f"resume it with the same --loader, --device and --decoder (got {key})")
+        mine["loader"] = None
     torch.set_rng_state(mine["rng_cpu"])
     if device.type == "cuda" and mine["rng_cuda"] is not None:
         torch.cuda.set_rng_state(mine["rng_cuda"], device)

@@ -28,3 +28,26 @@ def test_time_limit_stops_at_a_step_with_a_checkpoint_and_resume_finishes(small_
     assert not result["stopped_early"] and result["epochs"] == 2
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+def test_a_loader_state_for_another_loader_is_dropped_at_an_epoch_end_and_refused_mid_epoch():
+    import pytest
+    import torch
+
+    from dalipipe.distributed import World
+    from dalipipe.errors import DataError
+    from dalipipe.train_state import loader_key, restore
+
+    cpu = torch.device("cpu")
+    saved = [{"rng_cpu": torch.get_rng_state(), "rng_cuda": None, "loader": {"epoch": 1, "done": 0},
+              "loader_key": loader_key("torch", "mixed", cpu), "loss_sum": None, "seen": 0}]
+    assert restore(saved, None, "torch", cpu, World(), "run")["loader"] == {"epoch": 1, "done": 0}
+    assert restore(saved, None, loader_key("dali", "mixed", cpu), cpu, World(), "run")["loader"] is None
+    with pytest.raises(DataError, match="same --loader"):
+        restore(saved, {"steps": 2}, loader_key("dali", "mixed", cpu), cpu, World(), "run")
+    with pytest.raises(DataError, match="with 1 process"):
+        restore(saved, {"steps": 2}, "torch", cpu, World(rank=0, size=2), "run")
+    # On a GPU the DALI graph depends on the decoding; on the CPU it does not.
+    assert loader_key("dali", "mixed", cpu) == loader_key("dali", "cpu", cpu)
+    gpu = torch.device("cuda", 0)
+    assert loader_key("dali", "mixed", gpu) != loader_key("dali", "cpu", gpu)
