@@ -10,7 +10,7 @@ import torch
 from dalipipe.config import AugmentSpec, LoaderSettings
 from dalipipe.data import build_index, channel_stats, inspect_images
 from dalipipe.loaders import make_loader
-from tests.test_loaders import RAW, _codes, _coded_dataset
+from tests.test_loaders import RAW, _codes, _coded_dataset, decoder_outputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GPU = torch.device("cuda", 0)
@@ -74,12 +74,6 @@ def test_gpu_train_and_predict_end_to_end(small_synth, tmp_path):
 
 
 def test_gpu_decoder_arrangements_agree_and_arrive_channels_last(small_synth):
-    idx = build_index(small_synth / "images_test")
-    outs = []
-    for decoder in ("mixed", "cpu"):
-        loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=64), RAW, False, GPU,
-                             LoaderSettings("dali", 32, 2, 0, decoder=decoder))
-        x = torch.cat([b for b, _ in loader])
-        assert next(iter(loader))[0].is_contiguous(memory_format=torch.channels_last)
-        outs.append(x)
-    assert torch.equal(outs[0], outs[1])
+    mixed, cpu = decoder_outputs(build_index(small_synth / "images_test"), GPU, 64)
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in mixed + cpu)
+    assert torch.equal(torch.cat(mixed), torch.cat(cpu))

@@ -218,14 +218,19 @@ def test_sharded_training_runs_the_same_steps_on_every_rank(tmp_path, kind, n, b
     assert len(seen[0]) == len(seen[1]) == n // 2
 
 
+def decoder_outputs(index, device, image_size):
+    """Every evaluation batch of the DALI loader with each decoder setting, in file order."""
+    outs = []
+    for decoder in ("mixed", "cpu"):
+        loader = make_loader(index, np.arange(len(index)), AugmentSpec(image_size=image_size), RAW, False, device,
+                             LoaderSettings("dali", 32, 1, 0, decoder=decoder))
+        outs.append([x for x, _ in loader])
+        loader.close()
+    return outs
+
+
 def test_decoder_setting_builds_and_agrees(small_synth):
     # On the CPU both settings decode in DALI's CPU pool (there is no copy to make); on a GPU they differ
     # in where decoding happens (tests/test_gpu.py) and the benchmark times both.
-    idx = scan_images(small_synth / "images_test")
-    outs = []
-    for decoder in ("mixed", "cpu"):
-        loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=24), RAW, False, CPU,
-                             LoaderSettings("dali", 32, 1, 0, decoder=decoder))
-        outs.append(torch.cat([x for x, _ in loader]))
-        loader.close()
-    assert outs[0].shape == (60, 3, 24, 24) and torch.equal(outs[0], outs[1])
+    mixed, cpu = (torch.cat(b) for b in decoder_outputs(scan_images(small_synth / "images_test"), CPU, 24))
+    assert mixed.shape == (60, 3, 24, 24) and torch.equal(mixed, cpu)
