@@ -7,14 +7,18 @@ Rows (identical AugmentSpec and output contract: normalized NCHW float on the ta
   torch    PIL decode + augmentation in DataLoader workers, then the copy to the device;
   dali     the DALI pipeline on the target device (mixed decoding + GPU operators with a GPU, cpu without);
   dali-cpudec  (GPU only) the same with decoding in DALI's CPU pool and one copy per batch (--decoder cpu);
+  dali-cache  (GPU only) dali with DALI's decoder cache (--decode-cache): the warm-up epoch decodes and
+           fills it, the timed epochs decode nothing;
   ceiling-compile  (--train on a GPU) the ceiling with the model through torch.compile (`train --compile`);
   ceiling  (--train only) a few batches already on the device, cycled: no loading at all, the bound that
            any loader can reach in training. Without a training step it would measure nothing.
 Each row runs in its own process, so that CPU time (process and children, from the OS) and peak host
 memory are its own. Images/s is the median over the timed epochs after one warm-up epoch, with the device
 synchronized before clocks are read. --train adds an efficientnet-b1 forward/backward step per batch and
-reports the fraction of the step time spent waiting for data. --sweep repeats torch and dali with
-1, 2, 4, ... workers up to the core count.
+reports the fraction of the step time spent waiting for data. Workers default to what `dalipipe train`
+uses on this machine (the cores, at most 8), so that the rows describe the loader training gets. --sweep
+repeats torch and dali with 1, 2, 4, ... workers up to the core count. --rows picks rows (for example the
+compile row apart, as its compilation takes long).
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ from probes import DeviceMemory, cpu_delta, cpu_snapshot  # noqa: E402  (beside 
 from step_profile import StepRanges, profiler  # noqa: E402
 
 CEILING_BATCHES = 16
+ROWS = ("torch", "dali", "dali-cpudec", "dali-cache", "ceiling", "ceiling-compile")
+# (row, train) in the order rows run; the others (sweep rows) after them.
+PRIORITY = [("ceiling", True), ("dali", True), ("torch", True), ("dali", False), ("torch", False),
+            ("dali-cache", True), ("dali-cpudec", True), ("dali-cache", False), ("dali-cpudec", False),
+            ("ceiling-compile", True)]
 
 
 def ensure_data(data: str | None) -> Path:
@@ -103,7 +112,7 @@ def measure_row(job: dict) -> dict:
 
     from dalipipe import device as dev
     from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-    from dalipipe.loaders import make_loader
+    from dalipipe.loaders import decode_cache_mb, make_loader
 
     index = pd.read_csv(job["index_csv"])
     norm = Normalization(tuple(job["mean"]), tuple(job["std"]))
@@ -112,8 +121,10 @@ def measure_row(job: dict) -> dict:
     kind, workers, bs = job["row"], job["workers"], job["batch_size"]
     build = "torch" if kind == "torch" else "dali"
     decoder = "cpu" if kind == "dali-cpudec" else "mixed"
+    cache_mb = decode_cache_mb(index) if kind == "dali-cache" else 0
     loader = make_loader(index, index["y"].to_numpy(), spec, norm, True, device,
-                         LoaderSettings(kind=build, batch_size=bs, workers=workers, decoder=decoder))
+                         LoaderSettings(kind=build, batch_size=bs, workers=workers, decoder=decoder,
+                                        decode_cache_mb=cache_mb))
     if kind.startswith("ceiling"):
         batches = [(x.clone(), y.clone()) for _, (x, y) in zip(range(CEILING_BATCHES), loader)]
         n_batches = len(loader)
@@ -325,7 +336,7 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--image-size", default=224, show_default=True)
-@click.option("--workers", type=int, help="Loader workers/threads. [default: the core count]")
+@click.option("--workers", type=int, help="Loader workers/threads. [default: as `dalipipe train`: the cores, at most 8]")
 @click.option("--epochs", type=int, help="Timed epochs after one warm-up epoch. [default: 3; 1 for --train on a CPU]")
 @click.option("--limit", type=int, help="Use at most this many samples. [default: all; 128 for --train on a CPU]")
 @click.option("--train", "train_mode", is_flag=True, help="Also time an efficientnet-b1 training step per batch.")
@@ -335,12 +346,14 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False),
               help="Profile training steps of --loader after its timed epochs: a trace per row and a table of ranges.")
 @click.option("--loader", "profile_rows", multiple=True,
-              type=click.Choice(["torch", "dali", "dali-cpudec", "ceiling", "ceiling-compile"]),
+              type=click.Choice(ROWS),
               help="With --profile: the row(s) to profile (repeatable). [default: dali]")
 @click.option("--profile-steps", default=30, show_default=True, help="With --profile: training steps recorded.")
+@click.option("--rows", "only_rows", multiple=True, type=click.Choice(ROWS),
+              help="Run only these rows (repeatable; rows that do not apply on this device are left out). [default: all]")
 @click.option("--row-job", hidden=True, type=click.Path())
 def main(data, device, batch_size, image_size, workers, epochs, limit, train_mode, sweep, json_out, plot_out,
-         profile_dir, profile_rows, profile_steps, row_job):
+         profile_dir, profile_rows, profile_steps, only_rows, row_job):
     """Images/s, CPU time and memory of each loader, and the data stall in training."""
     if row_job:
         print(json.dumps(measure_row(json.loads(Path(row_job).read_text()))))
@@ -357,8 +370,10 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
     except DataError as e:
         raise click.ClickException(str(e)) from None
     on_cpu = torch_device.type == "cpu"
+    from dalipipe.loader_rules import default_workers
+
     cores = os.cpu_count() or 1
-    workers = workers or cores
+    workers = workers or default_workers()
     train_mode = train_mode or bool(profile_dir)
     epochs = epochs or (1 if train_mode and on_cpu else 3)
     if limit is None and train_mode and on_cpu:
@@ -379,7 +394,7 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
         base = {"index_csv": str(index_csv), "mean": list(norm.mean), "std": list(norm.std), "image_size": image_size,
                 "device": device, "batch_size": batch_size, "epochs": epochs}
         # On a GPU the DALI decoder arrangement is a choice (--decoder): both rows. On the CPU they are one.
-        loaders = ("torch", "dali", "dali-cpudec") if not on_cpu else ("torch", "dali")
+        loaders = ("torch", "dali", "dali-cpudec", "dali-cache") if not on_cpu else ("torch", "dali")
         jobs = [dict(base, row=row, workers=workers, train=False) for row in loaders]
         if profile_dir:
             jobs = [dict(base, row=row, workers=workers, train=True, profile_dir=str(Path(profile_dir).resolve()),
@@ -391,6 +406,15 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
         if sweep and not profile_dir:
             counts = [w for w in (1, 2, 4, 8, 16, 32, 64, 128) if w <= cores]
             jobs += [dict(base, row=row, workers=w, train=False, sweep=True) for w in counts for row in ("torch", "dali")]
+        if only_rows and not profile_dir:
+            jobs = [job for job in jobs if job["row"] in only_rows]
+            if not jobs:
+                raise click.ClickException(f"--rows {' '.join(only_rows)}: none of these rows runs here "
+                                           f"({'no GPU; ' if on_cpu else ''}the compile and ceiling rows need --train)")
+        # Most telling first, so that a run stopped part-way (a time limit) still answers the main questions:
+        # DALI in training against the ceiling and the torch loader, then loading alone, then the variants.
+        jobs.sort(key=lambda j: (bool(j.get("sweep")), PRIORITY.index((j["row"], j["train"]))
+                                 if (j["row"], j["train"]) in PRIORITY else len(PRIORITY)))
         results = []
         for k, job in enumerate(jobs):
             label = f"[{k + 1}/{len(jobs)}] {job['row']} ({'train' if job['train'] else 'load'}, {job['workers']} workers)"

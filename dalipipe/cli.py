@@ -68,8 +68,8 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run directory for checkpoints, metrics, plots.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the run in this directory with its own settings. --epochs, --device, --loader, "
-                   "--workers, --decoder, --compile, --no-cache, --checkpoint-every, --checkpoint-minutes and "
-                   "--time-limit may change; other options may be given only with the run's values; "
+                   "--workers, --decoder, --decode-cache, --precision, --compile, --no-cache, --checkpoint-every, "
+                   "--checkpoint-minutes and --time-limit may change; other options may be given only with the run's values; "
                    "IMAGES_DIR and LABELS_CSV may point at moved data.")
 @click.option("--epochs", type=int, help=f"Passes over the training split. [default: {_DEFAULTS.epochs}]")
 @click.option("--batch-size", type=int, help=f"Per process. [default: {_DEFAULTS.batch_size}]")
@@ -83,6 +83,12 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
 @click.option("--decoder", type=click.Choice(["mixed", "cpu"]),
               help="DALI on a GPU: a mixed decoder per channel, or one CPU pool and one copy per batch. [default: mixed]")
+@click.option("--decode-cache", "decode_cache", is_flag=True,
+              help="DALI on a GPU (--decoder mixed): keep the decoded images in GPU memory, so that from the second "
+                   "epoch on no PNG is decoded (about 120 MB for the challenge's training set).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+              help="Mixed precision on a GPU: auto = bf16 where the GPU has native bf16, else fp16 with a gradient "
+                   "scaler; bf16 and fp16 need a GPU; fp32 turns it off. The CPU runs fp32. [default: auto]")
 @click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
 @click.option("--compile", "compile", is_flag=True, help="Run the training steps through torch.compile (compiles first; off until a GPU measurement shows it pays).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from dalipipe.errors import DataError
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
 LoaderKind = Literal["dali", "torch"]
 DeviceName = Literal["auto", "gpu", "cpu"]
 
@@ -61,7 +63,7 @@ class LoaderSettings:
 
     kind: LoaderKind = "dali"
     batch_size: int = 64
-    # DALI threads or torch worker processes; None: loaders.default_workers().
+    # DALI threads or torch worker processes; None: loader_rules.default_workers().
     workers: int | None = None
     seed: int = 0
     # This process's shard of the samples (torchrun: rank and world size).
@@ -73,6 +75,8 @@ class LoaderSettings:
     # GPU tensors); "cpu" = the three channels decoded in DALI's one CPU pool, stacked, and copied to the
     # GPU once per batch. The same on the CPU, where there is nothing to copy.
     decoder: DecoderPlacement = "mixed"
+    # DALI's decoder cache in MB (GPU, mixed decoder only; see dali_loader.decoder_args); 0: off.
+    decode_cache_mb: int = 0
     # Track the loader's position and random state so that state() can be saved and a loader built from it
     # continues the same sequence (training: exact resume).
     checkpointing: bool = False
@@ -111,8 +115,14 @@ class TrainConfig:
     # Train on at most this many samples of the training split (stratified); None: all of them.
     subset: int | None = None
     decoder: DecoderPlacement = "mixed"
+    # DALI on a GPU: keep the decoded images in GPU memory (DALI's decoder cache), so that from the
+    # second epoch on no PNG is decoded; needs --loader dali --decoder mixed and a GPU.
+    decode_cache: bool = False
     # Remember the data check of unchanged files between runs (check_cache); False: check every file.
     check_cache: bool = True
+    # Mixed precision on a GPU: "auto" = bf16 where the GPU has native bf16, else fp16 with a gradient
+    # scaler; "bf16", "fp16" force one (GPU only); "fp32" none. The CPU always runs fp32.
+    precision: str = "auto"
     # Run the training steps through torch.compile (compiles first: pays off only over enough steps).
     compile: bool = False
     # Mid-epoch checkpoints (exact resume): every this many training steps, and/or every this many
@@ -137,6 +147,8 @@ class TrainConfig:
                    f"--checkpoint-minutes must be positive, got {self.checkpoint_minutes}"),
                   (self.time_limit_minutes is None or self.time_limit_minutes > 0,
                    f"--time-limit must be positive, got {self.time_limit_minutes}"),
+                  (self.precision in PRECISIONS,
+                   f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
                   (self.subset is None or self.subset >= 2, f"--subset must be at least 2, got {self.subset}"),
                   (not (self.weights and self.pretrained), "--weights and --pretrained exclude each other")]
         for ok, message in checks:
@@ -156,10 +168,18 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known}, augment=AugmentSpec(**aug))
 
-    def loader_settings(self, train: bool, shard_id: int, num_shards: int) -> LoaderSettings:
+    def loader_settings(self, train: bool, shard_id: int, num_shards: int, decode_cache_mb: int = 0) -> LoaderSettings:
         # Training shuffles with the run's seed; evaluation keeps file order.
         return LoaderSettings(kind=self.loader, batch_size=self.batch_size, workers=self.workers, seed=self.seed,
-                              shard_id=shard_id, num_shards=num_shards, decoder=self.decoder)
+                              shard_id=shard_id, num_shards=num_shards, decoder=self.decoder,
+                              decode_cache_mb=decode_cache_mb if self.decode_cache else 0)
+
+    def check_device(self, device_type: str) -> None:
+        """The options that need a GPU, against the device this run got (before any long work)."""
+        if self.decode_cache and (device_type != "cuda" or self.loader != "dali" or self.decoder != "mixed"):
+            raise DataError("--decode-cache keeps decoded images in GPU memory with DALI's mixed decoder: it "
+                            f"needs a GPU, --loader dali and --decoder mixed (this run: device {device_type}, "
+                            f"--loader {self.loader}, --decoder {self.decoder})")
 
     def effective_lr(self) -> float:
         if self.lr is not None:

@@ -48,5 +48,8 @@ EXIT_USER = 2
 EXIT_INTERNAL = 3
 
 # The smallest training batch: BatchNorm in training mode needs more than one value per channel. A
-# last batch smaller than this is dropped, on every rank alike (see loaders.train_plan).
+# last batch smaller than this is dropped, on every rank alike (see loader_rules.train_plan).
 MIN_TRAIN_BATCH = 2
+
+# Loader threads (DALI) or worker processes (torch) per training process, at most, when not given.
+MAX_DEFAULT_WORKERS = 8

@@ -16,7 +16,8 @@ import torch
 
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import CHANNELS, MIN_TRAIN_BATCH
-from dalipipe.loaders import train_plan
+from dalipipe.errors import DataError
+from dalipipe.loader_rules import train_plan
 
 READER = "reader_yellow"
 
@@ -29,16 +30,18 @@ def dali_available() -> bool:
     return True
 
 
-def _train_matrix(images, spec: AugmentSpec):
+def _train_matrix(shape, spec: AugmentSpec):
     """Random resized crop, flips and rotation composed into one source-to-output affine matrix per
     sample, the same composition as augment.sample_affine, so that one warp does all the geometry (one
     pass over the output instead of three; measured faster on the CPU here, and one kernel on a GPU).
-    Coordinates: (x, y) with [0, 0] the corner of the first pixel, as torch's align_corners=False."""
+    Coordinates: (x, y) with [0, 0] the corner of the first pixel, as torch's align_corners=False.
+    shape: each sample's (H, W, C) on the CPU, read from the encoded file: a GPU node's shape() would be a
+    GPU-to-CPU transition that makes these CPU operators wait for the same batch's decode on the GPU."""
     from nvidia.dali import fn, types
 
     s = float(spec.image_size)
     # torchvision's RandomResizedCrop rule (10 attempts, then a centred fallback), on each image's own shape.
-    anchor, extent = fn.random_crop_generator(images.shape(), random_area=list(spec.crop_area),
+    anchor, extent = fn.random_crop_generator(shape, random_area=list(spec.crop_area),
                                               random_aspect_ratio=list(spec.crop_ratio), num_attempts=10)
     anchor, extent = fn.cast(anchor, dtype=types.FLOAT), fn.cast(extent, dtype=types.FLOAT)
     start = fn.stack(anchor[1], anchor[0])  # (y, x) -> (x, y)
@@ -55,13 +58,14 @@ def _train_matrix(images, spec: AugmentSpec):
     return m
 
 
-def _process(images, spec: AugmentSpec, norm: Normalization, train: bool, out_dtype, layout: str):
-    """The processing graph, separate from the readers so that any source of HWC uint8 RGB can use it."""
+def _process(images, shape, spec: AugmentSpec, norm: Normalization, train: bool, out_dtype, layout: str):
+    """The processing graph, separate from the readers so that any source of HWC uint8 RGB can use it.
+    shape: the images' (H, W, C) as a CPU node (for the random crop)."""
     from nvidia.dali import fn, types
 
     size = [spec.image_size, spec.image_size]
     if train:
-        images = fn.warp_affine(images, matrix=_train_matrix(images, spec), size=size, inverse_map=False,
+        images = fn.warp_affine(images, matrix=_train_matrix(shape, spec), size=size, inverse_map=False,
                                 fill_value=0, interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
     else:
         # Linear, no antialias: equal to torch's bilinear interpolate(align_corners=False).
@@ -76,6 +80,22 @@ def output_layout(gpu: bool) -> str:
     return "HWC" if gpu else "CHW"
 
 
+def decoder_args(decoder: str, cache_mb: int) -> dict:
+    """fn.decoders.image's arguments beyond the output type. mixed: DALI's defaults reserve, per decoder
+    thread, 16 MiB of device memory and two 8 MiB pinned host buffers for nvJPEG, which PNG never uses (it
+    is decoded on the CPU even by the mixed decoder): 0 allocates on demand instead of holding about 0.75 GB
+    of each in three decoders of two pipelines at 8 threads. cache_mb > 0: DALI's decoder cache (mixed
+    only) keeps every decoded image in GPU memory, keyed by file name, so that from the second epoch on
+    nothing is decoded. DALI keeps one cache per GPU and process, shared by every decoder, and refuses
+    decoders that ask for it with other parameters: every pipeline of a run passes the same size."""
+    if decoder != "mixed":
+        return {}
+    args = {"device_memory_padding": 0, "host_memory_padding": 0}
+    if cache_mb:
+        args.update(cache_size=cache_mb, cache_type="threshold", cache_threshold=0)
+    return args
+
+
 def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalization, train: bool,
                    device_id: int | None, settings: LoaderSettings, checkpoint: bytes | None = None):
     """device_id None: every operator on the CPU; a GPU number: decoding as settings.decoder says, the
@@ -87,6 +107,10 @@ def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizatio
     seed, shard_id = settings.seed, settings.shard_id
     order = (np.random.default_rng(seed).permutation(len(paths)) if train else np.arange(len(paths))).tolist()
     decode_on = "mixed" if gpu and settings.decoder == "mixed" else "cpu"
+    if settings.decode_cache_mb and decode_on != "mixed":
+        raise DataError("--decode-cache is the cache of DALI's mixed decoder: it needs a GPU, --loader dali and "
+                        "--decoder mixed")
+    dec_args = decoder_args(decode_on, settings.decode_cache_mb)
 
     @pipeline_def(batch_size=settings.batch_size, num_threads=max(1, settings.workers or 1), device_id=device_id,
                   seed=seed + shard_id, prefetch_queue_depth=2, exec_dynamic=True,
@@ -102,13 +126,15 @@ def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizatio
                                        shuffle_after_epoch=train, random_shuffle=False, seed=seed,
                                        shard_id=shard_id, num_shards=settings.num_shards, pad_last_batch=True,
                                        name=f"reader_{channel}")
-            outs.append(fn.decoders.image(enc, device=decode_on, output_type=types.GRAY))
+            if k == 0:  # the three channels share one size (checked with the data)
+                shape = fn.peek_image_shape(enc)
+            outs.append(fn.decoders.image(enc, device=decode_on, output_type=types.GRAY, **dec_args))
             labels.append(pos)
         rgb = fn.cat(*outs, axis=2)
         if gpu and decode_on == "cpu":
             rgb = rgb.gpu()  # one host-to-device copy of the stacked batch
         out_dtype = types.FLOAT16 if settings.out_dtype == "float16" else types.FLOAT
-        return (_process(rgb, spec, norm, train, out_dtype, output_layout(gpu)), *labels)
+        return (_process(rgb, shape, spec, norm, train, out_dtype, output_layout(gpu)), *labels)
 
     p = pipe()
     p.build()
@@ -132,7 +158,7 @@ class DaliLoader:
         self.targets = torch.tensor(np.asarray(targets), dtype=torch.int64)
         self.device, self.out_dtype = device, getattr(torch, settings.out_dtype)
         self.hwc = output_layout(device.type == "cuda") == "HWC"
-        # Training: the same samples and steps on every rank (loaders.train_plan); evaluation: everything.
+        # Training: the same samples and steps on every rank (loader_rules.train_plan); evaluation: everything.
         self.plan = train_plan(len(paths), settings.batch_size, settings.num_shards) if train else None
         # Samples of this epoch's plan not yet handed out; restored with the DALI state mid-epoch.
         self.left = state["left"] if state else None

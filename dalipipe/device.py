@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from dalipipe.config import PRECISIONS
 from dalipipe.errors import DataError
 
 
@@ -28,21 +29,46 @@ def cuda_index(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def dali_package() -> str:
+    """The DALI wheel for this machine: the one built for the CUDA major version of torch's build
+    (nvidia-dali-cuda130 for CUDA 13); nvidia-dali-cuda120 for CUDA 12 and for a CPU-only torch, where
+    DALI runs its CPU operators."""
+    major = int((torch.version.cuda or "12").split(".")[0])
+    return f"nvidia-dali-cuda{max(major, 12)}0"
+
+
 def has_bf16(device: torch.device) -> bool:
     """Native bf16 units only: by default torch also says yes where bf16 is emulated (V100, T4), which is
     slow there and would keep the fp16 + GradScaler path from ever running."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 mixed precision on GPUs that support it, fp16 on older ones, nothing on the CPU."""
+def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of --precision on this device; None: plain fp32.
+    auto: bf16 on GPUs with native bf16, fp16 (with a gradient scaler) on older ones, fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise DataError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise DataError(f"--precision {precision} needs a CUDA GPU; on the CPU training runs in fp32 "
+                            "(--precision auto or fp32)")
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if has_bf16(device) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """Mixed precision as amp_dtype says; nothing for fp32 (and on the CPU)."""
+    dtype = amp_dtype(device, precision)
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if has_bf16(device) else torch.float16)
+    return torch.autocast("cuda", dtype=dtype)
 
 
-def needs_grad_scaler(device: torch.device) -> bool:
-    return device.type == "cuda" and not has_bf16(device)
+def needs_grad_scaler(device: torch.device, precision: str = "auto") -> bool:
+    """fp16's narrow range underflows small gradients: only fp16 needs the scaler."""
+    return amp_dtype(device, precision) == torch.float16
 
 
 def synchronize(device: torch.device) -> None:

@@ -14,7 +14,7 @@ from dalipipe.distributed import World
 
 @torch.no_grad()
 def logits_by_position(model: torch.nn.Module, loader, device: torch.device, world: World = World(),
-                       progress=None) -> tuple[np.ndarray, np.ndarray]:
+                       progress=None, precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """(positions, logits) over the whole set, each position once, gathered from all ranks and sorted.
 
     The loader's targets must be row positions; shards padded with repeats are de-duplicated here,
@@ -25,7 +25,7 @@ def logits_by_position(model: torch.nn.Module, loader, device: torch.device, wor
     for images, positions in (progress(loader) if progress else loader):
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with dev.autocast(device):
+        with dev.autocast(device, precision):
             out = model(images)
         # Kept where they are until the end: a copy to the host per batch would sync the GPU each time.
         pos_parts.append(positions)

@@ -54,6 +54,7 @@ def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None =
         index = select_ids(index, ids_csv, images_dir)
     index = inspect_images(index, cache=cache)
     torch_device = dev.resolve(device)
+    dev.configure(torch_device)  # cuDNN autotuning and TF32, as in training
     model = build_model(len(names))
     model.load_state_dict(ck["model"])
     model = model.to(torch_device)

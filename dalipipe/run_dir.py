@@ -18,8 +18,8 @@ from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
 
 # What a resumed run may change; every other setting must equal the run's (given again or not).
-RESUME_MAY_CHANGE = ("epochs", "device", "loader", "workers", "time_limit_minutes", "decoder", "compile",
-                     "check_cache", "checkpoint_every", "checkpoint_minutes")
+RESUME_MAY_CHANGE = ("epochs", "device", "loader", "workers", "time_limit_minutes", "decoder", "decode_cache",
+                     "precision", "compile", "check_cache", "checkpoint_every", "checkpoint_minutes")
 
 
 def option(name: str) -> str:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from dalipipe import augment
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import MIN_TRAIN_BATCH
-from dalipipe.loaders import train_plan
+from dalipipe.loader_rules import train_plan
 from dalipipe.pngio import read_gray
 
 
@@ -66,7 +66,7 @@ class TorchLoader:
         # DistributedSampler also serves one process; without shuffling it keeps file order. Evaluation:
         # shards padded by repeating a few samples (de-duplicated by the caller). Training: every rank the
         # same n // num_shards samples and steps, a last batch too small for BatchNorm dropped
-        # (loaders.train_plan).
+        # (loader_rules.train_plan).
         self.plan = train_plan(len(paths), batch_size, num_shards) if train else None
         self.sampler = _ResumableSampler(self.dataset, num_replicas=num_shards, rank=shard_id, shuffle=train,
                                           seed=seed, drop_last=train)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
@@ -24,7 +25,7 @@ from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, 
 from dalipipe.errors import DataError
 from dalipipe.versions import versions
 from dalipipe.inference import cross_entropy, logits_by_position, prediction_frame
-from dalipipe.loaders import make_loader
+from dalipipe.loaders import decode_cache_mb, make_loader
 from dalipipe.model import build_model, compiled
 
 log = logging.getLogger("dalipipe")
@@ -50,7 +51,7 @@ def prepare_data(cfg: TrainConfig, world: distributed.World):
 
 def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.device, desc: str, show: bool,
                 record: bool = False, start_step: int = 0, loss_sum: torch.Tensor | None = None, seen: int = 0,
-                on_step=None) -> tuple[torch.Tensor, int, np.ndarray | None]:
+                on_step=None, precision: str = "auto") -> tuple[torch.Tensor, int, np.ndarray | None]:
     """One pass over the loader (or the rest of one, from start_step with the sums so far):
     (summed loss on the device, samples seen, the row positions trained on if `record`).
     on_step(step, loss_sum, seen) runs after each step (mid-epoch checkpoints)."""
@@ -65,7 +66,7 @@ def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.d
             positions.append(pos.cpu())
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with dev.autocast(device):
+        with dev.autocast(device, precision):
             loss = F.cross_entropy(net(images), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -77,6 +78,21 @@ def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.d
             on_step(step, loss_sum, seen)
     dev.synchronize(device)
     return loss_sum, seen, torch.cat(positions).numpy() if positions else np.zeros(0, dtype=np.int64)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   saved: dict | None = None) -> torch.optim.Optimizer:
+    """Adam, fused on a GPU (one kernel for all parameters instead of several per parameter), with a
+    saved state loaded for the device the run continues on: load_state_dict restores the saved param
+    groups' flags, `fused` included, so that a run started on the CPU and resumed on a GPU would
+    otherwise keep unfused Adam there (and the other way round, ask for a fused CPU step)."""
+    fused = device.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+    if saved:
+        groups = [dict(g, fused=fused, foreach=None if fused else g.get("foreach")) for g in saved["param_groups"]]
+        # load_state_dict then places each `step` as the fused kernel needs it (float32 on the parameter's device).
+        opt.load_state_dict({**saved, "param_groups": groups})
+    return opt
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
@@ -116,6 +132,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     timings = {"data_check_s": 0.0, "model_build_s": 0.0, "loader_build_s": 0.0, "train_s": 0.0, "val_s": 0.0}
     out = Path(cfg.out_dir)
     device = dev.resolve(cfg.device, world.local_rank)
+    dev.amp_dtype(device, cfg.precision)  # options that need a GPU: refused before any work
+    cfg.check_device(device.type)
     torch.manual_seed(cfg.seed + world.rank)
     state = checkpoint.load(out / CKPT_LAST) if resume else None
     if state is not None and world.is_main:
@@ -149,12 +167,10 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.cuda_index(device)] if device.type == "cuda" else None)
     if cfg.compile:  # training steps only: validation runs the eager model (no recompile for eval mode)
         net = compiled(net, model)
-    # Fused Adam: one kernel for all parameters on a GPU instead of several per parameter.
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device))
+    opt = make_optimizer(model, lr, cfg.weight_decay, device, state["optimizer"] if state else None)
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device, cfg.precision))
     start_epoch, best, history, last_score = 0, -1.0, [], -1.0
     if state:
-        opt.load_state_dict(state["optimizer"])
         restore_scaler(scaler, state["scaler"])
         start_epoch, best, history = state["epoch"], state["best_score"], state["history"]
         last_score = state["val_balanced_accuracy"]
@@ -173,14 +189,15 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
     # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
     t0 = time.perf_counter()
+    cache_mb = decode_cache_mb(pd.concat([train_df, val_df])) if cfg.decode_cache else 0
     train_loader = make_loader(train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
-                               dataclasses.replace(cfg.loader_settings(True, world.rank, world.size), seed=loader_seed,
-                                                   checkpointing=True),
+                               dataclasses.replace(cfg.loader_settings(True, world.rank, world.size, cache_mb),
+                                                   seed=loader_seed, checkpointing=True),
                                state=loader_state)
     y_train = torch.tensor(train_df["y"].to_numpy(), device=device)  # a copy: pandas' arrays may be read-only
     sample_log = os.environ.get("DALIPIPE_SAMPLE_LOG")
     val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
-                             cfg.loader_settings(False, world.rank, world.size))
+                             cfg.loader_settings(False, world.rank, world.size, cache_mb))
     y_val = val_df["y"].to_numpy()
     timings["loader_build_s"] = time.perf_counter() - t0
     deadline = train_state.Deadline(cfg.time_limit_minutes, t_start, world)
@@ -200,6 +217,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
 
     interval = train_state.Interval(cfg.checkpoint_every, cfg.checkpoint_minutes, world)
     steps_per_epoch = len(train_loader)
+    # Wall time of each whole epoch: steps, validation and everything written at its end.
+    setup_s, epoch_walls = time.perf_counter() - t_start, []
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
 
@@ -221,7 +240,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
             loss_sum, seen, positions = train_epoch(
                 net, train_loader, y_train, opt, scaler, device, f"epoch {epoch + 1}/{cfg.epochs}", world.is_main,
                 bool(sample_log), start_step=partial["steps"] if resumed else 0,
-                loss_sum=mine["loss_sum"] if resumed else None, seen=mine["seen"] if resumed else 0, on_step=on_step)
+                loss_sum=mine["loss_sum"] if resumed else None, seen=mine["seen"] if resumed else 0, on_step=on_step,
+                precision=cfg.precision)
         except train_state.TimeLimitReached as stop:
             # Saved at this step: the resumed run goes on exactly from here.
             stopped_early, partial_steps, partial_s = True, stop.args[0], time.perf_counter() - t0
@@ -241,7 +261,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
 
         t_val = time.perf_counter()
         distributed.broadcast_buffers(model, world)  # every rank validates exactly what rank 0 saves
-        pos, logits = logits_by_position(model, val_loader, device, world)
+        pos, logits = logits_by_position(model, val_loader, device, world, precision=cfg.precision)
         val_time = time.perf_counter() - t_val
         timings["val_s"] += val_time
         pred = logits.argmax(1)
@@ -273,6 +293,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
                        f"{row['val_loss']:.4f}  val balanced acc {score:.4f}{' *' if improved else ''}  "
                        f"{images_per_s:.0f} img/s")
         distributed.barrier(world)
+        epoch_walls.append(time.perf_counter() - t0)
         # Rank 0's clock decides, so that every rank stops after the same epoch.
         if epoch + 1 < cfg.epochs and deadline.passed():
             stopped_early = True
@@ -284,5 +305,6 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     timings["total_s"] = time.perf_counter() - t_start
     return {"best_val_balanced_accuracy": best, "epochs": len(history), "history": history,
             "stopped_early": stopped_early, "timings": timings, "steps_per_epoch": steps_per_epoch,
+            "setup_s": setup_s, "epoch_walls": epoch_walls,
             # where a --time-limit stop fell inside an epoch: its steps done and their seconds
             "partial_steps": partial_steps, "partial_train_s": partial_s}

@@ -1,0 +1,33 @@
+"""Rules both loaders follow, below both of them in the imports: how many workers, and what a training
+epoch covers on each process."""
+
+from __future__ import annotations
+
+import os
+
+from dalipipe.constants import MAX_DEFAULT_WORKERS, MIN_TRAIN_BATCH
+from dalipipe.errors import DataError
+
+
+def default_workers() -> int:
+    """The cores of this machine shared among its training processes (torchrun's LOCAL_WORLD_SIZE), at
+    most MAX_DEFAULT_WORKERS. `dalipipe train`, `predict` and the benchmark's rows all use this."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) // local))
+
+
+def train_plan(n: int, batch_size: int, num_shards: int) -> tuple[int, int]:
+    """(samples each process trains on per epoch, training steps per epoch), the same on every rank.
+
+    Every rank trains on n // num_shards samples (shards differ by at most one: the extra sample is left
+    out, a different one each epoch as the order is reshuffled), and a last batch of fewer than
+    MIN_TRAIN_BATCH samples is dropped: BatchNorm cannot train on one sample, an empty batch has a NaN
+    loss, and under DDP every rank must run the same number of steps or the collectives hang.
+    """
+    per_rank = n // num_shards
+    full, rest = divmod(per_rank, batch_size)
+    steps = full + (1 if rest >= MIN_TRAIN_BATCH else 0)
+    if steps == 0:
+        raise DataError(f"{n} training samples are too few for {num_shards} process(es): each needs at least "
+                        f"{MIN_TRAIN_BATCH}")
+    return per_rank, steps
