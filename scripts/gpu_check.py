@@ -159,7 +159,7 @@ class Check:
         self.log.flush()
         # Its own process group, so that a timeout stops its children too (loader workers, benchmark rows).
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env or self.env(), cwd=ROOT, start_new_session=True)
+                                env=env or self.env(), cwd=ROOT, start_new_session=True, preexec_fn=_die_with_parent)
         try:
             out, err = proc.communicate(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
@@ -176,6 +176,17 @@ class Check:
         if check and r.returncode != 0:
             raise RuntimeError(f"dalipipe {args[0]} exit {r.returncode}: {last_line(r.stderr)}")
         return r
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs: on Linux, be killed when the check dies, however it dies (a kill from
+    outside reaches the check's own process group only, and a step's group is its own)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the step's timeout still applies
+        pass
 
 
 class StepTimeout(RuntimeError):

@@ -77,3 +77,39 @@ def test_gpu_decoder_arrangements_agree_and_arrive_channels_last(small_synth):
     mixed, cpu = decoder_outputs(build_index(small_synth / "images_test"), GPU, 64)
     assert all(x.is_contiguous(memory_format=torch.channels_last) for x in mixed + cpu)
     assert torch.equal(torch.cat(mixed), torch.cat(cpu))
+
+
+def test_gpu_batches_handed_out_without_a_copy_stay_intact_while_the_host_runs_ahead(small_synth):
+    """DALI hands out views of its own buffers. A batch's checksum queued on arrival must equal one queued
+    after the GPU was kept busy (torch.cuda._sleep) while the host fetched several more batches: a buffer
+    reused under a batch still in use would change it."""
+    idx = build_index(small_synth / "images_test")
+    loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=64), RAW, False, GPU,
+                         LoaderSettings("dali", 8, 2, 0))
+    it = iter(loader)
+    first, _ = next(it)
+    on_arrival = first.double().sum()  # queued now, on the current stream
+    torch.cuda._sleep(200_000_000)  # the GPU stays busy; the host goes on
+    later = [next(it) for _ in range(4)]  # more than DALI's prefetch depth
+    after = first.double().sum()
+    assert torch.equal(on_arrival, after), (on_arrival.item(), after.item())
+    assert len(later) == 4
+    loader.close()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_gpu_decode_cache_gives_the_same_batches_in_every_epoch(small_synth, train):
+    """With DALI's decoder cache the first epoch decodes and fills it, later ones read it: the batches
+    must be those of the uncached loader with the same seed, epoch after epoch."""
+    from dalipipe.loaders import decode_cache_mb
+
+    idx = inspect_images(build_index(small_synth / "images_test"), progress=False)
+    epochs = {}
+    for mb in (0, decode_cache_mb(idx)):
+        loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=48), RAW, train, GPU,
+                             LoaderSettings("dali", 16, 2, 7, decode_cache_mb=mb))
+        epochs[mb] = [_all(loader) for _ in range(3)]
+        loader.close()
+    plain, cached = epochs.values()
+    for (xp, tp), (xc, tc) in zip(plain, cached):
+        assert torch.equal(tp, tc) and torch.equal(xp, xc)

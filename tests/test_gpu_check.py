@@ -1,41 +1,129 @@
 """The one-command GPU verification runs on the CPU too (tiny sizes), so that it cannot rot between the
-rare sessions that have a GPU machine."""
+rare runs on a GPU machine; and its report survives whatever stops it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+
+
+def gpu_check_module():
+    if "gpu_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = module  # its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_check"]
 
 
 def test_gpu_check_quick_on_the_cpu_writes_a_complete_report(tmp_path):
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--quick",
-                        "--out", str(out), "--work", str(tmp_path / "work")], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert [s["step"] for s in report["steps"]] == ["environment", "gpu tests", "synthetic data", "loader benchmark",
-                                                    "reference recipe"]
-    assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
-    assert report["environment"]["device"] == "cpu" and report["environment"]["torch"]
+    steps = {s["step"]: s for s in report["steps"]}
+    assert list(steps) == ["environment", "gpu tests", "synthetic data", "small data", "reference recipe",
+                           "exact resume", "fp16 and --decoder cpu", "loader benchmark", "compile row"]
+    assert all(s["status"] == "ok" for name, s in steps.items() if name != "compile row"), report["steps"]
+    assert steps["compile row"]["status"] == "skipped" and "no GPU" in steps["compile row"]["error"]
+    env = report["environment"]
+    assert env["device"] == "cpu" and env["torch"] and env["gpu"] is None
     assert report["gpu_tests"]["counts"].get("skipped", 0) >= 1  # no GPU here: the GPU tests skip, none fail
     assert not report["gpu_tests"]["failed"]
-    summary = report["benchmark"]["summary"]
+    bench = report["benchmark"]
     for key in ("torch_load_images_per_s", "dali_load_images_per_s", "dali_train_images_per_s",
-                "ceiling_train_images_per_s", "dali_train_data_wait"):
-        assert summary[key] > 0 or key.endswith("wait"), key
+                "ceiling_train_images_per_s"):
+        assert bench["summary"][key] > 0, key
+    assert bench["workers"] == env["workers"]  # the rows use what `dalipipe train` would use here
     rec = report["recipe"]
     assert rec["epochs_done"] == rec["epochs_planned"] == 2 and not rec["stopped_early"]
-    for key in ("data_check_s", "loader_build_s", "train_s", "val_s", "predict_s", "train_images_per_s"):
-        assert rec[key] >= 0, key
+    assert len(rec["epoch_wall_s"]) == 2 and rec["epoch_records_s"] >= 0
     assert 0 <= rec["test_balanced_accuracy"] <= 1
-    assert len(report["verdict"]) == 3
+    resume = report["exact_resume"]  # on the CPU: bit for bit
+    assert resume["same_samples_same_order"] and resume["max_loss_rel_diff"] == 0.0
+    assert resume["max_weight_abs_diff"] == 0.0 and resume["resumed_from"] == {"epoch": 2, "steps": 2}
+    paths = report["precision_decoder"]
+    assert paths["decoder"] == "cpu" and paths["fp16_on_cpu"].startswith("exit 2: Error: --precision fp16")
+    assert len(report["verdict"]) == 3 and all(v["met"] is None for v in report["verdict"])  # not a GPU
     md = (out / "report.md").read_text()
-    for heading in ("## Steps", "## GPU tests", "## Loader benchmark", "## Reference recipe", "## Verdict"):
+    assert "no GPU (cpu)" in md and "None GiB" not in md
+    for heading in ("## Steps", "## GPU tests", "## Loader benchmark", "## Reference recipe", "## Exact resume",
+                    "## Verdict"):
         assert heading in md
-    # Only the report's few files, no run folders or checkpoints (they go to --work).
-    assert not list(out.rglob("*.pt"))
+    # Only the report's few small files: runs, data and checkpoints went to the temporary work folder,
+    # which is gone.
+    assert sorted(p.name for p in out.iterdir()) == ["benchmark.json", "benchmark.png", "gpu_check.log",
+                                                     "report.json", "report.md"]
+    assert all(p.stat().st_size < 1_000_000 for p in out.iterdir())
+    assert "work:" not in r.stdout.splitlines()[-1]
+
+
+def test_the_report_is_on_disk_after_every_step_even_when_the_check_is_killed(tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out),
+                             "--work", str(tmp_path / "work")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                steps = json.loads((out / "report.json").read_text())["steps"]
+            except (OSError, ValueError):  # not written yet
+                steps = []
+            if len(steps) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the check ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # as a time limit or a native crash would: no chance to clean up
+        proc.wait()
+    report = json.loads((out / "report.json").read_text())
+    assert [s["step"] for s in report["steps"]][:3] == ["environment", "gpu tests", "synthetic data"]
+    assert report["environment"]["device"] == "cpu"
+    assert "## Steps" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("walls,partial,expected,basis", [
+    # two whole epochs: the first once (warm-ups), the mean of the rest for the other 28
+    ([5.0, 3.0], (0, 0.0), 10 + 5 + 29 * 3.0, "mean of epochs 2-2"),
+    ([5.0, 3.0, 4.0], (0, 0.0), 10 + 5 + 29 * 3.5, "mean of epochs 2-3"),
+    ([5.0], (0, 0.0), 10 + 30 * 5.0, "epoch 1"),
+    # stopped inside the first epoch: steps only, a lower bound
+    ([], (10, 2.0), 10 + 30 * 100 * 0.2, "lower bound"),
+])
+def test_projection_counts_every_epoch_cost_per_epoch(walls, partial, expected, basis):
+    projected, how = gpu_check_module().project_recipe(10.0, walls, 30, 100, *partial)
+    assert projected == pytest.approx(expected) and basis in how
+
+
+def test_projection_of_a_run_with_a_known_cost_per_epoch(small_synth, tmp_path, monkeypatch):
+    """Each epoch's end is made to cost at least 0.5 s more (as slow checkpoint writes would): the
+    projection for 10 epochs from the 2 measured must include 10 such costs, not 2."""
+    from dalipipe import plots
+    from dalipipe.config import AugmentSpec, TrainConfig
+    from dalipipe.train import train
+
+    extra = 0.5
+    draw = plots.learning_curves
+    monkeypatch.setattr(plots, "learning_curves", lambda *a, **k: (time.sleep(extra), draw(*a, **k)))
+    cfg = TrainConfig(images_dir=str(small_synth / "images_train"), labels_csv=str(small_synth / "y_train.csv"),
+                      out_dir=str(tmp_path / "run"), epochs=2, batch_size=32, device="cpu", subset=96,
+                      augment=AugmentSpec(image_size=16))
+    result = train(cfg)
+    assert len(result["epoch_walls"]) == 2 and all(w > extra for w in result["epoch_walls"])
+    projected, _ = gpu_check_module().project_recipe(result["setup_s"], result["epoch_walls"], 10,
+                                                     result["steps_per_epoch"], 0, 0.0)
+    per_epoch_steps = min(h["epoch_seconds"] for h in result["history"])  # steps and validation, no records
+    assert projected >= result["setup_s"] + 10 * (per_epoch_steps + extra)
