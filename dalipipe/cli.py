@@ -15,6 +15,13 @@ from dalipipe.errors import DataError
 _DEFAULTS = TrainConfig(images_dir="", labels_csv="", out_dir="")
 
 
+def _may_change() -> str:
+    from dalipipe.run_dir import RESUME_MAY_CHANGE, option
+
+    names = [option(k) for k in RESUME_MAY_CHANGE]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
 class UserError(click.ClickException):
     exit_code = EXIT_USER
 
@@ -67,9 +74,8 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.argument("labels_csv", required=False, type=click.Path())
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run directory for checkpoints, metrics, plots.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the run in this directory with its own settings. --epochs, --device, --loader, "
-                   "--workers, --decoder, --decode-cache, --precision, --compile, --no-cache, --checkpoint-every, "
-                   "--checkpoint-minutes and --time-limit may change; other options may be given only with the run's values; "
+              help="Continue the run in this directory with its own settings. "
+                   f"{_may_change()} may change; other options may be given only with the run's values; "
                    "IMAGES_DIR and LABELS_CSV may point at moved data.")
 @click.option("--epochs", type=int, help=f"Passes over the training split. [default: {_DEFAULTS.epochs}]")
 @click.option("--batch-size", type=int, help=f"Per process. [default: {_DEFAULTS.batch_size}]")
