@@ -39,9 +39,13 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from probes import DeviceMemory, cpu_delta, cpu_snapshot  # noqa: E402  (beside this script)
+from dalipipe.constants import MIN_IMAGE_SIZE  # noqa: E402
 from step_profile import StepRanges, profiler  # noqa: E402
 
 CEILING_BATCHES = 16
+# Loaders fill their prefetch queues (DALI 2 batches per pipeline, torch 2 per worker) while the previous
+# epoch ends: an epoch of only a few batches is timed mostly on batches made before its clock started.
+MIN_TIMED_BATCHES = 10
 ROWS = ("torch", "dali", "dali-cpudec", "dali-cache", "ceiling", "ceiling-compile")
 # (row, train) in the order rows run; the others (sweep rows) after them.
 PRIORITY = [("ceiling", True), ("dali", True), ("torch", True), ("dali", False), ("torch", False),
@@ -298,7 +302,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], info: dict, path: Path) -> None:
+def plot(results: list[dict], info: dict, settings: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,7 +320,8 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
     ax.bar_label(bars, fmt="%.0f")
     ax.set_xticks(range(len(main)), labels)
     ax.set_ylabel("images/s")
-    ax.set_title(f"{info['gpu'] or info['cpu']} ({info['cpu_count']} CPUs)", fontsize=9)
+    ax.set_title(f"{info['gpu'] or info['cpu']} ({info['cpu_count']} CPUs)\n{settings['samples']} samples, batch "
+                 f"{settings['batch_size']}, {settings['image_size']} px", fontsize=9)
     if sweep:
         ax2 = axes[0][1]
         for kind, color in (("torch", "C0"), ("dali", "C2")):
@@ -334,11 +339,11 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
 @click.command()
 @click.option("--data", type=click.Path(file_okay=False), help="Challenge-layout folder (images_train/, y_train.csv). Default: a cached synthetic set.")
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--image-size", default=224, show_default=True)
-@click.option("--workers", type=int, help="Loader workers/threads. [default: as `dalipipe train`: the cores, at most 8]")
-@click.option("--epochs", type=int, help="Timed epochs after one warm-up epoch. [default: 3; 1 for --train on a CPU]")
-@click.option("--limit", type=int, help="Use at most this many samples. [default: all; 128 for --train on a CPU]")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=MIN_IMAGE_SIZE))
+@click.option("--workers", type=click.IntRange(min=1), help="Loader workers/threads. [default: as `dalipipe train`: the cores, at most 8]")
+@click.option("--epochs", type=click.IntRange(min=1), help="Timed epochs after one warm-up epoch. [default: 3; 1 for --train on a CPU]")
+@click.option("--limit", type=click.IntRange(min=2), help="Use at most this many samples. [default: all; 128 for --train on a CPU]")
 @click.option("--train", "train_mode", is_flag=True, help="Also time an efficientnet-b1 training step per batch.")
 @click.option("--sweep", is_flag=True, help="Repeat torch and dali with 1, 2, 4, ... workers.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all numbers and the machine here.")
@@ -348,7 +353,7 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
 @click.option("--loader", "profile_rows", multiple=True,
               type=click.Choice(ROWS),
               help="With --profile: the row(s) to profile (repeatable). [default: dali]")
-@click.option("--profile-steps", default=30, show_default=True, help="With --profile: training steps recorded.")
+@click.option("--profile-steps", default=30, show_default=True, type=click.IntRange(min=1), help="With --profile: training steps recorded.")
 @click.option("--rows", "only_rows", multiple=True, type=click.Choice(ROWS),
               help="Run only these rows (repeatable; rows that do not apply on this device are left out). [default: all]")
 @click.option("--row-job", hidden=True, type=click.Path())
@@ -373,18 +378,25 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
     from dalipipe.loader_rules import default_workers
 
     cores = os.cpu_count() or 1
-    workers = workers or default_workers()
+    workers = default_workers() if workers is None else workers
     train_mode = train_mode or bool(profile_dir)
-    epochs = epochs or (1 if train_mode and on_cpu else 3)
+    if epochs is None:
+        epochs = 1 if train_mode and on_cpu else 3
     if limit is None and train_mode and on_cpu:
         limit = 128
         click.echo("no GPU: --train uses 128 samples and 1 timed epoch (a CPU step is ~100x slower than loading)", err=True)
-    if limit:
+    if limit is not None:
         index = stratified_subset(index, limit, 0)
     index = inspect_images(index)
     norm = channel_stats(index)
+    batches = -(-len(index) // batch_size)
+    if batches < MIN_TIMED_BATCHES:
+        click.echo(f"warning: an epoch of {len(index)} samples is {batches} batch(es) of {batch_size}: too short to "
+                   f"measure (the loaders' prefetched batches would be timed as instant); use at least "
+                   f"{MIN_TIMED_BATCHES} batches, --limit {MIN_TIMED_BATCHES * batch_size} or more", err=True)
     info = machine()
     settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs, "samples": len(index),
+                "batches_per_epoch": batches, "too_short_to_measure": batches < MIN_TIMED_BATCHES,
                 "data": str(root), "command": " ".join(["python", "benchmarks/loader_speed.py", *sys.argv[1:]])}
     from dalipipe.atomic import save_json
 
@@ -427,10 +439,13 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
     text = table(results)  # adds each row's ratio_to_torch
     if json_out:
         save_json({"machine": info, "settings": settings, "results": results, "complete": True}, json_out)
-    plot_path = Path(plot_out) if plot_out else Path(json_out).with_suffix(".png") if json_out else Path("loader_speed.png")
-    plot(results, info, plot_path)
+    plot_path = (Path(plot_out) if plot_out else Path(json_out).with_suffix(".png") if json_out
+                 else Path(profile_dir) / "loader_speed.png" if profile_dir else Path("loader_speed.png"))
+    plot(results, info, settings, plot_path)
     click.echo(f"\n{info['gpu'] or 'no GPU'}; {info['cpu']} x{info['cpu_count']}; torch {info['torch']}, DALI {info['dali']}; "
-               f"{len(index)} samples, batch {batch_size}, {image_size} px, median of {epochs} epoch(s)")
+               f"{len(index)} samples, batch {batch_size}, {image_size} px, median of {epochs} epoch(s)"
+               + (f"; epochs of {batches} batch(es) are too short to measure: the rates are overstated"
+                  if batches < MIN_TIMED_BATCHES else ""))
     click.echo(text)
     for r in results:
         if "profile" in r:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CHANNELS
 from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, stratified_split
+
+
+def display_width(text: str) -> int:
+    """Columns a terminal gives the text: two for wide (CJK) characters, none for combining marks."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def summarize(images_dir: str, labels_csv: str | None, cfg: TrainConfig | None = None) -> list[str]:
@@ -20,9 +27,10 @@ def summarize(images_dir: str, labels_csv: str | None, cfg: TrainConfig | None =
         cfg = cfg or TrainConfig(images_dir=images_dir, labels_csv=labels_csv, out_dir="")
         names = LabelMap.from_labels(index["cell_line"]).names
         counts = index["cell_line"].value_counts()
-        width = max(len(n) for n in names)
+        width = max(display_width(n) for n in names)
         lines.append(f"{labels_csv}: {len(names)} classes")
-        lines += [f"  {n:<{width}}  {counts[n]:>6}  {100 * counts[n] / len(index):5.1f}%" for n in names]
+        lines += [f"  {n}{' ' * (width - display_width(n))}  {counts[n]:>6}  {100 * counts[n] / len(index):5.1f}%"
+                  for n in names]
         train_df, val_df = stratified_split(index, cfg.val_fraction, cfg.seed)
         norm = channel_stats(train_df)
         lines.append(f"a run would train on {len(train_df)} and validate on {len(val_df)} samples "

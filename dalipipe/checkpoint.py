@@ -37,17 +37,31 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+# What torch.save writes begins with one of these: a zip archive (torch >= 1.6), or a bare pickle.
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def _not_a_checkpoint(p: Path, why: str) -> DataError:
+    return DataError(f"{p}: not a dalipipe checkpoint ({why}); give a run folder or its best.pt or last.pt")
+
+
 def load(path: str | Path) -> dict[str, Any]:
     p = resolve(path)
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(_TORCH_FILE_STARTS):
+        raise _not_a_checkpoint(p, "not a file that torch.save wrote")
     try:
         # weights_only: a checkpoint is plain data (tensors, numbers, strings, lists, dicts). A pickle that
         # needs anything else could run code on load, and checkpoints are shared between people.
         ck = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):  # a damaged or foreign file, not a dangerous one
+            raise _not_a_checkpoint(p, "its data does not read as a checkpoint's") from None
         raise DataError(f"{p}: refused: the file holds more than plain data (tensors, numbers, strings), so "
                         "loading it could run code; a dalipipe checkpoint never does") from None
     except Exception as e:
-        raise DataError(f"{p}: cannot read checkpoint ({type(e).__name__})") from None
+        raise _not_a_checkpoint(p, f"unreadable: {type(e).__name__}") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise DataError(f"{p}: not a dalipipe checkpoint")
+        raise _not_a_checkpoint(p, "a torch file of something else")
     return ck

@@ -5,14 +5,24 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
 from dalipipe.config import TrainConfig
-from dalipipe.constants import EXIT_INTERNAL, EXIT_USER
+from dalipipe.constants import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TIME_LIMIT, EXIT_USER
 from dalipipe.errors import DataError
 
 _DEFAULTS = TrainConfig(images_dir="", labels_csv="", out_dir="")
+LOADER_HELP = "dali: NVIDIA DALI (decoding and augmentation on the GPU where there is one); torch: PIL and a DataLoader."
+DEVICE_HELP = "auto: the GPU when torch sees one, else the CPU; gpu: fail without one."
+# ctx.meta key: a function that says, when Ctrl-C stops the command, what is on disk and what to do next.
+ON_INTERRUPT = "dalipipe.on_interrupt"
+
+
+def on_interrupt(text) -> None:
+    """Set what Ctrl-C reports from here on (text: a string, or a function called at that moment)."""
+    click.get_current_context().meta[ON_INTERRUPT] = text if callable(text) else (lambda: text)
 
 
 def _may_change() -> str:
@@ -33,8 +43,10 @@ class _Group(click.Group):
         except DataError as e:
             raise UserError(str(e)) from None
         except KeyboardInterrupt:
-            click.echo("\ninterrupted (checkpoints on disk are complete; continue with --resume RUN_DIR)", err=True)
-            ctx.exit(130)
+            # What is true at this moment, as the command in progress knows it (ctx.meta is shared with it).
+            hint = ctx.meta.get(ON_INTERRUPT)
+            click.echo("\ninterrupted" + (f": {hint()}" if hint else ""), err=True)
+            ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as e:
@@ -50,6 +62,9 @@ class _Group(click.Group):
 def cli() -> None:
     """Train and apply an efficientnet-b1 cell-line classifier on three-channel microscopy PNGs."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # dalipipe's INFO lines are for the user; matplotlib's (such as building its font cache on a first run,
+    # which would print mid-epoch) are not.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 @cli.command()
@@ -58,13 +73,14 @@ def cli() -> None:
 @click.option("--n-test", default=6869, show_default=True, help="Test samples.")
 @click.option("--classes", "n_classes", default=9, show_default=True, help="Number of cell lines.")
 @click.option("--size", "image_size", default=64, show_default=True, help="Image side in pixels.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seeds the images and the labels drawn.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
     """Write a synthetic dataset in the challenge's layout to OUT_DIR."""
     from dalipipe.synthetic import SynthSpec, generate
 
     spec = SynthSpec(n_train=n_train, n_test=n_test, n_classes=n_classes, image_size=image_size, seed=seed)
+    on_interrupt(f"{out_dir} holds part of the data set; run the command again with --force to replace it")
     path = generate(out_dir, spec, force=force)
     click.echo(f"wrote {n_train} training and {n_test} test samples ({n_classes} classes, {image_size}px) to {path}")
 
@@ -84,8 +100,8 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--image-size", type=int, help=f"Side of the square model input, in pixels. [default: {_DEFAULTS.augment.image_size}]")
 @click.option("--val-fraction", type=float, help=f"Share of the labelled samples held out for validation (stratified). [default: {_DEFAULTS.val_fraction}]")
 @click.option("--seed", type=int, help=f"Seeds the split, the shuffling and the augmentation. [default: {_DEFAULTS.seed}]")
-@click.option("--loader", type=click.Choice(["dali", "torch"]), help=f"[default: {_DEFAULTS.loader}]")
-@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), help=f"[default: {_DEFAULTS.device}]")
+@click.option("--loader", type=click.Choice(["dali", "torch"]), help=f"{LOADER_HELP} [default: {_DEFAULTS.loader}]")
+@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), help=f"{DEVICE_HELP} [default: {_DEFAULTS.device}]")
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
 @click.option("--decoder", type=click.Choice(["mixed", "cpu"]),
               help="DALI on a GPU: a mixed decoder per channel, or one CPU pool and one copy per batch. [default: mixed]")
@@ -120,9 +136,12 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
         if not (images_dir and labels_csv and out_dir):
             raise click.UsageError("IMAGES_DIR, LABELS_CSV and --out RUN_DIR are required (or --resume RUN_DIR)")
         cfg = run_dir.new_config(images_dir, labels_csv, out_dir, given)
+    on_interrupt(lambda: run_dir.interrupt_hint(Path(cfg.out_dir)))
     result = run(cfg, resume=bool(resume_dir))
     if result["epochs"]:
         click.echo(f"best validation balanced accuracy {result['best_val_balanced_accuracy']:.4f}; run in {cfg.out_dir}")
+    if result["stopped_early"]:  # not finished (train said where it stopped): a job script can requeue it
+        sys.exit(EXIT_TIME_LIMIT)
 
 
 @cli.command()
@@ -131,9 +150,11 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="Submission CSV to write.")
 @click.option("--ids", "ids_csv", type=click.Path(), help="CSV whose file_id column restricts and orders the output.")
 @click.option("--probs", is_flag=True, help="Add one probability column per class.")
-@click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True,
+              help=f"{LOADER_HELP} Both give the same predictions.")
+@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--batch-size", type=int, default=64, show_default=True,
+              help="Samples per inference batch (memory and speed).")
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
@@ -142,6 +163,7 @@ def predict(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, devi
     """Predict the cell line of every sample in IMAGES_DIR with a checkpoint (or a run's best)."""
     from dalipipe.predict import predict as run
 
+    on_interrupt(f"nothing was written to {out_csv}; run the command again")
     sub = run(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force,
               cache=not no_cache)
     click.echo(f"wrote {len(sub)} predictions to {out_csv}")
@@ -150,8 +172,10 @@ def predict(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, devi
 @cli.command()
 @click.argument("images_dir", type=click.Path())
 @click.argument("labels_csv", required=False, type=click.Path())
-@click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True)
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+@click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True,
+              help="As for train: the share held out for validation, for the split shown.")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
+              help="As for train: the seed of the split shown.")
 @click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
 def check(images_dir, labels_csv, val_fraction, seed, no_cache):
     """Check IMAGES_DIR (and LABELS_CSV) as a run would, without training: the first problem, or what a
@@ -168,7 +192,11 @@ def check(images_dir, labels_csv, val_fraction, seed, no_cache):
 @click.argument("submission_csv", type=click.Path())
 @click.argument("answers_csv", type=click.Path())
 def score(submission_csv, answers_csv):
-    """Balanced accuracy of SUBMISSION_CSV against ANSWERS_CSV (file_id,cell_line)."""
+    """Balanced accuracy of SUBMISSION_CSV against ANSWERS_CSV (file_id,cell_line).
+
+    Every id of ANSWERS_CSV needs a prediction (a missing one is an error naming it); predictions for ids
+    that are not in ANSWERS_CSV are ignored with a warning that counts them. Other columns of either file
+    (a submission's probabilities) are ignored."""
     from dalipipe.predict import score as run
 
     click.echo(f"balanced accuracy {run(submission_csv, answers_csv):.4f}")

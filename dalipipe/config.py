@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dalipipe.constants import MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, MODEL_NAME
 from dalipipe.errors import DataError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -34,8 +35,8 @@ class AugmentSpec:
     vflip_p: float = 0.6
 
     def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise DataError(f"--image-size must be at least 8, got {self.image_size}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise DataError(f"--image-size must be at least {MIN_IMAGE_SIZE} for {MODEL_NAME}, got {self.image_size}")
         lo, hi = self.crop_area
         if not 0 < lo <= hi <= 1:
             raise DataError(f"crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
@@ -88,6 +89,8 @@ class LoaderSettings:
             raise DataError(f"--decoder must be mixed or cpu, got '{self.decoder}'")
         if self.batch_size < 1:
             raise DataError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 1:
+            raise DataError(f"--workers must be at least 1, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -130,13 +133,16 @@ class TrainConfig:
     checkpoint_every: int | None = None
     checkpoint_minutes: float | None = 5.0
     # Stop once this many minutes have passed (a job's time slot): at the next training step, with a
-    # checkpoint there from which --resume goes on exactly; None: no limit.
+    # checkpoint there from which --resume goes on exactly; None: no limit. A property of one command:
+    # a resume does not inherit it (run_dir.resume_config).
     time_limit_minutes: float | None = None
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def __post_init__(self) -> None:
         checks = [(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-                  (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+                  (self.batch_size >= MIN_TRAIN_BATCH,
+                   f"--batch-size must be at least {MIN_TRAIN_BATCH} for training (BatchNorm learns nothing from "
+                   f"one sample), got {self.batch_size}"),
                   (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
                   (self.weight_decay >= 0, f"--weight-decay must be non-negative, got {self.weight_decay}"),
                   (0 < self.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {self.val_fraction}"),

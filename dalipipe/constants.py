@@ -31,6 +31,9 @@ REAL_MEAN: dict[str, float] = {"blue": 32.9, "red": 33.6, "yellow": 37.5}
 REAL_STD: dict[str, float] = {"blue": 56.5, "red": 42.1, "yellow": 40.6}
 
 MODEL_NAME = "efficientnet-b1"
+# The smallest input side efficientnet-b1 takes: below it, the feature map shrinks under the kernel of a
+# late stage (found by trying every side from 8 up, in training and evaluation mode).
+MIN_IMAGE_SIZE = 16
 
 # Run-directory layout.
 CKPT_LAST = "last.pt"
@@ -43,9 +46,13 @@ CONFUSION_PNG = "confusion_matrix.png"
 VAL_PREDICTIONS = "val_predictions.csv"
 LOCK_FILE = ".dalipipe.lock"
 
-# Exit statuses of the CLI: bad input or options (one-line error), and a dalipipe bug (traceback).
+# Exit statuses of the CLI: bad input or options (one-line error), a dalipipe bug (traceback), a run
+# stopped by --time-limit with a checkpoint to resume from (EX_TEMPFAIL: "try again later", so that a job
+# script can requeue it), and Ctrl-C.
 EXIT_USER = 2
 EXIT_INTERNAL = 3
+EXIT_TIME_LIMIT = 75
+EXIT_INTERRUPTED = 130
 
 # The smallest training batch: BatchNorm in training mode needs more than one value per channel. A
 # last batch smaller than this is dropped, on every rank alike (see loader_rules.train_plan).

@@ -10,6 +10,7 @@ one-line message that names the file or CSV line, so that the CLI can stop befor
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import multiprocessing
@@ -94,9 +95,10 @@ def scan_images(images_dir: str | Path, skip_incomplete: bool = False) -> pd.Dat
     return pd.DataFrame(rows, columns=["file_id"] + PATH_COLUMNS)
 
 
-def read_labels(labels_csv: str | Path, what: str = "labels file", extra_columns: bool = False) -> pd.DataFrame:
-    """Read `file_id,cell_line` (with extra_columns: as the first two columns, as in a submission with
-    probabilities); errors name the CSV line (1-based, header is line 1). Names are stripped of spaces."""
+def read_labels(labels_csv: str | Path, what: str = "labels file") -> pd.DataFrame:
+    """Read the `file_id` and `cell_line` columns, found by name in any order; other columns (a submission's
+    probabilities, a notes column) are ignored, by the one rule of every CSV dalipipe reads. Errors name the
+    CSV line (1-based, header is line 1). Names are stripped of spaces."""
     path = Path(labels_csv)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
@@ -107,9 +109,12 @@ def read_labels(labels_csv: str | Path, what: str = "labels file", extra_columns
     except pd.errors.ParserError as e:
         raise DataError(f"{path}: malformed CSV ({str(e).splitlines()[0]})") from None
     cols = [c.strip() for c in df.columns]
-    if (cols[:2] if extra_columns else cols) != list(LABEL_COLUMNS):
-        raise DataError(f"{path}: expected header '{','.join(LABEL_COLUMNS)}', got '{','.join(cols)}'")
+    missing = [c for c in LABEL_COLUMNS if c not in cols]
+    if missing:
+        raise DataError(f"{path}: no {' or '.join(repr(c) for c in missing)} column (a {what} needs "
+                        f"{' and '.join(LABEL_COLUMNS)}; other columns are ignored), got '{','.join(cols)}'")
     df.columns = cols
+    df = df[list(LABEL_COLUMNS)]
     if df.empty:
         raise DataError(f"{path}: {what} has a header but no rows")
     ids = []
@@ -235,23 +240,57 @@ def warn_large_images(index: pd.DataFrame) -> None:
                     f"({int(index['width'].median())}x{int(index['height'].median())}): {names}{more}")
 
 
+def split_problem(class_counts: pd.Series, val_fraction: float) -> str | None:
+    """Why samples with these class counts (indexed by class name) cannot be split, stratified, with this
+    validation share; None when they can. scikit-learn's rules: every class needs 2 samples, and each part
+    (ceil(val_fraction x n) held out, the rest kept) at least one sample of each class."""
+    small = class_counts[class_counts < 2]
+    if len(small):
+        names = ", ".join(f"'{name}' ({count})" for name, count in small.items())
+        return f"classes with fewer than 2 samples: {names}"
+    n, k = int(class_counts.sum()), len(class_counts)
+    n_val = math.ceil(val_fraction * n)
+    if min(n_val, n - n_val) < k:
+        return (f"--val-fraction {val_fraction} holds out {n_val} and keeps {n - n_val}; each part needs at least one "
+                f"sample of each of the {k} classes")
+    return None
+
+
 def stratified_split(index: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Seeded stratified train/validation split; both parts sorted by file_id."""
     from sklearn.model_selection import train_test_split
 
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    try:
-        train, val = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=index["y"])
-    except ValueError as e:
-        raise DataError(f"cannot split {len(index)} samples with --val-fraction {val_fraction}: {e}") from None
+    problem = split_problem(index.groupby("cell_line").size(), val_fraction)
+    if problem:
+        raise DataError(f"cannot split {len(index)} samples for training and validation: {problem}")
+    train, val = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=index["y"])
     return train.sort_values("file_id").reset_index(drop=True), val.sort_values("file_id").reset_index(drop=True)
 
 
-def stratified_subset(index: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """At most n samples with the class proportions of `index` (at least one per class)."""
+def _subset_counts(class_sizes: pd.Series, n: int) -> pd.Series:
+    """Per class, the samples stratified_subset takes for at most n in all (at least one of each class)."""
+    frac = n / int(class_sizes.sum())
+    return class_sizes.map(lambda size: max(1, round(size * frac)))
+
+
+def stratified_subset(index: pd.DataFrame, n: int, seed: int, val_fraction: float | None = None) -> pd.DataFrame:
+    """At most n samples with the class proportions of `index` (at least one per class). With val_fraction,
+    a subset too small to split is refused, naming what it gives and the smallest n that works."""
     if n >= len(index):
         return index
+    sizes = index.groupby("cell_line").size() if "cell_line" in index else index.groupby("y").size()
+    if val_fraction is not None:
+        counts = _subset_counts(sizes, n)
+        problem = split_problem(counts, val_fraction)
+        if problem:
+            smallest = next((m for m in range(n + 1, len(index) + 1)
+                             if split_problem(_subset_counts(sizes, m), val_fraction) is None), None)
+            hint = (f"the smallest --subset that can be split is {smallest}" if smallest
+                    else "even all the labelled samples cannot be split")
+            raise DataError(f"--subset {n} gives {int(counts.sum())} samples (at least one per class), too few to "
+                            f"split: {problem}; {hint}")
     frac = n / len(index)
     parts = [
         g.sample(n=max(1, round(len(g) * frac)), random_state=seed) for _, g in index.groupby("y", sort=True)

@@ -24,10 +24,13 @@ def train_plan(n: int, batch_size: int, num_shards: int) -> tuple[int, int]:
     MIN_TRAIN_BATCH samples is dropped: BatchNorm cannot train on one sample, an empty batch has a NaN
     loss, and under DDP every rank must run the same number of steps or the collectives hang.
     """
+    if batch_size < MIN_TRAIN_BATCH:
+        raise DataError(f"--batch-size {batch_size}: a training batch needs at least {MIN_TRAIN_BATCH} samples (BatchNorm)")
     per_rank = n // num_shards
     full, rest = divmod(per_rank, batch_size)
     steps = full + (1 if rest >= MIN_TRAIN_BATCH else 0)
     if steps == 0:
-        raise DataError(f"{n} training samples are too few for {num_shards} process(es): each needs at least "
-                        f"{MIN_TRAIN_BATCH}")
+        raise DataError(f"{n} training samples over {num_shards} process(es) give {per_rank} per process, fewer than "
+                        f"one training batch of at least {MIN_TRAIN_BATCH} (BatchNorm); use more samples, a smaller "
+                        "--val-fraction or fewer processes")
     return per_rank, steps

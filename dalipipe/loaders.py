@@ -28,7 +28,7 @@ def make_loader(index: pd.DataFrame, targets: np.ndarray, spec: AugmentSpec, nor
                 device: torch.device, settings: LoaderSettings = LoaderSettings(), state: dict | None = None):
     """An iterable of (images, targets) over the rows of `index`; targets[i] belongs to row i.
     state: what the same loader's state() returned, to continue exactly where it was."""
-    if not settings.workers:
+    if settings.workers is None:
         settings = dataclasses.replace(settings, workers=default_workers())
     paths = index[PATH_COLUMNS].values.tolist()
     if len(paths) == 0:

@@ -2,11 +2,66 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from dalipipe.atomic import write_atomic
+
+log = logging.getLogger("dalipipe")
+_told: set[str] = set()
+LAST_RESORT = "Last Resort"  # characters already reported as missing from every font
+
+
+@functools.lru_cache(maxsize=None)
+def _charmap(path: str) -> frozenset[int]:
+    from matplotlib import font_manager
+
+    try:
+        return frozenset(font_manager.get_font(path).get_charmap())
+    except (OSError, RuntimeError):  # a broken font file on the machine: skip it
+        return frozenset()
+
+
+@contextlib.contextmanager
+def fonts_for(texts: list[str]) -> Iterator[None]:
+    """Draw these texts (class names) with any characters they hold: matplotlib's default font first, then
+    installed fonts that have what it lacks (matplotlib's font fallback). Characters no installed font has
+    are drawn as boxes, said once per process in one line instead of a warning per glyph and figure."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    base = font_manager.FontProperties(family=matplotlib.rcParams["font.family"])
+    have = _charmap(font_manager.findfont(base))
+    missing = {c for c in "".join(texts) if not c.isspace() and ord(c) not in have}
+    families = list(matplotlib.rcParams["font.family"])
+    # matplotlib ships "Last Resort", whose every glyph is a placeholder box: the final fallback, not a font
+    # that has the characters.
+    for entry in font_manager.fontManager.ttflist if missing else []:
+        if entry.name.startswith(LAST_RESORT):
+            continue
+        covered = {c for c in missing if ord(c) in _charmap(entry.fname)}
+        if covered and entry.name not in families:
+            families.append(entry.name)
+            missing -= covered
+        if not missing:
+            break
+    if missing:
+        families += sorted({e.name for e in font_manager.fontManager.ttflist if e.name.startswith(LAST_RESORT)})
+    new = "".join(sorted(missing - _told))
+    if new:
+        _told.update(new)
+        names = [t for t in texts if set(t) & set(new)]
+        log.warning(f"warning: no installed font has the characters {new} of {', '.join(repr(n) for n in names[:3])}: "
+                    "the plots draw them as boxes (install a font that has them, e.g. Noto Sans CJK, to see them)")
+    with matplotlib.rc_context({"font.family": families}), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        yield
 
 
 def _save(fig, path: Path) -> None:
@@ -47,6 +102,11 @@ def confusion(cm: np.ndarray, names: list[str], path: str | Path, title: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with fonts_for(names):
+        _confusion(plt, cm, names, Path(path), title)
+
+
+def _confusion(plt, cm: np.ndarray, names: list[str], path: Path, title: str) -> None:
     rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(names), 0.6 + 0.6 * len(names)))
     ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
@@ -59,4 +119,4 @@ def confusion(cm: np.ndarray, names: list[str], path: str | Path, title: str) ->
         for j in range(len(names)):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                     color="white" if rows[i, j] > 0.5 else "black")
-    _save(fig, Path(path))
+    _save(fig, path)

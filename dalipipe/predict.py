@@ -38,9 +38,23 @@ def select_ids(index: pd.DataFrame, ids_csv: str | Path, images_dir: str | Path)
     return by_id.loc[ids.to_numpy()].reset_index()
 
 
+def warn_seen_samples(index: pd.DataFrame, ck: dict, images_dir: str | Path) -> None:
+    """One warning when samples to predict carry ids of the model's own training or validation split: a
+    score on them says how well it remembers, not how well it predicts."""
+    split = ck.get("split") or {}
+    ids = set(index["file_id"].tolist())
+    trained = len(ids & set(split.get("train_ids", [])))
+    validated = len(ids & set(split.get("val_ids", [])))
+    if trained or validated:
+        log.warning(f"warning: {trained} of the {len(index)} samples in {images_dir} have the ids of this model's "
+                    f"training split and {validated} those of its validation split; scoring predictions on them "
+                    "overstates its accuracy")
+
+
 def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None = None, probs: bool = False,
             loader: str = "dali", device: str = "auto", batch_size: int = 64, workers: int | None = None,
             force: bool = False, cache: bool = True) -> pd.DataFrame:
+    settings = LoaderSettings(kind=loader, batch_size=batch_size, workers=workers)  # options checked first
     out = Path(out_csv)
     if out.exists() and not force:
         raise DataError(f"{out}: exists; choose another --out or pass --force to replace it")
@@ -52,6 +66,7 @@ def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None =
     index = scan_images(images_dir, skip_incomplete=True)
     if ids_csv:
         index = select_ids(index, ids_csv, images_dir)
+    warn_seen_samples(index, ck, images_dir)
     index = inspect_images(index, cache=cache)
     torch_device = dev.resolve(device)
     dev.configure(torch_device)  # cuDNN autotuning and TF32, as in training
@@ -61,7 +76,7 @@ def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None =
     if torch_device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     data = make_loader(index, np.arange(len(index)), spec, norm, False, torch_device,
-                       LoaderSettings(kind=loader, batch_size=batch_size, workers=workers))
+                       settings)
     from tqdm.auto import tqdm
 
     pos, logits = logits_by_position(model, data, torch_device,
@@ -82,7 +97,7 @@ def score(submission_csv: str, answers_csv: str) -> float:
     from sklearn.metrics import balanced_accuracy_score
 
     truth = read_labels(answers_csv, what="answers file")
-    sub = read_labels(submission_csv, what="submission", extra_columns=True)
+    sub = read_labels(submission_csv, what="submission")
     classes = set(truth["cell_line"])
     unknown = ~sub["cell_line"].isin(classes)
     if unknown.any():

@@ -69,6 +69,20 @@ def repair_run_dir(out: Path, state: dict) -> None:
     atomic.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
 
 
+def resume_point(state: dict) -> str:
+    """Where a checkpoint resumes, in the words of the progress bar (epochs and steps from 1)."""
+    if state.get("partial"):
+        return f"resumed at epoch {state['epoch'] + 1}, after step {state['partial']['steps']}"
+    return f"resumed after epoch {state['epoch']}"
+
+
+def interrupt_hint(out: Path) -> str:
+    """What is true when Ctrl-C stops a train command: the last checkpoint, if any, is complete."""
+    if (out / CKPT_LAST).exists():
+        return f"{out / CKPT_LAST} is complete; continue with: dalipipe train --resume {out}"
+    return "no checkpoint was written yet; run the same command again to start over"
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, (int, float)):
         return math.isclose(a, b, rel_tol=1e-9)
@@ -84,7 +98,8 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
         raise DataError(f"--resume {run} --out {out_dir}: a resumed run stays in its own folder; "
                         "drop --out (or give the same folder)")
     check_run_dir(run, resume=True)
-    cfg = TrainConfig.from_dict(checkpoint.load(run / CKPT_LAST)["config"])
+    # The time limit was the earlier command's (its job's slot): this one has its own, or none.
+    cfg = dataclasses.replace(TrainConfig.from_dict(checkpoint.load(run / CKPT_LAST)["config"]), time_limit_minutes=None)
     fixed = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE}
     current = {**dataclasses.asdict(cfg), "image_size": cfg.augment.image_size}
     for name, value in fixed.items():
@@ -108,6 +123,6 @@ def new_config(images_dir: str, labels_csv: str, out_dir: str, given: dict[str, 
     image_size = given.pop("image_size", None)
     if given.get("weights"):
         given["weights"] = str(Path(given["weights"]).resolve())
-    augment = AugmentSpec(image_size=image_size) if image_size else AugmentSpec()
+    augment = AugmentSpec() if image_size is None else AugmentSpec(image_size=image_size)
     return TrainConfig(images_dir=str(Path(images_dir).resolve()), labels_csv=str(Path(labels_csv).resolve()),
                        out_dir=str(Path(out_dir).resolve()), augment=augment, **given)

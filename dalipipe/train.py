@@ -25,6 +25,7 @@ from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, 
 from dalipipe.errors import DataError
 from dalipipe.versions import versions
 from dalipipe.inference import cross_entropy, logits_by_position, prediction_frame
+from dalipipe.loader_rules import train_plan
 from dalipipe.loaders import decode_cache_mb, make_loader
 from dalipipe.model import build_model, compiled
 
@@ -37,8 +38,10 @@ def prepare_data(cfg: TrainConfig, world: distributed.World):
     find every check remembered, instead of each decoding every file again."""
     index = build_index(cfg.images_dir, cfg.labels_csv)
     labels = LabelMap.from_labels(index["cell_line"])
-    if cfg.subset:
-        index = stratified_subset(index, cfg.subset, cfg.seed)
+    if cfg.subset is not None:
+        index = stratified_subset(index, cfg.subset, cfg.seed, val_fraction=cfg.val_fraction)
+    # Before the long image check: the split must be possible and give every process a training step.
+    train_plan(len(stratified_split(index, cfg.val_fraction, cfg.seed)[0]), cfg.batch_size, world.size)
     first = world.local_rank == 0 or not cfg.check_cache
     if first:
         index = inspect_images(index, progress=world.is_main, cache=cfg.check_cache)
@@ -148,7 +151,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         norm = Normalization(tuple(state["mean"]), tuple(state["std"]))
     lr = cfg.effective_lr()
     if world.is_main:
-        start = (f"resumed after epoch {state['epoch']}" if state else f"weights {cfg.weights}" if cfg.weights
+        start = (run_dir.resume_point(state) if state else f"weights {cfg.weights}" if cfg.weights
                  else "pretrained" if cfg.pretrained else "from scratch")
         log.info(f"{len(train_df)} training / {len(val_df)} validation samples, {len(labels.names)} classes; "
                  f"device {device}, loader {cfg.loader}, {world.size} process(es), lr {lr:g}, {start}")
@@ -247,7 +250,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
             stopped_early, partial_steps, partial_s = True, stop.args[0], time.perf_counter() - t0
             timings["train_s"] += partial_s
             log.info(f"--time-limit {cfg.time_limit_minutes:g} min reached at step {partial_steps} of epoch "
-                     f"{epoch + 1}; saved; continue with --resume {out}")
+                     f"{epoch + 1}; saved; continue with: dalipipe train --resume {out} (a time limit applies "
+                     "to the command that gives it: give --time-limit again for the next slot)")
             break
         loss_sum = float(loss_sum.item())
         train_time = time.perf_counter() - t0
@@ -297,8 +301,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         # Rank 0's clock decides, so that every rank stops after the same epoch.
         if epoch + 1 < cfg.epochs and deadline.passed():
             stopped_early = True
-            log.info(f"--time-limit {cfg.time_limit_minutes:g} min reached after epoch {epoch + 1}; "
-                     f"continue with --resume {out}")
+            log.info(f"--time-limit {cfg.time_limit_minutes:g} min reached after epoch {epoch + 1}; continue "
+                     f"with: dalipipe train --resume {out} (give --time-limit again for the next slot)")
             break
     for loader in (train_loader, val_loader):
         loader.close()

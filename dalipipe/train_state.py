@@ -70,13 +70,13 @@ class Interval:
     every `minutes`; never at an epoch's last step, where the epoch's own checkpoint follows."""
 
     def __init__(self, every: int | None, minutes: float | None, world: World):
-        self.every, self.seconds, self.world = every, 60 * minutes if minutes else None, world
+        self.every, self.seconds, self.world = every, None if minutes is None else 60 * minutes, world
         self.last = time.monotonic()
 
     def due(self, global_step: int, last_step_of_epoch: bool) -> bool:
         if last_step_of_epoch:
             return False
-        if self.every and global_step % self.every == 0:
+        if self.every is not None and global_step % self.every == 0:
             return True
         if self.seconds is None:
             return False
@@ -99,7 +99,7 @@ class Deadline:
     every rank stops at the same step."""
 
     def __init__(self, minutes: float | None, start: float, world: World):
-        self.at = start + 60 * minutes if minutes else None
+        self.at = None if minutes is None else start + 60 * minutes
         self.world = world
 
     def passed(self, global_step: int | None = None) -> bool:

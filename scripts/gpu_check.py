@@ -590,6 +590,9 @@ def main(out_dir, budget_s, device, quick, work_dir, child):
         return _gpu_tests_without_pytest(Path(work_dir))
     if not out_dir:
         raise click.UsageError("--out DIR is required")
+    # Progress bars are for people at a terminal: here they would fill the log (and the steps' output)
+    # with redrawn lines. tqdm reads this in this process and in every step's.
+    os.environ["TQDM_DISABLE"] = "1"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work_dir or tempfile.mkdtemp(prefix="gpu_check-"))

@@ -47,7 +47,7 @@ def test_data_errors_are_one_line_and_exit_2(synth_copy, tmp_path):
 
     (d / "bad.csv").write_text("id,label\n1,RT4\n")
     r = dalipipe("train", d / "images_train", d / "bad.csv", "--out", tmp_path / "run", check=False)
-    assert_one_line_error(r, "bad.csv", "expected header")
+    assert_one_line_error(r, "bad.csv", "no 'file_id' or 'cell_line' column")
 
     r = dalipipe("predict", d / "y_train.csv", d / "images_test", "--out", tmp_path / "s.csv", check=False)
     assert_one_line_error(r, "y_train.csv", "checkpoint")

@@ -1,0 +1,205 @@
+"""What a new user runs into: options that must be refused up front, messages that must say what is true,
+one CSV rule, help for every option, plots and tables for any class name."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dalipipe import checkpoint
+from dalipipe.constants import EXIT_INTERRUPTED, EXIT_TIME_LIMIT, MIN_IMAGE_SIZE
+from dalipipe.data import build_index, read_labels, stratified_split, stratified_subset
+from dalipipe.distributed import World
+from dalipipe.errors import DataError
+from tests.conftest import write_labels, write_sample
+from tests.test_cli import assert_one_line_error, dalipipe
+
+
+def invoke(*args):
+    from dalipipe.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_the_smallest_image_size_is_the_models_real_minimum():
+    from dalipipe.model import build_model
+
+    model = build_model(3)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        with torch.no_grad():
+            model(torch.randn(2, 3, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE))
+            with pytest.raises(RuntimeError, match="Kernel size"):
+                model(torch.randn(2, 3, MIN_IMAGE_SIZE - 1, MIN_IMAGE_SIZE - 1))
+
+
+@pytest.mark.parametrize("option,fragment", [
+    (["--image-size", "12"], f"--image-size must be at least {MIN_IMAGE_SIZE}"),
+    (["--image-size", "0"], f"--image-size must be at least {MIN_IMAGE_SIZE}"),  # once read as "not given"
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+])
+def test_options_that_would_do_something_else_are_refused_before_any_work(small_synth, tmp_path, option, fragment):
+    d = small_synth
+    r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", tmp_path / "run", "--device", "cpu",
+                 *option, check=False)
+    assert_one_line_error(r, fragment)
+    assert not (tmp_path / "run" / "last.pt").exists() and "train images" not in r.stderr  # no data check ran
+
+
+@pytest.mark.parametrize("option,fragment", [(["--batch-size", "0"], "--batch-size must be at least 1"),
+                                             (["--workers", "0"], "--workers must be at least 1")])
+def test_predict_checks_its_options_first(small_synth, tmp_path, option, fragment):
+    r = dalipipe("predict", tmp_path, small_synth / "images_test", "--out", tmp_path / "s.csv", *option, check=False)
+    assert_one_line_error(r, fragment)
+
+
+def test_a_split_too_small_for_a_training_step_on_every_process_is_refused_before_the_image_check(small_synth):
+    from dalipipe.config import TrainConfig
+    from dalipipe.train import prepare_data
+
+    cfg = TrainConfig(images_dir=str(small_synth / "images_train"), labels_csv=str(small_synth / "y_train.csv"),
+                      out_dir="", subset=12, batch_size=2)
+    # 12 labelled -> 8 training samples: over 8 processes, one each, no batch of 2 anywhere.
+    with pytest.raises(DataError, match="8 training samples over 8 process"):
+        prepare_data(cfg, World(rank=0, size=8, local_rank=0))
+
+
+def test_subset_too_small_names_the_samples_it_gives_the_classes_and_the_smallest_that_works(small_synth):
+    import re
+
+    index = build_index(small_synth / "images_train", small_synth / "y_train.csv")  # 4 classes
+    given = stratified_subset(index, 5, 42)  # what --subset 5 draws (at least one per class)
+    with pytest.raises(DataError) as e:
+        stratified_subset(index, 5, 42, val_fraction=0.3)
+    message = str(e.value)
+    assert f"--subset 5 gives {len(given)} samples" in message and "[0" not in message  # no class indices
+    singles = given.cell_line.value_counts()
+    assert all(f"'{name}' (1)" in message for name in singles[singles == 1].index)
+    smallest = int(re.search(r"the smallest --subset that can be split is (\d+)", message).group(1))
+    train, val = stratified_split(stratified_subset(index, smallest, 42, val_fraction=0.3), 0.3, 42)
+    assert len(train) > 0 and len(val) > 0
+    with pytest.raises(DataError, match="smallest --subset"):
+        stratified_subset(index, smallest - 1, 42, val_fraction=0.3)
+
+
+def test_a_split_impossible_for_the_validation_share_says_why_in_words(small_synth):
+    index = build_index(small_synth / "images_train", small_synth / "y_train.csv").iloc[::20]  # 12 samples
+    with pytest.raises(DataError, match=r"--val-fraction 0.1 holds out 2 and keeps 10; each part needs at least "
+                                        r"one sample of each of the 4 classes"):
+        stratified_split(index, 0.1, 0)
+
+
+def test_time_limit_applies_to_its_command_only_and_exits_with_its_own_status(small_synth, tmp_path):
+    d, run = small_synth, tmp_path / "run"
+    opts = ["--epochs", "2", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--workers", "1"]
+    r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", run, *opts, "--time-limit", "1e-6",
+                 check=False)
+    assert r.returncode == EXIT_TIME_LIMIT, r.stderr[-2000:]
+    assert "reached at step 1 of epoch 1" in r.stderr and f"dalipipe train --resume {run}" in r.stderr
+    saved = checkpoint.load(run / "last.pt")
+    assert saved["partial"] == {"steps": 1} and saved["config"]["time_limit_minutes"] == pytest.approx(1e-6)
+    # The resume gives no limit: it runs to the end (it stopped again at its first step when it inherited it).
+    r = dalipipe("train", "--resume", run)
+    assert "resumed at epoch 1, after step 1" in r.stderr
+    assert checkpoint.load(run / "last.pt")["epoch"] == 2
+
+    # predict: a file that is not a checkpoint is named as such; samples of the model's own split warned of.
+    r = dalipipe("predict", run / "config.json", d / "images_test", "--out", tmp_path / "s.csv", check=False)
+    assert_one_line_error(r, "config.json: not a dalipipe checkpoint")
+    train_ids = checkpoint.load(run / "last.pt")["split"]["train_ids"]
+    pd.DataFrame({"file_id": train_ids[:5]}).to_csv(tmp_path / "ids.csv", index=False)
+    r = dalipipe("predict", run, d / "images_train", "--out", tmp_path / "s.csv", "--ids", tmp_path / "ids.csv",
+                 "--device", "cpu")
+    assert "5 of the 5 samples" in r.stderr and "training split" in r.stderr
+    r = dalipipe("predict", run, d / "images_test", "--out", tmp_path / "t.csv", "--device", "cpu")
+    assert "training split" not in r.stderr
+
+
+def test_ctrl_c_says_what_is_true_at_that_moment(small_synth, tmp_path, monkeypatch):
+    import dalipipe.predict
+    import dalipipe.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dalipipe.predict, "predict", interrupted)
+    r = invoke("predict", tmp_path, small_synth / "images_test", "--out", tmp_path / "s.csv")
+    assert r.exit_code == EXIT_INTERRUPTED and f"nothing was written to {tmp_path / 's.csv'}" in r.output
+    assert "--resume" not in r.output
+
+    monkeypatch.setattr(dalipipe.train, "train", interrupted)
+    run = tmp_path / "run"
+    r = invoke("train", small_synth / "images_train", small_synth / "y_train.csv", "--out", run)
+    assert r.exit_code == EXIT_INTERRUPTED and "no checkpoint was written yet" in r.output
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")  # once a checkpoint is on disk, resuming is the way on
+    from dalipipe import run_dir
+
+    assert f"continue with: dalipipe train --resume {run}" in run_dir.interrupt_hint(run)
+
+
+def test_every_csv_is_read_by_column_name_and_extra_columns_are_ignored(small_synth, tmp_path):
+    labels = pd.read_csv(small_synth / "y_train.csv")
+    extra = labels.assign(notes="x", plate=1)[["notes", "cell_line", "plate", "file_id"]]
+    extra.to_csv(tmp_path / "extra.csv", index=False)
+    assert read_labels(tmp_path / "extra.csv").file_id.tolist() == labels.file_id.tolist()
+    r = invoke("check", small_synth / "images_train", tmp_path / "extra.csv")
+    assert r.exit_code == 0 and "no problems found" in r.output, r.output
+    sub = labels.assign(p_x=0.5)[["p_x", "file_id", "cell_line"]]
+    sub.to_csv(tmp_path / "sub.csv", index=False)
+    r = invoke("score", tmp_path / "sub.csv", small_synth / "y_train.csv")
+    assert r.exit_code == 0 and "balanced accuracy 1.0000" in r.output
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    from dalipipe.cli import cli
+
+    bare = [(name, p.name) for name, cmd in cli.commands.items() for p in cmd.params
+            if getattr(p, "param_type_name", "") == "option" and p.name != "help" and not p.help]
+    assert not bare
+    text = " ".join(invoke("score", "--help").output.split())
+    assert "a missing one is an error" in text and "ignored with a warning" in text
+
+
+def test_plots_carry_any_class_name_with_one_notice_instead_of_a_warning_per_glyph(tmp_path, caplog):
+    from dalipipe import plots
+
+    names = ["RT4", "\u4e09\u56db\u4e94 A", "Ünïcödé µ"]  # CJK (no font here has it), Latin accents
+    cm = np.array([[3, 1, 0], [0, 4, 1], [1, 0, 5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a glyph warning would fail here
+        with caplog.at_level(logging.WARNING, logger="dalipipe"):
+            for k in range(2):
+                plots.confusion(cm, names, tmp_path / f"cm{k}.png", "t")
+    assert (tmp_path / "cm1.png").stat().st_size > 1000
+    notices = [r for r in caplog.records if "no installed font has" in r.getMessage()]
+    assert len(notices) <= 1  # none where a font has them, once per process where none has
+
+
+def test_check_table_aligns_wide_class_names(tmp_path):
+    names = ["RT4", "\u7d30\u80de\u682a", "HeLa"]
+    rows = []
+    for fid in range(1, 31):
+        write_sample(tmp_path / "img", fid, *[np.full((16, 16), 40 + fid % 7)] * 3)
+        rows.append((fid, names[fid % 3]))
+    write_labels(tmp_path / "y.csv", rows)
+    r = invoke("check", tmp_path / "img", tmp_path / "y.csv")
+    assert r.exit_code == 0, r.output
+    from dalipipe.check import display_width
+
+    table = [line for line in r.output.splitlines() if line.startswith("  ") and "%" in line]
+    ends = {display_width(line.rsplit("%", 1)[0]) for line in table}
+    assert len(table) == 3 and len(ends) == 1, table
+
+
+def test_matplotlib_keeps_its_info_lines_to_itself():
+    invoke("check", "--help")  # the group's set-up runs before any command
+    assert logging.getLogger("matplotlib").getEffectiveLevel() >= logging.WARNING
