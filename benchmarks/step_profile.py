@@ -54,7 +54,6 @@ class StepRanges:
 
 def profiler(device):
     """torch.profiler over CPU and, on a GPU, CUDA activity."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

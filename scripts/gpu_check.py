@@ -243,52 +243,20 @@ def _default_workers() -> int:
 
 
 def gpu_tests(check: Check, timeout: float) -> dict:
-    """`pytest -m gpu`; without pytest on the machine, the same test functions called directly."""
+    """`pytest -m gpu` (the tests import pytest for their marks and fixtures: it must be installed)."""
     try:
         import pytest  # noqa: F401
-
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
     except ImportError:
-        cmd = [sys.executable, __file__, "--child", "gpu-tests", "--work", check.work]
-    r = check.run(cmd, timeout=timeout)
+        raise RuntimeError("pytest is not installed here (pip install pytest): the GPU tests need it") from None
+    r = check.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
+                  timeout=timeout)
     tail = last_line(r.stdout) or r.stderr[-300:]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", tail)}
     failed = re.findall(r"^(?:FAILED|ERROR) (.+)$", r.stdout, flags=re.M)
-    result = {"runner": "pytest" if "pytest" in cmd else "direct", "exit_code": r.returncode, "summary": tail,
-              "counts": counts, "failed": failed}
-    if r.returncode not in (0, 5) or failed:  # 5: every GPU test deselected or skipped... nothing ran
+    result = {"exit_code": r.returncode, "summary": tail, "counts": counts, "failed": failed}
+    if r.returncode != 0 or failed:
         raise StepFailed(f"GPU tests: {tail}", result)
     return result
-
-
-def _gpu_tests_without_pytest(work: Path) -> None:
-    """Child: the GPU test functions called directly, printing a pytest-like summary line."""
-    import inspect
-
-    import torch
-
-    if not torch.cuda.is_available():
-        print("1 skipped (no CUDA GPU)")
-        return
-    from dalipipe.synthetic import SynthSpec, generate
-    from tests import test_gpu
-
-    passed, failed = 0, 0
-    small = generate(work / "gpu-tests-data", SynthSpec(n_train=240, n_test=60, n_classes=4, image_size=32, seed=3),
-                     force=True)
-    for name, fn in inspect.getmembers(test_gpu, inspect.isfunction):
-        if not name.startswith("test_"):
-            continue
-        case = Path(tempfile.mkdtemp(dir=work))
-        kwargs = {"small_synth": small, "tmp_path": case}
-        try:
-            fn(**{p: kwargs[p] for p in inspect.signature(fn).parameters})
-            passed += 1
-        except Exception as e:
-            failed += 1
-            print(f"FAILED {name}: {type(e).__name__}: {str(e)[:200]}")
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
 
 
 def synthetic_data(work: Path, sizes: Sizes) -> Path:
@@ -581,13 +549,11 @@ def markdown(report: dict) -> str:
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny sizes (for the CPU, and the test suite).")
 @click.option("--work", "work_dir", type=click.Path(), help="Data and run folders. [default: a temporary folder, removed at the end]")
-@click.option("--child", type=click.Choice(["recipe", "gpu-tests"]), hidden=True)
+@click.option("--child", type=click.Choice(["recipe"]), hidden=True)
 def main(out_dir, budget_s, device, quick, work_dir, child):
     """Verify this machine's GPU path and measure it against the project's targets."""
     if child == "recipe":
         return _recipe_child(Path(work_dir))
-    if child == "gpu-tests":
-        return _gpu_tests_without_pytest(Path(work_dir))
     if not out_dir:
         raise click.UsageError("--out DIR is required")
     # Progress bars are for people at a terminal: here they would fill the log (and the steps' output)

@@ -28,6 +28,9 @@ def test_benchmark_json_has_every_row_and_the_machine(small_synth, tmp_path):
     assert rows[("torch", False)]["ratio_to_torch"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "x torch" in r.stdout and "ceiling" in r.stdout
+    # 96 samples in batches of 32: 3 batches an epoch, mostly prefetched before the clock starts.
+    assert report["settings"]["batches_per_epoch"] == 3 and report["settings"]["too_short_to_measure"]
+    assert "too short to measure" in r.stderr and "rates are overstated" in r.stdout
 
 
 def test_profile_writes_a_chrome_trace_and_a_table_of_ranges(small_synth, tmp_path):
