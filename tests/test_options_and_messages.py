@@ -203,3 +203,18 @@ def test_check_table_aligns_wide_class_names(tmp_path):
 def test_matplotlib_keeps_its_info_lines_to_itself():
     invoke("check", "--help")  # the group's set-up runs before any command
     assert logging.getLogger("matplotlib").getEffectiveLevel() >= logging.WARNING
+
+
+def test_check_workers_leave_ctrl_c_to_the_main_process():
+    """Ctrl-C reaches every process of the terminal's group: the image check's workers ignore it (the main
+    process reports it in one line), instead of each printing a KeyboardInterrupt traceback (seen before)."""
+    import signal
+
+    from dalipipe.data import check_pool
+
+    pool = check_pool(2)
+    try:
+        handlers = list(pool.map(signal.getsignal, [signal.SIGINT] * 4))
+    finally:
+        pool.shutdown()
+    assert handlers == [signal.SIG_IGN] * 4
