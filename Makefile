@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch 2.13.0: on the project's CPU machines pip takes a local CPU wheel; elsewhere PyPI's build.
+# torch 2.13.0: PyPI's build (with CUDA on Linux x86-64), or a local wheel where pip is configured with one;
+# TORCH="..." picks another build.
 TORCH ?= torch==2.13.0
 
 .PHONY: demo test bench clean-venv
@@ -19,7 +20,7 @@ demo: $(VENV)/.installed
 
 # Two test processes, one OpenMP thread each: the tests' training processes spend much of their time
 # starting up, so two at once use the cores better; more than one OpenMP thread per process would then
-# oversubscribe the cores, which slows torch's spinning threads many times over (seen here).
+# oversubscribe the cores, which slows torch's spinning threads many times over (measured on 2 cores).
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed

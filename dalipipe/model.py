@@ -12,7 +12,7 @@ from dalipipe.errors import DataError
 
 # efficientnet-pytorch builds BatchNorm with PyTorch momentum 0.01 (TensorFlow's 0.99). From scratch,
 # the running statistics then lag so far behind that the model in eval mode predicts one class for
-# everything after a short run (seen here). 0.9 in the package's convention is PyTorch's usual 0.1.
+# everything after a short run (measured). 0.9 in the package's convention is PyTorch's usual 0.1.
 # Pretrained weights keep the package default, as the reference did.
 SCRATCH_BN_MOMENTUM = 0.9
 
