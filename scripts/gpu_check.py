@@ -211,6 +211,7 @@ def environment(device_name: str) -> dict:
     import torch
 
     from dalipipe import device as dev
+    from dalipipe.loader_rules import default_workers
 
     def version(module: str) -> str | None:
         try:
@@ -223,7 +224,7 @@ def environment(device_name: str) -> dict:
             "dali": version("nvidia.dali"), "efficientnet_pytorch": version("efficientnet_pytorch"),
             "numpy": numpy.__version__, "cpu_cores": os.cpu_count(), "device": str(device),
             "gpu": None, "gpu_memory_gib": None, "driver": None, "bf16": dev.has_bf16(device),
-            "workers": _default_workers()}
+            "workers": default_workers()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -234,12 +235,6 @@ def environment(device_name: str) -> dict:
         except (OSError, subprocess.TimeoutExpired):
             pass
     return info
-
-
-def _default_workers() -> int:
-    from dalipipe.loader_rules import default_workers
-
-    return default_workers()
 
 
 def gpu_tests(check: Check, timeout: float) -> dict:
