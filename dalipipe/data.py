@@ -296,9 +296,9 @@ def stratified_subset(index: pd.DataFrame, n: int, seed: int, val_fraction: floa
     a subset too small to split is refused, naming what it gives and the smallest n that works."""
     if n >= len(index):
         return index
-    sizes = index.groupby("cell_line").size() if "cell_line" in index else index.groupby("y").size()
+    sizes = index.groupby("cell_line").size()
+    counts = _subset_counts(sizes, n)
     if val_fraction is not None:
-        counts = _subset_counts(sizes, n)
         problem = split_problem(counts, val_fraction)
         if problem:
             smallest = next((m for m in range(n + 1, len(index) + 1)
@@ -307,10 +307,7 @@ def stratified_subset(index: pd.DataFrame, n: int, seed: int, val_fraction: floa
                     else "even all the labelled samples cannot be split")
             raise DataError(f"--subset {n} gives {int(counts.sum())} samples (at least one per class), too few to "
                             f"split: {problem}; {hint}")
-    frac = n / len(index)
-    parts = [
-        g.sample(n=max(1, round(len(g) * frac)), random_state=seed) for _, g in index.groupby("y", sort=True)
-    ]
+    parts = [g.sample(n=int(counts[name]), random_state=seed) for name, g in index.groupby("cell_line")]
     return pd.concat(parts).sort_values("file_id").reset_index(drop=True)
 
 
