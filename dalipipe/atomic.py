@@ -23,10 +23,12 @@ def ensure_writable(folder: str | Path, what: str) -> Path:
     return folder
 
 
-def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) and rename it over path: a kill at any moment leaves the old file or the new."""
+def write_atomic(path: str | Path, write: Callable[[str], None], make_parent: bool = True) -> None:
+    """Call write(tmp_path) and rename it over path: a kill at any moment leaves the old file or the new.
+    make_parent=False: a missing folder is an error (a run folder removed mid-run is not made again)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     # mkstemp creates the file 0600; outputs follow the user's umask like any other file.
@@ -40,6 +42,12 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_file(path: str, render: Callable[..., None], *args: Any) -> None:
+    """render(*args, tmp_path), renamed over path; the folder must exist. A job that a worker process can
+    run: every argument is picklable."""
+    write_atomic(path, lambda tmp: render(*args, tmp), make_parent=False)
 
 
 def _umask() -> int:

@@ -16,8 +16,37 @@ from dalipipe.errors import DataError
 FORMAT = "dalipipe-checkpoint-1"
 
 
-def save(obj: dict[str, Any], path: str | Path) -> None:
-    write_atomic(path, lambda tmp: torch.save({"format": FORMAT, **obj}, tmp))
+class _File:
+    """A file for torch.save that keeps the OSError of a failed write: torch's writer reports a full disk
+    as its own RuntimeError ("enforce fail ... unexpected pos"), which names no cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write(obj: dict[str, Any], path: str | Path) -> None:
+    """The checkpoint file itself (not atomic: the run recorder writes it through atomic.write_atomic). A
+    full disk is an OSError (ENOSPC), as for any other file. Through a Python file: of torch.save's ways to
+    write (a path, a buffer, a file), the one that holds the GIL least (measured: about a tenth of its time),
+    which matters in the recorder's thread, beside the training thread."""
+    with open(path, "wb") as f:
+        out = _File(f)
+        try:
+            torch.save({"format": FORMAT, **obj}, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def copy(src: str | Path, dst: str | Path) -> None:

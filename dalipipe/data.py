@@ -13,9 +13,6 @@ import logging
 import math
 import os
 import re
-import signal
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from dalipipe.config import Normalization
 from dalipipe.constants import CHANNELS, FILE_REGEX, LABEL_COLUMNS
 from dalipipe.errors import DataError
 from dalipipe.check_cache import CheckCache
+from dalipipe.child_processes import worker_pool
 from dalipipe.pngio import inspect_sample
 
 log = logging.getLogger("dalipipe")
@@ -176,19 +174,6 @@ def build_index(images_dir: str | Path, labels_csv: str | Path | None = None) ->
 PARALLEL_FROM = 500
 
 
-def _ignore_interrupts() -> None:
-    """In a check worker: Ctrl-C reaches every process of the terminal's group; the main process ends the
-    command with one line, and the workers must not each print a KeyboardInterrupt traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def check_pool(workers: int) -> ProcessPoolExecutor:
-    """Processes for the image check. fork, as torch's DataLoader workers: the children only decode with PIL
-    and numpy (no CUDA), start at once, and need no `if __name__ == "__main__"` guard in the caller's
-    script (spawn does)."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_interrupts)
-
-
 def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bool = True, cache: bool = True,
                    parallel_from: int = PARALLEL_FROM) -> pd.DataFrame:
     """Decode every PNG once, check that it decodes and that the channels of each sample agree in size;
@@ -209,7 +194,7 @@ def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bo
                 results[i] = r
                 bar.update()
         else:
-            pool = check_pool(min(workers, len(todo)))
+            pool = worker_pool(min(workers, len(todo)))  # they only decode with PIL and numpy
             try:
                 chunk = max(1, min(256, len(todo) // (4 * workers)))
                 for i, r in zip(todo, pool.map(inspect_sample, [paths[i] for i in todo], chunksize=chunk)):

@@ -64,21 +64,33 @@ def fonts_for(texts: list[str]) -> Iterator[None]:
         yield
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def warm_up() -> None:
+    """Import what drawing needs (about a second), ahead of the first plot."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
 
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+
+def _figure(figsize: tuple[float, float]):
+    """A figure of its own, outside pyplot's global state: the run recorder draws in its writer thread."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
+def _write_png(fig, path: str) -> None:
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
 
 
 def learning_curves(history: list[dict], path: str | Path) -> None:
-    import matplotlib
+    write_atomic(path, lambda tmp: learning_curves_png(history, tmp))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def learning_curves_png(history: list[dict], path: str) -> None:
+    from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = _figure((10, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     ax1.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
     ax1.set_xlabel("epoch")
@@ -88,35 +100,29 @@ def learning_curves(history: list[dict], path: str | Path) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation balanced accuracy")
     ax2.set_ylim(0, 1)
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
-    _save(fig, Path(path))
+    _write_png(fig, path)
 
 
 def confusion(cm: np.ndarray, names: list[str], path: str | Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with fonts_for(names):
-        _confusion(plt, cm, names, Path(path), title)
+    write_atomic(path, lambda tmp: confusion_png(cm, names, title, tmp))
 
 
-def _confusion(plt, cm: np.ndarray, names: list[str], path: Path, title: str) -> None:
-    rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(names), 0.6 + 0.6 * len(names)))
-    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if rows[i, j] > 0.5 else "black")
-    _save(fig, path)
+def confusion_png(cm: np.ndarray, names: list[str], title: str, path: str) -> None:
+    with fonts_for(names):  # around the drawing and the saving: text is laid out when saved
+        rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        fig = _figure((1.0 + 0.7 * len(names), 0.6 + 0.6 * len(names)))
+        ax = fig.subplots()
+        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if rows[i, j] > 0.5 else "black")
+        _write_png(fig, path)

@@ -112,9 +112,12 @@ class Deadline:
         return time.perf_counter() > self.at
 
 
-def kill_for_test(global_step: int) -> None:
+def kill_for_test(global_step: int, before) -> None:
     """Testing aid: DALIPIPE_KILL_AT_STEP=N ends this process with SIGKILL right after training step N,
-    as a pre-emption would, so that exact resume can be tested at a known point."""
+    as a pre-emption would, so that exact resume can be tested at a known point. before() runs first: the
+    checkpoints handed over until then are written, as they would be by a pre-emption that comes later than
+    their writes (a kill in the middle of a write has its own aid: run_recorder.KILL_IN_WRITE)."""
     at = os.environ.get("DALIPIPE_KILL_AT_STEP")
     if at and int(at) == global_step:
+        before()
         os.kill(os.getpid(), signal.SIGKILL)

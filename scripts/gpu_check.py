@@ -154,12 +154,14 @@ class Check:
                     PYTHONWARNINGS="ignore", DALIPIPE_CACHE_DIR=str(self.work / "check-cache"), **extra)
 
     def run(self, cmd: list, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+        from dalipipe.child_processes import die_with_parent
+
         cmd = [str(c) for c in cmd]
         self.log.write("$ " + " ".join(cmd) + "\n")
         self.log.flush()
         # Its own process group, so that a timeout stops its children too (loader workers, benchmark rows).
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env or self.env(), cwd=ROOT, start_new_session=True, preexec_fn=_die_with_parent)
+                                env=env or self.env(), cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent)
         try:
             out, err = proc.communicate(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
@@ -176,17 +178,6 @@ class Check:
         if check and r.returncode != 0:
             raise RuntimeError(f"dalipipe {args[0]} exit {r.returncode}: {last_line(r.stderr)}")
         return r
-
-
-def _die_with_parent() -> None:
-    """In the child, before it runs: on Linux, be killed when the check dies, however it dies (a kill from
-    outside reaches the check's own process group only, and a step's group is its own)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the step's timeout still applies
-        pass
 
 
 class StepTimeout(RuntimeError):
@@ -267,8 +258,9 @@ def synthetic_data(work: Path, sizes: Sizes) -> Path:
 def project_recipe(setup_s: float, epoch_walls: list[float], epochs: int, steps_per_epoch: int,
                    partial_steps: int, partial_s: float) -> tuple[float | None, str]:
     """The whole recipe's training time from what a stopped run measured, with how it was projected.
-    Whole-epoch wall times hold everything an epoch costs (steps, validation, checkpoints, plots, CSV),
-    so per-epoch costs count once per epoch. The first epoch also pays the warm-ups (cuDNN autotuning,
+    Whole-epoch wall times hold everything an epoch costs the loop (steps, validation, the hand-off of its
+    checkpoint and records, and any wait for the previous checkpoint's write), so per-epoch costs count
+    once per epoch. The first epoch also pays the warm-ups (cuDNN autotuning,
     DALI's first batches): it counts once, the later epochs' mean for the rest."""
     if len(epoch_walls) >= 2:
         rest = statistics.mean(epoch_walls[1:])
@@ -320,7 +312,8 @@ def summarize_recipe(res: dict, sizes: Sizes) -> dict:
            **{k: round(v, 1) for k, v in timings.items()},
            "setup_s": round(res["setup_s"], 1),
            "epoch_wall_s": [round(w, 2) for w in walls],
-           # what an epoch costs besides its steps and validation: checkpoints, best.pt, plots, CSV, metrics
+           # what an epoch costs the loop besides its steps and validation: handing its checkpoint and records
+           # to the background writer (and waiting, when the previous checkpoint is still being written)
            "epoch_records_s": round(statistics.mean(w - h["epoch_seconds"] for w, h in zip(walls, history)), 2)
            if walls else None,
            "train_images_per_s": round(statistics.mean(h["train_images_per_s"] for h in history[1:] or history), 1)
@@ -334,6 +327,8 @@ def summarize_recipe(res: dict, sizes: Sizes) -> dict:
         projected, basis = project_recipe(res["setup_s"], walls, sizes.epochs, res["steps_per_epoch"],
                                           res["partial_steps"], res["partial_train_s"])
         out["steps_done_in_last_epoch"] = res["partial_steps"]
+        # plus the last writes, which the run waits for at its end
+        projected = None if projected is None else projected + timings.get("record_wait_s", 0.0)
         out["projected_recipe_s"] = None if projected is None else round(projected, 1)
         out["projection"] = basis
     return out

@@ -56,3 +56,18 @@ def test_profile_writes_a_chrome_trace_and_a_table_of_ranges(small_synth, tmp_pa
     # tiny images may cost the loader less than one tick, so only the bounds are certain).
     total = row["cpu_s_per_1000_images"]
     assert 0 <= row["loader_cpu_s_per_1000_images"] <= total + 1 and 0 < row["main_cpu_s_per_1000_images"] <= total + 1
+
+
+def test_record_cost_reports_each_setting_and_fsync_delay(tmp_path):
+    out = tmp_path / "cost.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "record_cost.py"
+    r = subprocess.run([sys.executable, str(script), "--settings", "tiny", "--epochs", "1", "2", "--fsync-delay", "0",
+                        "--fsync-delay", "0.05", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["setting"], x["fsync_delay_s"]) for x in rows] == [("tiny", 0.0), ("tiny", 0.05)]
+    for row in rows:
+        assert row["epochs"] == [1, 2] and row["steps_per_epoch"] >= 2
+        assert row["per_epoch_steps_s"] > 0 and row["epoch_end_in_loop_s"] >= 0
+        assert abs(row["outside_steps_s"] - (row["per_epoch_wall_s"] - row["per_epoch_steps_s"])) <= 0.002  # rounding
+    assert "outside s" in r.stdout

@@ -109,15 +109,16 @@ def test_projection_counts_every_epoch_cost_per_epoch(walls, partial, expected, 
 
 
 def test_projection_of_a_run_with_a_known_cost_per_epoch(small_synth, tmp_path, monkeypatch):
-    """Each epoch's end is made to cost at least 0.5 s more (as slow checkpoint writes would): the
-    projection for 10 epochs from the 2 measured must include 10 such costs, not 2."""
-    from dalipipe import plots
+    """Each epoch's end is made to cost at least 0.5 s more in the training loop (as a hand-off that has
+    to wait for a slow disk would): the projection for 10 epochs from the 2 measured must include 10 such
+    costs, not 2."""
     from dalipipe.config import AugmentSpec, TrainConfig
+    from dalipipe.run_recorder import RunRecorder
     from dalipipe.train import train
 
     extra = 0.5
-    draw = plots.learning_curves
-    monkeypatch.setattr(plots, "learning_curves", lambda *a, **k: (time.sleep(extra), draw(*a, **k)))
+    hand_off = RunRecorder.epoch_end
+    monkeypatch.setattr(RunRecorder, "epoch_end", lambda *a, **k: (time.sleep(extra), hand_off(*a, **k)))
     cfg = TrainConfig(images_dir=str(small_synth / "images_train"), labels_csv=str(small_synth / "y_train.csv"),
                       out_dir=str(tmp_path / "run"), epochs=2, batch_size=32, device="cpu", subset=96,
                       augment=AugmentSpec(image_size=16))

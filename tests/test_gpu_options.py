@@ -15,7 +15,7 @@ from dalipipe.config import LoaderSettings, TrainConfig
 from dalipipe.dali_loader import build_pipeline, decoder_args
 from dalipipe.errors import DataError
 from dalipipe.loaders import decode_cache_mb
-from dalipipe.train import make_optimizer
+from dalipipe.train_setup import make_optimizer
 from tests.test_cli import assert_one_line_error, dalipipe
 from tests.test_loaders import RAW
 

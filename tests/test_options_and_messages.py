@@ -63,7 +63,7 @@ def test_predict_checks_its_options_first(small_synth, tmp_path, option, fragmen
 
 def test_a_split_too_small_for_a_training_step_on_every_process_is_refused_before_the_image_check(small_synth):
     from dalipipe.config import TrainConfig
-    from dalipipe.train import prepare_data
+    from dalipipe.train_setup import prepare_data
 
     cfg = TrainConfig(images_dir=str(small_synth / "images_train"), labels_csv=str(small_synth / "y_train.csv"),
                       out_dir="", subset=12, batch_size=2)
@@ -210,9 +210,9 @@ def test_check_workers_leave_ctrl_c_to_the_main_process():
     process reports it in one line), instead of each printing a KeyboardInterrupt traceback (seen before)."""
     import signal
 
-    from dalipipe.data import check_pool
+    from dalipipe.child_processes import worker_pool
 
-    pool = check_pool(2)
+    pool = worker_pool(2)
     try:
         handlers = list(pool.map(signal.getsignal, [signal.SIGINT] * 4))
     finally:

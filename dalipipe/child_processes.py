@@ -1,0 +1,39 @@
+"""The processes dalipipe starts for its own work (image checks, the run's plots): they leave Ctrl-C to the
+command and die with it."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from concurrent.futures import ProcessPoolExecutor
+
+
+def ignore_interrupts() -> None:
+    """Ctrl-C reaches every process of the terminal's group; the main process ends the command with one
+    line, and its workers must not each print a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def die_with_parent() -> None:
+    """On Linux, be killed when the process (the thread) that started this one ends, however it ends: a
+    kill -9 of a run must not leave its workers behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
+def _worker_init() -> None:
+    ignore_interrupts()
+    die_with_parent()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes, started now by fork in the calling thread. fork, as torch's DataLoader workers:
+    the children start at once and need no `if __name__ == "__main__"` guard in the caller's script (spawn
+    does); they never touch CUDA."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init)
+    pool.submit(int).result()  # fork here and now, not later from whichever thread first submits
+    return pool

@@ -1,0 +1,206 @@
+"""What a training run writes to its folder, written in the background so that the GPU never waits for a disk.
+
+The training loop hands over what to write and goes on at once. One writer thread writes it, in the order
+handed over, each file by the atomic rule (temporary file, fsync, rename: a kill at any moment leaves the
+previous complete file). A checkpoint is handed over as a host copy of the state at that step (see
+snapshot.py); at most one checkpoint is in flight: the next hand-off waits for it, so that its host buffers
+can be reused and memory stays bounded.
+
+The plots and the validation predictions CSV are drawn in a worker process, which the writer thread waits
+for: matplotlib and pandas hold Python's GIL for most of their work, and a thread of the training process
+drawing a plot made the training thread's own Python (each kernel launch, each loader call) wait for the
+GIL: measured, a loop of small torch operations ran 10x slower while a plot was drawn beside it. Writing a
+checkpoint holds the GIL for a small part of its time only (about a tenth).
+
+A write that fails (disk full, folder removed, no permission) stops the run at the next hand-off, or at
+the end, with a one-line error naming the file; a normal end, --time-limit and Ctrl-C all wait for the
+pending writes, so that last.pt on disk is then the last state handed over. Under torchrun only rank 0
+records; the other ranks hand over nothing and never wait for its disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from dalipipe import checkpoint, plots
+from dalipipe.atomic import write_atomic, write_file
+from dalipipe.child_processes import worker_pool
+from dalipipe.constants import CKPT_BEST, CKPT_LAST, CONFUSION_PNG, CURVES_PNG, METRICS_FILE, VAL_PREDICTIONS
+from dalipipe.errors import DataError
+from dalipipe.snapshot import HostStaging
+
+# Testing aid: DALIPIPE_KILL_IN_CHECKPOINT_WRITE=N ends the process with SIGKILL in the middle of writing the
+# N-th checkpoint handed over (its temporary file written, not yet renamed over last.pt), as a pre-emption
+# during a background write would.
+KILL_IN_WRITE = "DALIPIPE_KILL_IN_CHECKPOINT_WRITE"
+
+_to_csv = functools.partial(pd.DataFrame.to_csv, index=False)  # (frame, path): picklable, for the worker
+
+
+@dataclass(frozen=True)
+class BestEpoch:
+    """What is written when an epoch is the best so far, besides best.pt."""
+    predictions: pd.DataFrame  # the validation predictions, to see which samples it gets wrong
+    confusion: np.ndarray
+    class_names: list[str]
+    title: str
+
+
+class RecordFailed(Exception):
+    """A write of the user's disk failed (an OSError): raised in the training thread as a DataError."""
+
+
+class RunRecorder:
+    """Create it before the run builds its model and loaders: its worker process is forked then, from a
+    process that has no CUDA context and no loader threads yet."""
+
+    def __init__(self, out: Path, active: bool, interrupt_hint: Callable[[], str]):
+        self.out, self.active, self.hint = Path(out), active, interrupt_hint
+        self.staging = HostStaging()
+        self.jobs: queue.Queue = queue.Queue()
+        self.failure: BaseException | None = None
+        self.failure_raised = False
+        self.checkpoint_done = threading.Event()
+        self.checkpoint_done.set()
+        self.checkpoints = 0
+        kill = os.environ.get(KILL_IN_WRITE)
+        self.kill_at = int(kill) if kill else None
+        self.thread = self.worker = None
+        if active:
+            self.worker = worker_pool(1)
+            self.worker.submit(plots.warm_up)  # matplotlib's imports, while the run checks its data
+            # A daemon: a second Ctrl-C while the first waits for a write still ends the process (the atomic
+            # rule keeps the previous file, and a resume removes the temporary one).
+            self.thread = threading.Thread(target=self._work, name="dalipipe-recorder", daemon=True)
+            self.thread.start()
+
+    # --- hand-offs (training thread) -----------------------------------------------------------------
+
+    def checkpoint(self, state: dict, best: bool = False) -> None:
+        """last.pt (and best.pt, from the same snapshot) as `state` is now."""
+        if not self.active:
+            return
+        self._raise_failure()
+        self.checkpoint_done.wait()  # the previous snapshot's buffers are about to be reused
+        self._raise_failure()
+        snapshot = self.staging.stage(state)
+        self.checkpoints += 1
+        kill = self.kill_at == self.checkpoints
+        self.checkpoint_done.clear()
+
+        def write() -> None:
+            try:
+                saved = snapshot.state()
+                # last first, then best: a kill between the two is repaired on resume (run_dir.repair_run_dir).
+                self._file(self.out / CKPT_LAST, lambda tmp: _save(saved, tmp, kill))
+                if best:
+                    self._file(self.out / CKPT_BEST, lambda tmp: _save(saved, tmp, False))
+            finally:
+                self.checkpoint_done.set()
+
+        self.jobs.put(write)
+
+    def epoch_end(self, state: dict, row: dict, history: list[dict], best: BestEpoch | None) -> None:
+        """Everything an epoch's end writes, in the order a resume's repair expects."""
+        if not self.active:
+            return
+        self.checkpoint(state, best=best is not None)
+        if best is not None:
+            self._in_worker(self.out / VAL_PREDICTIONS, _to_csv, best.predictions)
+            self._in_worker(self.out / CONFUSION_PNG, plots.confusion_png, best.confusion, best.class_names,
+                            best.title)
+        line = json.dumps(row) + "\n"
+        self.jobs.put(lambda: self._append(self.out / METRICS_FILE, line))
+        self._in_worker(self.out / CURVES_PNG, plots.learning_curves_png, list(history))  # a copy: the loop appends
+
+    def wait(self) -> None:
+        """Until everything handed over so far is written (or a write failed: raised here)."""
+        if self.thread is not None:
+            self.jobs.join()
+        self._raise_failure()
+
+    def close(self, failed: bool = False) -> None:
+        """Wait for every pending write. Unless the run already failed, raise a write's failure."""
+        if self.thread is not None:
+            self.jobs.put(None)
+            self.thread.join()
+            self.thread = None
+            self.worker.shutdown(cancel_futures=True)
+        if not failed:
+            self._raise_failure()
+
+    def __enter__(self) -> "RunRecorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Also at Ctrl-C and on an error: what was handed over is written before the process ends.
+        self.close(failed=exc_type is not None)
+
+    # --- the writer thread ---------------------------------------------------------------------------
+
+    def _in_worker(self, path: Path, render: Callable[..., None], *args: Any) -> None:
+        def job() -> None:
+            try:
+                self.worker.submit(write_file, str(path), render, *args).result()
+            except OSError as e:
+                raise self._cannot_write(path, e) from None
+
+        self.jobs.put(job)
+
+    def _file(self, path: Path, write: Callable[[str], None]) -> None:
+        try:
+            write_atomic(path, write, make_parent=False)
+        except OSError as e:
+            raise self._cannot_write(path, e) from None
+
+    def _append(self, path: Path, line: str) -> None:
+        try:
+            with open(path, "a") as f:
+                f.write(line)
+        except OSError as e:
+            raise self._cannot_write(path, e) from None
+
+    def _cannot_write(self, path: Path, e: OSError) -> RecordFailed:
+        return RecordFailed(f"{path}: cannot write it ({e.strerror or type(e).__name__}); the run stopped: "
+                            f"{self.hint()}")
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                if self.failure is not None:  # after a failure nothing more is written, and no one waits
+                    self.checkpoint_done.set()
+                    continue
+                job()
+            except BaseException as e:  # kept for the training thread, which raises it
+                self.failure = e
+            finally:
+                self.jobs.task_done()
+
+    def _raise_failure(self) -> None:
+        e = self.failure
+        if e is None or self.failure_raised:
+            return
+        self.failure_raised = True
+        if isinstance(e, RecordFailed):
+            raise DataError(str(e)) from None
+        raise e  # not the user's disk: a bug, with the writer's traceback
+
+
+def _save(state: dict, tmp: str, kill: bool) -> None:
+    checkpoint.write(state, tmp)
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)

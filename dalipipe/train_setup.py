@@ -1,0 +1,205 @@
+"""Everything a training run holds before its first step: the data checked and split, the model (new or
+resumed), optimizer, gradient scaler and loaders, and what a checkpoint of the run contains."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dalipipe import atomic, checkpoint, distributed, run_dir, train_state
+from dalipipe import device as dev
+from dalipipe.config import Normalization, TrainConfig
+from dalipipe.constants import CKPT_LAST, CONFIG_FILE, LABELS_FILE, MODEL_NAME
+from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, stratified_split, stratified_subset
+from dalipipe.errors import DataError
+from dalipipe.loader_rules import train_plan
+from dalipipe.loaders import decode_cache_mb, make_loader
+from dalipipe.model import build_model, compiled
+from dalipipe.versions import versions
+
+log = logging.getLogger("dalipipe")
+
+
+def prepare_data(cfg: TrainConfig, world: distributed.World):
+    """Validate everything, then split: (label map, train frame, validation frame, normalization).
+    Under torchrun with the check cache, one process per machine checks the images and the others then
+    find every check remembered, instead of each decoding every file again."""
+    index = build_index(cfg.images_dir, cfg.labels_csv)
+    labels = LabelMap.from_labels(index["cell_line"])
+    if cfg.subset is not None:
+        index = stratified_subset(index, cfg.subset, cfg.seed, val_fraction=cfg.val_fraction)
+    # Before the long image check: the split must be possible and give every process a training step.
+    train_plan(len(stratified_split(index, cfg.val_fraction, cfg.seed)[0]), cfg.batch_size, world.size)
+    first = world.local_rank == 0 or not cfg.check_cache
+    if first:
+        index = inspect_images(index, progress=world.is_main, cache=cfg.check_cache)
+    distributed.barrier(world)
+    if not first:
+        index = inspect_images(index, progress=False, cache=True)
+    train_df, val_df = stratified_split(index, cfg.val_fraction, cfg.seed)
+    return labels, train_df, val_df, channel_stats(train_df)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   saved: dict | None = None) -> torch.optim.Optimizer:
+    """Adam, fused on a GPU (one kernel for all parameters instead of several per parameter), with a
+    saved state loaded for the device the run continues on: load_state_dict restores the saved param
+    groups' flags, `fused` included, so that a run started on the CPU and resumed on a GPU would
+    otherwise keep unfused Adam there (and the other way round, ask for a fused CPU step)."""
+    fused = device.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
+    if saved:
+        groups = [dict(g, fused=fused, foreach=None if fused else g.get("foreach")) for g in saved["param_groups"]]
+        # load_state_dict then places each `step` as the fused kernel needs it (float32 on the parameter's device).
+        opt.load_state_dict({**saved, "param_groups": groups})
+    return opt
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """A GradScaler's state, where it means something: a run may have started on the CPU or a bf16 GPU
+    (scaler disabled, empty state) and go on with fp16 (enabled), or the other way round. A fresh
+    scaler starts at its default scale, which it adapts within a few steps."""
+    if scaler.is_enabled() and saved:
+        scaler.load_state_dict(saved)
+
+
+@dataclass
+class Progress:
+    """How far the run has got: saved in every checkpoint, restored on resume."""
+    epochs_done: int = 0
+    best: float = -1.0
+    last_score: float = -1.0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    world: distributed.World
+    device: torch.device
+    out: Path
+    labels: LabelMap
+    train_df: pd.DataFrame
+    val_df: pd.DataFrame
+    norm: Normalization
+    model: torch.nn.Module  # the weights saved and validated
+    net: torch.nn.Module  # what the training steps run: the model, under DDP and/or torch.compile
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: object
+    val_loader: object
+    y_train: torch.Tensor  # labels by row position, on the device
+    y_val: np.ndarray
+    loader_key: str
+    progress: Progress
+    partial: dict | None  # a mid-epoch checkpoint's position, when resuming from one
+    mine: dict | None  # this rank's saved generators, loader position and partial-epoch sums
+    timings: dict
+
+    def checkpoint_state(self, ranks: list[dict], partial_steps: int | None) -> dict:
+        """Everything predict and an exact resume need; partial_steps: saved in the middle of an epoch."""
+        p, cfg = self.progress, self.cfg
+        return {"model_name": MODEL_NAME, "class_names": list(self.labels.names), "mean": list(self.norm.mean),
+                "std": list(self.norm.std), "image_size": cfg.augment.image_size, "config": cfg.to_dict(),
+                "epoch": p.epochs_done, "best_score": p.best, "history": p.history, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                "split": {"train_ids": self.train_df.file_id.tolist(), "val_ids": self.val_df.file_id.tolist()},
+                "val_balanced_accuracy": p.last_score, "versions": versions(), "ranks": ranks,
+                "partial": None if partial_steps is None else {"steps": partial_steps}}
+
+    def close(self) -> None:
+        for loader in (self.train_loader, self.val_loader):
+            loader.close()
+
+
+def build(cfg: TrainConfig, resume: bool, world: distributed.World) -> Setup:
+    """Check the data, then build (or restore) everything the loop needs, timing each part."""
+    timings = {"data_check_s": 0.0, "model_build_s": 0.0, "loader_build_s": 0.0, "train_s": 0.0, "val_s": 0.0}
+    out = Path(cfg.out_dir)
+    device = dev.resolve(cfg.device, world.local_rank)
+    dev.amp_dtype(device, cfg.precision)  # options that need a GPU: refused before any work
+    cfg.check_device(device.type)
+    torch.manual_seed(cfg.seed + world.rank)
+    state = checkpoint.load(out / CKPT_LAST) if resume else None
+    if state is not None and world.is_main:
+        run_dir.repair_run_dir(out, state)
+
+    t0 = time.perf_counter()
+    labels, train_df, val_df, norm = prepare_data(cfg, world)
+    timings["data_check_s"] = time.perf_counter() - t0
+    if state is not None:
+        if list(state["class_names"]) != list(labels.names) or state["split"]["val_ids"] != val_df.file_id.tolist():
+            raise DataError(f"{out}: the data or split differs from the run being resumed")
+        norm = Normalization(tuple(state["mean"]), tuple(state["std"]))
+    lr = cfg.effective_lr()
+    if world.is_main:
+        start = (run_dir.resume_point(state) if state else f"weights {cfg.weights}" if cfg.weights
+                 else "pretrained" if cfg.pretrained else "from scratch")
+        log.info(f"{len(train_df)} training / {len(val_df)} validation samples, {len(labels.names)} classes; "
+                 f"device {device}, loader {cfg.loader}, {world.size} process(es), lr {lr:g}, {start}")
+
+    t0 = time.perf_counter()
+    model, net = _model(cfg, state, len(labels.names), device, world)
+    opt = make_optimizer(model, lr, cfg.weight_decay, device, state["optimizer"] if state else None)
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device, cfg.precision))
+    progress = Progress()
+    if state:
+        restore_scaler(scaler, state["scaler"])
+        progress = Progress(state["epoch"], state["best_score"], state["val_balanced_accuracy"], state["history"])
+    # This rank's generators and loader position as saved (restored here, after the model's random init).
+    partial = state.get("partial") if state else None
+    key = train_state.loader_key(cfg.loader, cfg.decoder, device)
+    mine = train_state.restore(state.get("ranks") if state else None, partial, key, device, world, str(out))
+    timings["model_build_s"] = time.perf_counter() - t0
+    if world.is_main:
+        atomic.save_json(cfg.to_dict(), out / CONFIG_FILE)
+        atomic.save_json(list(labels.names), out / LABELS_FILE)
+
+    t0 = time.perf_counter()
+    # A resumed run continues its loaders' saved sequence; without one (a run from an older dalipipe, or
+    # another number of processes) it reseeds, so as not to replay epoch 0's order.
+    loader_state = mine["loader"] if mine else None
+    loader_seed = cfg.seed if (loader_state or not state) else cfg.seed + progress.epochs_done
+    # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
+    # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
+    cache_mb = decode_cache_mb(pd.concat([train_df, val_df])) if cfg.decode_cache else 0
+    train_loader = make_loader(train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
+                               dataclasses.replace(cfg.loader_settings(True, world.rank, world.size, cache_mb),
+                                                   seed=loader_seed, checkpointing=True),
+                               state=loader_state)
+    val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
+                             cfg.loader_settings(False, world.rank, world.size, cache_mb))
+    timings["loader_build_s"] = time.perf_counter() - t0
+    return Setup(cfg=cfg, world=world, device=device, out=out, labels=labels, train_df=train_df, val_df=val_df,
+                 norm=norm, model=model, net=net, opt=opt, scaler=scaler, train_loader=train_loader,
+                 val_loader=val_loader,
+                 y_train=torch.tensor(train_df["y"].to_numpy(), device=device),  # a copy: pandas' may be read-only
+                 y_val=val_df["y"].to_numpy(), loader_key=key, progress=progress, partial=partial, mine=mine,
+                 timings=timings)
+
+
+def _model(cfg: TrainConfig, state: dict | None, n_classes: int, device: torch.device,
+           world: distributed.World) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model, what the training steps run): resumed weights or new ones, on the device, under DDP
+    with several processes, through torch.compile when asked."""
+    model = build_model(n_classes, None if state else cfg.weights, False if state else cfg.pretrained)
+    if state:
+        model.load_state_dict(state["model"])
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    dev.configure(device)
+    net = model
+    if world.size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.cuda_index(device)] if device.type == "cuda" else None)
+    if cfg.compile:  # training steps only: validation runs the eager model (no recompile for eval mode)
+        net = compiled(net, model)
+    return model, net
