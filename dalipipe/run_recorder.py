@@ -172,7 +172,7 @@ class RunRecorder:
             raise self._cannot_write(path, e) from None
 
     def _cannot_write(self, path: Path, e: OSError) -> RecordFailed:
-        return RecordFailed(f"{path}: cannot write it ({e.strerror or type(e).__name__}); the run stopped: "
+        return RecordFailed(f"{path}: cannot write it ({e.strerror or type(e).__name__}); the run stopped; "
                             f"{self.hint()}")
 
     def _work(self) -> None:
