@@ -121,15 +121,20 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
               help="Also save last.pt mid-epoch every M minutes: a kill costs at most that. [default: 5]")
 @click.option("--time-limit", "time_limit_minutes", type=float,
               help="Minutes; then stop at the next step with a checkpoint there (resume later with --resume).")
+@click.option("--tensorboard/--no-tensorboard", default=None,
+              help="Also write TensorBoard event files to RUN_DIR/tensorboard (needs: pip install "
+                   "'dalipipe[tensorboard]'); view them with: tensorboard --logdir RUN_DIR/tensorboard. [default: off]")
 def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
     """Train on IMAGES_DIR with LABELS_CSV (file_id,cell_line) into --out RUN_DIR."""
     from dalipipe import run_dir
     from dalipipe.train import train as run
 
-    no_cache = opts.pop("no_cache")
+    no_cache, tensorboard = opts.pop("no_cache"), opts.pop("tensorboard")
     given = {k: v for k, v in opts.items() if v is not None and v is not False}  # False: a flag not given
     if no_cache:
         given["check_cache"] = False
+    if tensorboard is not None:
+        given["tensorboard"] = tensorboard
     if resume_dir:
         cfg = run_dir.resume_config(resume_dir, given, images_dir, labels_csv, out_dir)
     else:
@@ -186,6 +191,38 @@ def check(images_dir, labels_csv, val_fraction, seed, no_cache):
                       seed=seed, check_cache=not no_cache)
     for line in summarize(images_dir, labels_csv, cfg):
         click.echo(line)
+
+
+@cli.command()
+@click.argument("images_dir", type=click.Path())
+@click.argument("labels_csv", type=click.Path())
+@click.option("--out", "out_png", default="preview.png", show_default=True, type=click.Path(dir_okay=False),
+              help="The picture to write.")
+@click.option("--loader", type=click.Choice(["dali", "torch", "both"]), default="both", show_default=True,
+              help="Whose output to show; both: side by side.")
+@click.option("--n", "n", type=int, default=16, show_default=True,
+              help="Samples (rows), drawn in the classes' proportions.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="The training augmentation (random crop, rotation, flips), or the evaluation resize only "
+                   "(the two loaders then agree: the title says by how much).")
+@click.option("--image-size", type=int, default=_DEFAULTS.augment.image_size, show_default=True,
+              help="Side of the model input, in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the samples drawn and the augmentation.")
+@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
+def preview(images_dir, labels_csv, out_png, loader, n, augment, image_size, seed, device, workers, force, no_cache):
+    """Draw what the loaders hand the model for a few samples of IMAGES_DIR, beside their stored channels
+    (the data is checked as train checks it first)."""
+    from dalipipe.preview import preview as run
+
+    on_interrupt(f"nothing was written to {out_png}; run the command again")
+    shown = run(images_dir, labels_csv, out_png, loader, n, augment, seed, device, image_size, workers, force,
+                cache=not no_cache)
+    extra = "" if shown["max_difference"] is None else f"; the loaders differ by at most {shown['max_difference']} gray level(s)"
+    click.echo(f"wrote {shown['samples']} samples ({' and '.join(shown['loaders'])}, "
+               f"{'augmented' if augment else 'not augmented'}) to {out_png}{extra}")
 
 
 @cli.command()

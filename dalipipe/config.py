@@ -142,6 +142,8 @@ class TrainConfig:
     # checkpoint there from which --resume goes on exactly; None: no limit. A property of one command:
     # a resume does not inherit it (run_dir.resume_config).
     time_limit_minutes: float | None = None
+    # TensorBoard event files in RUN/tensorboard (needs the tensorboard package).
+    tensorboard: bool = False
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def __post_init__(self) -> None:

@@ -112,17 +112,73 @@ def confusion(cm: np.ndarray, names: list[str], path: str | Path, title: str) ->
 
 def confusion_png(cm: np.ndarray, names: list[str], title: str, path: str) -> None:
     with fonts_for(names):  # around the drawing and the saving: text is laid out when saved
-        rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-        fig = _figure((1.0 + 0.7 * len(names), 0.6 + 0.6 * len(names)))
-        ax = fig.subplots()
-        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(title)
-        for i in range(len(names)):
-            for j in range(len(names)):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if rows[i, j] > 0.5 else "black")
-        _write_png(fig, path)
+        _write_png(confusion_figure(cm, names, title), path)
+
+
+def confusion_figure(cm: np.ndarray, names: list[str], title: str):
+    """Rows: the true class, normalized; each cell shows its count. Draw or save it inside fonts_for(names)."""
+    rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig = _figure((1.0 + 0.7 * len(names), 0.6 + 0.6 * len(names)))
+    ax = fig.subplots()
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if rows[i, j] > 0.5 else "black")
+    return fig
+
+
+# Image grids: one cell per image, at a fixed size, so that a grid's picture has a known size.
+CELL_IN = 1.3  # inches per cell (at GRID_DPI)
+GRID_DPI = 100
+LABEL_IN = 1.0  # the row labels' column (preview)
+TITLE_IN = 0.7  # the title and the column titles (two lines each)
+
+
+def batch_grid_png(images: np.ndarray, captions: list[str], title: str, path: str, columns: int = 8) -> None:
+    """A batch as the model receives it: uint8 RGB images (N, H, W, 3), a caption under each."""
+    n = len(images)
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    with fonts_for(captions):
+        fig = _figure((CELL_IN * cols, TITLE_IN + CELL_IN * rows))
+        fig.suptitle(title, fontsize=9)
+        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, gridspec_kw={"hspace": 0.35})).ravel()
+        for ax in axes:
+            ax.axis("off")
+        for ax, image, caption in zip(axes, images, captions):
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title(caption, fontsize=7, pad=2)
+        fig.savefig(path, format="png", dpi=GRID_DPI, bbox_inches="tight", pad_inches=0.1)
+
+
+def preview_png(rows: list[tuple[str, list[np.ndarray]]], column_titles: list[str], title: str, path: str) -> None:
+    """One row per sample: (its label, its cells); a cell is gray (H, W) or RGB (H, W, 3) uint8, drawn
+    without smoothing. The picture is LABEL_IN + CELL_IN per column wide and TITLE_IN + CELL_IN per row
+    high, at GRID_DPI."""
+    n_rows, n_cols = len(rows), len(column_titles)
+    with fonts_for([label for label, _ in rows]):
+        width, height = LABEL_IN + CELL_IN * n_cols, TITLE_IN + CELL_IN * n_rows
+        fig = _figure((width, height))
+        fig.suptitle(title, fontsize=8, y=1 - 0.05 / height, va="top")
+        for r, (label, cells) in enumerate(rows):
+            for c, cell in enumerate(cells):
+                # Axes placed in inches from the top left, so that every cell has the same size.
+                ax = fig.add_axes(((LABEL_IN + CELL_IN * c + 0.05) / width, 1 - (TITLE_IN + CELL_IN * (r + 1) - 0.05) / height,
+                                   (CELL_IN - 0.1) / width, (CELL_IN - 0.1) / height))
+                # Pixels as they are when enlarged; smoothed when shrunk (nearest would alias a 224 px image).
+                shrunk = max(cell.shape[:2]) > CELL_IN * GRID_DPI
+                ax.imshow(cell, cmap="gray" if cell.ndim == 2 else None, vmin=0, vmax=255,
+                          interpolation="antialiased" if shrunk else "nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(column_titles[c], fontsize=8, pad=3)
+                if c == 0:
+                    ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
+        fig.savefig(path, format="png", dpi=GRID_DPI)

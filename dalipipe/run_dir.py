@@ -19,7 +19,8 @@ from dalipipe.errors import DataError
 
 # What a resumed run may change; every other setting must equal the run's (given again or not).
 RESUME_MAY_CHANGE = ("epochs", "device", "loader", "workers", "time_limit_minutes", "decoder", "decode_cache",
-                     "precision", "compile", "check_cache", "checkpoint_every", "checkpoint_minutes")
+                     "precision", "compile", "check_cache", "checkpoint_every", "checkpoint_minutes",
+                     "tensorboard")
 
 
 def option(name: str) -> str:

@@ -33,10 +33,11 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from dalipipe import checkpoint, plots
+from dalipipe import checkpoint, plots, tensorboard_log
 from dalipipe.atomic import write_atomic, write_file
 from dalipipe.child_processes import worker_pool
-from dalipipe.constants import CKPT_BEST, CKPT_LAST, CONFUSION_PNG, CURVES_PNG, METRICS_FILE, VAL_PREDICTIONS
+from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFUSION_PNG, CURVES_PNG, METRICS_FILE, TENSORBOARD_DIR,
+                                TRAIN_BATCH_PNG, VAL_PREDICTIONS)
 from dalipipe.errors import DataError
 from dalipipe.snapshot import HostStaging
 
@@ -77,6 +78,7 @@ class RunRecorder:
         kill = os.environ.get(KILL_IN_WRITE)
         self.kill_at = int(kill) if kill else None
         self.thread = self.worker = None
+        self.tensorboard = False
         if active:
             self.worker = worker_pool(1)
             self.worker.submit(plots.warm_up)  # matplotlib's imports, while the run checks its data
@@ -123,6 +125,33 @@ class RunRecorder:
         line = json.dumps(row) + "\n"
         self.jobs.put(lambda: self._append(self.out / METRICS_FILE, line))
         self._in_worker(self.out / CURVES_PNG, plots.learning_curves_png, list(history))  # a copy: the loop appends
+        if self.tensorboard:
+            self._call_in_worker(tensorboard_log.epoch, row)
+            if best is not None:
+                self._call_in_worker(tensorboard_log.confusion, best.confusion, best.class_names, best.title,
+                                     row["epoch"])
+
+    def first_batch(self, pictures: np.ndarray, captions: list[str], title: str) -> None:
+        """The first training batch as the model receives it (uint8 RGB), for train_batch.png."""
+        if not self.active:
+            return
+        self._in_worker(self.out / TRAIN_BATCH_PNG, plots.batch_grid_png, pictures, captions, title)
+        if self.tensorboard:
+            self._call_in_worker(tensorboard_log.image, "train/first_batch", mosaic(pictures),
+                                 tensorboard_log.FIRST_BATCH_STEP)
+
+    def start_tensorboard(self, history: list[dict], resumed: bool) -> None:
+        """From here on, every epoch is also logged for TensorBoard (history: the epochs already done)."""
+        if not self.active:
+            return
+        self.tensorboard = True
+        self._call_in_worker(tensorboard_log.open_log, str(self.out / TENSORBOARD_DIR), list(history), resumed)
+
+    def end_tensorboard(self, hparams: dict | None, best: float, epochs: int) -> None:
+        """hparams: the run's settings once it has finished its epochs (None when it stopped early)."""
+        if self.tensorboard:
+            self._call_in_worker(tensorboard_log.close_log, hparams, best, epochs)
+            self.tensorboard = False
 
     def wait(self) -> None:
         """Until everything handed over so far is written (or a write failed: raised here)."""
@@ -155,6 +184,15 @@ class RunRecorder:
                 self.worker.submit(write_file, str(path), render, *args).result()
             except OSError as e:
                 raise self._cannot_write(path, e) from None
+
+        self.jobs.put(job)
+
+    def _call_in_worker(self, fn: Callable[..., None], *args: Any) -> None:
+        def job() -> None:
+            try:
+                self.worker.submit(fn, *args).result()
+            except OSError as e:
+                raise self._cannot_write(self.out / TENSORBOARD_DIR, e) from None
 
         self.jobs.put(job)
 
@@ -198,6 +236,18 @@ class RunRecorder:
         if isinstance(e, RecordFailed):
             raise DataError(str(e)) from None
         raise e  # not the user's disk: a bug, with the writer's traceback
+
+
+def mosaic(pictures: np.ndarray, columns: int = 8) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows * H, columns * W, 3) picture, left to right, top to bottom."""
+    n, h, w, c = pictures.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    grid = np.zeros((rows * h, columns * w, c), dtype=pictures.dtype)
+    for i, picture in enumerate(pictures):
+        r, k = divmod(i, columns)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = picture
+    return grid
 
 
 def _save(state: dict, tmp: str, kill: bool) -> None:

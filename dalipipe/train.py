@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from dalipipe import atomic, distributed, run_dir, train_setup, train_state
 from dalipipe import device as dev
 from dalipipe.config import TrainConfig
+from dalipipe.constants import MAX_BATCH_PICTURE
 from dalipipe.inference import cross_entropy, logits_by_position, prediction_frame
+from dalipipe.preview import display_images
 from dalipipe.run_recorder import BestEpoch, RunRecorder
 
 log = logging.getLogger("dalipipe")
@@ -25,10 +27,11 @@ log = logging.getLogger("dalipipe")
 
 def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.device, desc: str, show: bool,
                 record: bool = False, start_step: int = 0, loss_sum: torch.Tensor | None = None, seen: int = 0,
-                on_step=None, precision: str = "auto") -> tuple[torch.Tensor, int, np.ndarray | None]:
+                on_step=None, precision: str = "auto", on_first_batch=None) -> tuple[torch.Tensor, int, np.ndarray | None]:
     """One pass over the loader (or the rest of one, from start_step with the sums so far):
     (summed loss on the device, samples seen, the row positions trained on if `record`).
-    on_step(step, loss_sum, seen) runs after each step (mid-epoch checkpoints)."""
+    on_step(step, loss_sum, seen) runs after each step (mid-epoch checkpoints); on_first_batch(images, y)
+    before the first."""
     net.train()
     loss_sum = torch.zeros((), device=device) if loss_sum is None else loss_sum.to(device)
     positions = []
@@ -38,6 +41,8 @@ def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.d
         y = y_train[pos]
         if record:  # a copy to the host syncs the GPU: only when asked for
             positions.append(pos.cpu())
+        if on_first_batch is not None and step == start_step + 1:
+            on_first_batch(images, y)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with dev.autocast(device, precision):
@@ -84,7 +89,11 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     # Made before the model and loaders: its worker process is forked from a process without CUDA.
     with RunRecorder(out, world.is_main, lambda: run_dir.interrupt_hint(out)) as recorder:
         run = train_setup.build(cfg, resume, world)
+        if cfg.tensorboard:
+            recorder.start_tensorboard(run.progress.history, resumed=resume)
         result = _epochs(run, recorder, t_start)
+        finished = not result["stopped_early"]
+        recorder.end_tensorboard(cfg.to_dict() if finished else None, run.progress.best, run.progress.epochs_done)
         t_close = time.perf_counter()
         recorder.close()
         run.timings["record_wait_s"] = time.perf_counter() - t_close  # the last writes, waited for at the end
@@ -124,13 +133,16 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float) -> di
                 raise train_state.TimeLimitReached(step)
 
         resumed = run.partial is not None and epoch == progress.epochs_done
+        # The very first batch of a run (not of a resumed one), drawn once as train_batch.png.
+        first = epoch == 0 and not resumed and world.is_main
         try:
             loss_sum, seen, positions = train_epoch(
                 run.net, run.train_loader, run.y_train, run.opt, run.scaler, device,
                 f"epoch {epoch + 1}/{cfg.epochs}", world.is_main, bool(sample_log),
                 start_step=run.partial["steps"] if resumed else 0,
                 loss_sum=run.mine["loss_sum"] if resumed else None, seen=run.mine["seen"] if resumed else 0,
-                on_step=on_step, precision=cfg.precision)
+                on_step=on_step, precision=cfg.precision,
+                on_first_batch=(lambda images, y: _show_batch(run, recorder, images, y)) if first else None)
         except train_state.TimeLimitReached as stop:
             # Saved at this step: the resumed run goes on exactly from here.
             stopped_early, partial_steps, partial_s = True, stop.args[0], time.perf_counter() - t0
@@ -166,6 +178,17 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float) -> di
             "partial_steps": partial_steps, "partial_train_s": partial_s}
 
 
+def _show_batch(run: train_setup.Setup, recorder: RunRecorder, images: torch.Tensor, y: torch.Tensor) -> None:
+    """Hand the first training batch, as the model receives it, to the recorder (one copy to the host)."""
+    shown = images[:MAX_BATCH_PICTURE]
+    pictures = display_images(shown, run.norm)
+    captions = run.labels.decode(y[:MAX_BATCH_PICTURE].cpu().numpy())
+    cfg = run.cfg
+    title = (f"first training batch ({len(shown)} of {len(images)}), {cfg.augment.image_size} px, loader {cfg.loader}, "
+             "augmented\nnormalization undone for display; R = ER, G = microtubules, B = nucleus")
+    recorder.first_batch(pictures, captions, title)
+
+
 def _validate(run: train_setup.Setup, epoch: int, loss_sum: float, seen: int, train_time: float,
               t0: float) -> tuple[dict, BestEpoch | None]:
     """Score the epoch on the validation split and update the run's progress: (metrics row, what to write
@@ -186,7 +209,8 @@ def _validate(run: train_setup.Setup, epoch: int, loss_sum: float, seen: int, tr
     score = float(balanced_accuracy_score(y, pred))
     row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(cross_entropy(logits, y), 5),
            "val_balanced_accuracy": round(score, 5), "train_images_per_s": round(images_per_s, 1),
-           "val_seconds": round(val_time, 2), "epoch_seconds": round(time.perf_counter() - t0, 2)}
+           "val_seconds": round(val_time, 2), "epoch_seconds": round(time.perf_counter() - t0, 2),
+           "lr": run.opt.param_groups[0]["lr"]}
     improved = score > progress.best
     progress.history.append(row)
     progress.epochs_done, progress.best, progress.last_score = epoch + 1, max(progress.best, score), score

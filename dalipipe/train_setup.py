@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dalipipe import atomic, checkpoint, distributed, run_dir, train_state
+from dalipipe import atomic, checkpoint, distributed, run_dir, tensorboard_log, train_state
 from dalipipe import device as dev
 from dalipipe.config import Normalization, TrainConfig
 from dalipipe.constants import CKPT_LAST, CONFIG_FILE, LABELS_FILE, MODEL_NAME
@@ -126,6 +126,8 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World) -> Setup:
     device = dev.resolve(cfg.device, world.local_rank)
     dev.amp_dtype(device, cfg.precision)  # options that need a GPU: refused before any work
     cfg.check_device(device.type)
+    if cfg.tensorboard:
+        tensorboard_log.require()
     torch.manual_seed(cfg.seed + world.rank)
     state = checkpoint.load(out / CKPT_LAST) if resume else None
     if state is not None and world.is_main:

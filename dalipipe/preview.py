@@ -1,0 +1,105 @@
+"""`dalipipe preview`: a picture of what the loaders hand the model, beside the channels as stored.
+
+One row per sample: the three stored channels in gray, then the RGB image each loader delivers (after
+augmentation, resize and normalization), mapped back for display. It checks the data as `train` does (with
+the same one-line errors), then builds a loader for just the samples shown: no model, a few seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dalipipe import atomic, plots
+from dalipipe import device as dev
+from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
+from dalipipe.constants import CHANNELS
+from dalipipe.data import build_index, channel_stats, inspect_images
+from dalipipe.errors import DataError
+from dalipipe.loaders import make_loader
+from dalipipe.pngio import read_gray
+
+# What each stored channel holds (the file name's colour is not the colour it is drawn in).
+CHANNEL_MEANING = {"blue": "nucleus", "red": "microtubules", "yellow": "ER"}
+STORED_ORDER = ("blue", "red", "yellow")
+
+
+def display_images(images: torch.Tensor, norm: Normalization) -> np.ndarray:
+    """Normalized (N, 3, H, W) images, on any device and in any float dtype -> uint8 (N, H, W, 3) for display:
+    the normalization undone, values clipped to 0-255."""
+    x = images.detach().float().cpu()
+    mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
+    std = torch.tensor(norm.std).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def pick_samples(index: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """n samples drawn at random (all, if there are fewer): one of each class first (of n classes drawn at
+    random, when there are more classes than n), then the rest at random, so roughly in the classes'
+    proportions. By class, then id."""
+    shuffled = index.sample(frac=1, random_state=seed)
+    one_each = shuffled.drop_duplicates("cell_line")
+    if n <= len(one_each):
+        picked = one_each.sample(n, random_state=seed)
+    else:
+        picked = pd.concat([one_each, shuffled.drop(one_each.index).head(n - len(one_each))])
+    return picked.sort_values(["cell_line", "file_id"]).reset_index(drop=True)
+
+
+def loader_images(kind: str, samples: pd.DataFrame, spec: AugmentSpec, norm: Normalization, augment: bool,
+                  device: torch.device, seed: int, workers: int | None) -> np.ndarray:
+    """What one loader delivers for these samples, in their order, as uint8 RGB."""
+    settings = LoaderSettings(kind=kind, batch_size=len(samples), workers=workers, seed=seed)
+    loader = make_loader(samples, np.arange(len(samples)), spec, norm, augment, device, settings)
+    try:
+        batches = list(loader)
+    finally:
+        loader.close()
+    images = np.concatenate([display_images(x, norm) for x, _ in batches])
+    pos = torch.cat([p.cpu() for _, p in batches]).numpy()  # a training loader shuffles
+    out = np.zeros_like(images)
+    out[pos] = images
+    return out
+
+
+def preview(images_dir: str, labels_csv: str, out: str, loader: str = "both", n: int = 16, augment: bool = True,
+            seed: int = 0, device: str = "auto", image_size: int = AugmentSpec().image_size,
+            workers: int | None = None, force: bool = False, cache: bool = True) -> dict:
+    """Write the picture to `out`; return what it shows: the samples' file ids, each loader's images and,
+    with both loaders, the largest difference between them in gray levels."""
+    out_path = Path(out)
+    if n < 2:
+        raise DataError(f"--n must be at least 2, got {n}")
+    if out_path.exists() and not force:
+        raise DataError(f"{out_path}: exists; choose another --out or pass --force")
+    atomic.ensure_writable(out_path.parent, "preview")
+    spec = AugmentSpec(image_size=image_size)
+    # Every image checked as `train` checks it (remembered for unchanged files: a second preview is quick),
+    # and normalized with the statistics a run would use.
+    index = inspect_images(build_index(images_dir, labels_csv), cache=cache)
+    norm = channel_stats(index)
+    samples = pick_samples(index, n, seed)
+    torch_device = dev.resolve(device)
+    kinds = ["dali", "torch"] if loader == "both" else [loader]
+    delivered = {k: loader_images(k, samples, spec, norm, augment, torch_device, seed, workers) for k in kinds}
+    difference = None  # augmented, the two loaders draw differently: nothing to compare
+    if len(kinds) == 2 and not augment:
+        difference = int(np.abs(delivered["dali"].astype(int) - delivered["torch"].astype(int)).max())
+
+    rows = []
+    for i, sample in samples.iterrows():
+        stored = {c: read_gray(sample[f"path_{c}"]) for c in CHANNELS}
+        cells = [stored[c] for c in STORED_ORDER] + [delivered[k][i] for k in kinds]
+        rows.append((f"{sample['file_id']}\n{sample['cell_line']}", cells))
+    titles = [f"{c}\n{CHANNEL_MEANING[c]}" for c in STORED_ORDER] + [f"{k} loader\nas the model gets it" for k in kinds]
+    how = (("augmented: each loader draws its own crops, rotations, flips" if len(kinds) == 2 else "augmented")
+           if augment else "not augmented" + (f": the loaders differ by at most {difference} gray level(s)"
+                                               if difference is not None else ""))
+    title = (f"{len(samples)} samples of {Path(images_dir).name}, {image_size} px, {how}\n"
+             "model input: R = ER (yellow file), G = microtubules (red file), B = nucleus (blue file)")
+    atomic.write_atomic(out_path, lambda tmp: plots.preview_png(rows, titles, title, tmp))
+    return {"file_ids": samples["file_id"].tolist(), "images": delivered, "max_difference": difference,
+            "samples": len(samples), "loaders": kinds}

@@ -1,0 +1,116 @@
+"""Seeing what the model is fed: `dalipipe preview`, train_batch.png, and the TensorBoard log of a run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalipipe import plots, tensorboard_log
+from dalipipe.config import AugmentSpec, TrainConfig
+from dalipipe.errors import DataError
+from dalipipe.preview import preview
+from dalipipe.train import train
+from tests.conftest import pngsuite
+from tests.test_cli import assert_one_line_error, dalipipe
+from tests.test_exact_resume import KILL_AT, OPTS
+
+
+def picture(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def expected_size(rows, cols):
+    """(height, width) in pixels of a preview with this grid."""
+    return (round(plots.GRID_DPI * (plots.TITLE_IN + plots.CELL_IN * rows)),
+            round(plots.GRID_DPI * (plots.LABEL_IN + plots.CELL_IN * cols)))
+
+
+@pytest.mark.parametrize("loader, columns", [("dali", 4), ("torch", 4), ("both", 5)])
+def test_preview_draws_a_row_per_sample_and_a_column_per_channel_and_loader(small_synth, tmp_path, loader, columns):
+    d = small_synth
+    shown = preview(str(d / "images_train"), str(d / "y_train.csv"), str(tmp_path / "p.png"), loader=loader, n=5,
+                    image_size=32, device="cpu")
+    assert shown["samples"] == 5 and len(set(shown["file_ids"])) == 5
+    image = picture(tmp_path / "p.png")
+    assert image.shape[:2] == expected_size(5, columns)
+    assert image.std() > 20, "a blank picture"
+    for images in shown["images"].values():
+        assert images.shape == (5, 32, 32, 3) and images.std() > 5
+
+
+def test_without_augmentation_both_loaders_draw_the_same_images(small_synth, tmp_path):
+    d = small_synth
+    shown = preview(str(d / "images_train"), str(d / "y_train.csv"), str(tmp_path / "p.png"), loader="both", n=6,
+                    augment=False, image_size=48, device="cpu")
+    dali, torch_ = (shown["images"][k].astype(int) for k in ("dali", "torch"))
+    assert np.abs(dali - torch_).max() <= 1 and shown["max_difference"] <= 1
+    # Augmented, the two draw their own crops: the picture says nothing about their agreement.
+    shown = preview(str(d / "images_train"), str(d / "y_train.csv"), str(tmp_path / "p.png"), loader="both", n=6,
+                    image_size=48, device="cpu", force=True)
+    assert shown["max_difference"] is None
+
+
+def test_preview_of_bad_data_gives_the_one_line_errors_of_train(synth_copy, tmp_path):
+    d = synth_copy
+    r = dalipipe("preview", d / "images_train", d / "y_train.csv", "--out", tmp_path / "p.png", check=False)
+    assert r.returncode == 0 and "wrote 16 samples (dali and torch, augmented)" in r.stdout
+    r = dalipipe("preview", d / "images_train", d / "y_train.csv", "--out", tmp_path / "p.png", check=False)
+    assert_one_line_error(r, "p.png", "--force")
+    shutil.copy(pngsuite() / "xcsn0g01.png", d / "images_train" / "00003_red.png")
+    r = dalipipe("preview", d / "images_train", d / "y_train.csv", "--out", tmp_path / "q.png", check=False)
+    assert_one_line_error(r, "00003_red.png", "does not decode")
+    assert not (tmp_path / "q.png").exists()
+    r = dalipipe("preview", d / "images_train", d / "missing.csv", "--out", tmp_path / "q.png", check=False)
+    assert_one_line_error(r, "missing.csv", "not found")
+
+
+def test_tensorboard_without_its_package_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(tensorboard_log.importlib.util, "find_spec", lambda name: None)
+    cfg = TrainConfig(images_dir=str(tmp_path / "no-such-folder"), labels_csv=str(tmp_path / "no.csv"),
+                      out_dir=str(tmp_path / "run"), device="cpu", tensorboard=True, augment=AugmentSpec(image_size=16))
+    with pytest.raises(DataError, match=r"dalipipe\[tensorboard\]"):
+        train(cfg)
+
+
+def scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    return ({t: [(e.step, e.value) for e in events.Scalars(t)] for t in tags["scalars"]},
+            {t: [e.step for e in events.Images(t)] for t in tags["images"]})
+
+
+def test_train_batch_and_tensorboard_after_a_kill_and_resume(small_synth, tmp_path):
+    """A run killed in epoch 2 (after a mid-epoch checkpoint) and resumed: each scalar has exactly one point
+    per epoch, the first batch is drawn once (train_batch.png is not drawn again by the resumed run)."""
+    pytest.importorskip("tensorboard")
+    d, run = small_synth, tmp_path / "run"
+    args = ["train", d / "images_train", d / "y_train.csv", *OPTS, "--epochs", "3", "--tensorboard", "--out", run]
+    env = dict(os.environ, DALIPIPE_KILL_AT_STEP=str(KILL_AT), PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-m", "dalipipe", *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == -9, r.stderr[-2000:]
+    batch = run / "train_batch.png"
+    drawn = batch.stat().st_mtime_ns
+    assert picture(batch).std() > 20
+    before, _ = scalars(run / "tensorboard")
+    assert before["loss/train"][0][0] == 1  # epoch 1 was logged before the kill
+
+    dalipipe("train", "--resume", run)
+    assert batch.stat().st_mtime_ns == drawn
+    points, images = scalars(run / "tensorboard")
+    rows = [__import__("json").loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for key, tag in tensorboard_log.SCALARS.items():
+        assert [s for s, _ in points[tag]] == [1, 2, 3], tag
+        assert [v for _, v in points[tag]] == pytest.approx([row[key] for row in rows], rel=1e-6), tag
+    best = max(row["val_balanced_accuracy"] for row in rows)
+    assert points[tensorboard_log.BEST_METRIC] == [(3, pytest.approx(best))]
+    assert images["train/first_batch"] == [tensorboard_log.FIRST_BATCH_STEP]
