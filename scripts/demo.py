@@ -43,7 +43,9 @@ def main() -> None:
         str(DATA / "sample_submission.csv"))
     run("score", str(sub), str(DATA / "y_test.csv"))
     print(f"demo done in {time.time() - t0:.0f} s; run directory {run_dir.relative_to(ROOT)} "
-          "(metrics.jsonl, learning_curves.png, confusion_matrix.png, best.pt, submission.csv)")
+          "(metrics.jsonl, learning_curves.png, confusion_matrix.png, train_batch.png: what the model is fed, "
+          "best.pt, submission.csv); to see the loaders' output beside the stored channels: "
+          f"dalipipe preview {DATA.relative_to(ROOT) / 'images_train'} {DATA.relative_to(ROOT) / 'y_train.csv'}")
 
 
 if __name__ == "__main__":
