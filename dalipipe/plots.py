@@ -1,4 +1,5 @@
-"""Learning curves and confusion matrix as PNGs (matplotlib, headless), written atomically."""
+"""The pictures of a run and of `dalipipe preview` (matplotlib, headless): each drawn into the file it is
+given, which the caller renames into place (atomic.write_atomic, atomic.write_file)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,10 @@ import contextlib
 import functools
 import logging
 import warnings
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from dalipipe.atomic import write_atomic
 
 log = logging.getLogger("dalipipe")
 _told: set[str] = set()
@@ -81,10 +80,6 @@ def _write_png(fig, path: str) -> None:
     fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
 
 
-def learning_curves(history: list[dict], path: str | Path) -> None:
-    write_atomic(path, lambda tmp: learning_curves_png(history, tmp))
-
-
 def learning_curves_png(history: list[dict], path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -104,10 +99,6 @@ def learning_curves_png(history: list[dict], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     _write_png(fig, path)
-
-
-def confusion(cm: np.ndarray, names: list[str], path: str | Path, title: str) -> None:
-    write_atomic(path, lambda tmp: confusion_png(cm, names, title, tmp))
 
 
 def confusion_png(cm: np.ndarray, names: list[str], title: str, path: str) -> None:

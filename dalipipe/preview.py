@@ -16,7 +16,7 @@ import torch
 from dalipipe import atomic, plots
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-from dalipipe.constants import CHANNELS
+from dalipipe.constants import MIN_TRAIN_BATCH
 from dalipipe.data import build_index, channel_stats, inspect_images
 from dalipipe.errors import DataError
 from dalipipe.loaders import make_loader
@@ -71,8 +71,8 @@ def preview(images_dir: str, labels_csv: str, out: str, loader: str = "both", n:
     """Write the picture to `out`; return what it shows: the samples' file ids, each loader's images and,
     with both loaders, the largest difference between them in gray levels."""
     out_path = Path(out)
-    if n < 2:
-        raise DataError(f"--n must be at least 2, got {n}")
+    if n < MIN_TRAIN_BATCH:  # a training loader (--augment) drops a smaller batch
+        raise DataError(f"--n must be at least {MIN_TRAIN_BATCH}, got {n}")
     if out_path.exists() and not force:
         raise DataError(f"{out_path}: exists; choose another --out or pass --force")
     atomic.ensure_writable(out_path.parent, "preview")
@@ -91,8 +91,7 @@ def preview(images_dir: str, labels_csv: str, out: str, loader: str = "both", n:
 
     rows = []
     for i, sample in samples.iterrows():
-        stored = {c: read_gray(sample[f"path_{c}"]) for c in CHANNELS}
-        cells = [stored[c] for c in STORED_ORDER] + [delivered[k][i] for k in kinds]
+        cells = [read_gray(sample[f"path_{c}"]) for c in STORED_ORDER] + [delivered[k][i] for k in kinds]
         rows.append((f"{sample['file_id']}\n{sample['cell_line']}", cells))
     titles = [f"{c}\n{CHANNEL_MEANING[c]}" for c in STORED_ORDER] + [f"{k} loader\nas the model gets it" for k in kinds]
     how = (("augmented: each loader draws its own crops, rotations, flips" if len(kinds) == 2 else "augmented")

@@ -20,6 +20,7 @@ records; the other ranks hand over nothing and never wait for its disk.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -28,7 +29,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -126,10 +127,10 @@ class RunRecorder:
         self.jobs.put(lambda: self._append(self.out / METRICS_FILE, line))
         self._in_worker(self.out / CURVES_PNG, plots.learning_curves_png, list(history))  # a copy: the loop appends
         if self.tensorboard:
-            self._call_in_worker(tensorboard_log.epoch, row)
+            self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.epoch, row)
             if best is not None:
-                self._call_in_worker(tensorboard_log.confusion, best.confusion, best.class_names, best.title,
-                                     row["epoch"])
+                self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.confusion, best.confusion,
+                                     best.class_names, best.title, row["epoch"])
 
     def first_batch(self, pictures: np.ndarray, captions: list[str], title: str) -> None:
         """The first training batch as the model receives it (uint8 RGB), for train_batch.png."""
@@ -137,20 +138,21 @@ class RunRecorder:
             return
         self._in_worker(self.out / TRAIN_BATCH_PNG, plots.batch_grid_png, pictures, captions, title)
         if self.tensorboard:
-            self._call_in_worker(tensorboard_log.image, "train/first_batch", mosaic(pictures),
-                                 tensorboard_log.FIRST_BATCH_STEP)
+            self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.image, "train/first_batch",
+                                 mosaic(pictures), tensorboard_log.FIRST_BATCH_STEP)
 
     def start_tensorboard(self, history: list[dict], resumed: bool) -> None:
         """From here on, every epoch is also logged for TensorBoard (history: the epochs already done)."""
         if not self.active:
             return
         self.tensorboard = True
-        self._call_in_worker(tensorboard_log.open_log, str(self.out / TENSORBOARD_DIR), list(history), resumed)
+        log_dir = self.out / TENSORBOARD_DIR
+        self._call_in_worker(log_dir, tensorboard_log.open_log, str(log_dir), list(history), resumed)
 
     def end_tensorboard(self, hparams: dict | None, best: float, epochs: int) -> None:
         """hparams: the run's settings once it has finished its epochs (None when it stopped early)."""
         if self.tensorboard:
-            self._call_in_worker(tensorboard_log.close_log, hparams, best, epochs)
+            self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.close_log, hparams, best, epochs)
             self.tensorboard = False
 
     def wait(self) -> None:
@@ -179,33 +181,30 @@ class RunRecorder:
     # --- the writer thread ---------------------------------------------------------------------------
 
     def _in_worker(self, path: Path, render: Callable[..., None], *args: Any) -> None:
-        def job() -> None:
-            try:
-                self.worker.submit(write_file, str(path), render, *args).result()
-            except OSError as e:
-                raise self._cannot_write(path, e) from None
+        """A file drawn by render(*args, tmp) in the worker process, renamed over path."""
+        self._call_in_worker(path, write_file, str(path), render, *args)
 
-        self.jobs.put(job)
-
-    def _call_in_worker(self, fn: Callable[..., None], *args: Any) -> None:
+    def _call_in_worker(self, path: Path, fn: Callable[..., None], *args: Any) -> None:
+        """fn(*args) in the worker process, in turn; path: what it writes, for a failure's message."""
         def job() -> None:
-            try:
+            with self._writing(path):
                 self.worker.submit(fn, *args).result()
-            except OSError as e:
-                raise self._cannot_write(self.out / TENSORBOARD_DIR, e) from None
 
         self.jobs.put(job)
 
     def _file(self, path: Path, write: Callable[[str], None]) -> None:
-        try:
+        with self._writing(path):
             write_atomic(path, write, make_parent=False)
-        except OSError as e:
-            raise self._cannot_write(path, e) from None
 
     def _append(self, path: Path, line: str) -> None:
+        with self._writing(path), open(path, "a") as f:
+            f.write(line)
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """An OSError while writing path is the user's disk (full, folder gone, no permission)."""
         try:
-            with open(path, "a") as f:
-                f.write(line)
+            yield
         except OSError as e:
             raise self._cannot_write(path, e) from None
 

@@ -4,9 +4,9 @@ These functions run in the run recorder's worker process (one process, so the wr
 open_log to close_log), never in the training process: add_figure draws with matplotlib, which holds the
 GIL.
 
-A resumed run writes a session START at step 1 (SummaryWriter's purge_step): TensorBoard's reader then drops
-every point an earlier process logged, in every tag, and the resumed run logs the whole history again from
-its checkpoint. So each scalar has one point per epoch even when a kill fell between a checkpoint and the
+A resumed run writes a START event (a SessionLog) at step 1 (SummaryWriter's purge_step): TensorBoard's
+reader then drops every point an earlier process logged, in every tag, and the resumed run logs the whole
+history again from its checkpoint. So each scalar has one point per epoch even when a kill fell between a checkpoint and the
 event file's write. (add_scalar, not add_scalars: the latter's sub-writers are never purged.)
 """
 

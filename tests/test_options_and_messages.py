@@ -178,7 +178,7 @@ def test_plots_carry_any_class_name_with_one_notice_instead_of_a_warning_per_gly
         warnings.simplefilter("error")  # a glyph warning would fail here
         with caplog.at_level(logging.WARNING, logger="dalipipe"):
             for k in range(2):
-                plots.confusion(cm, names, tmp_path / f"cm{k}.png", "t")
+                plots.confusion_png(cm, names, "t", str(tmp_path / f"cm{k}.png"))
     assert (tmp_path / "cm1.png").stat().st_size > 1000
     notices = [r for r in caplog.records if "no installed font has" in r.getMessage()]
     assert len(notices) <= 1  # none where a font has them, once per process where none has
