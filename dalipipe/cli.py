@@ -124,6 +124,28 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--tensorboard/--no-tensorboard", default=None,
               help="Also write TensorBoard event files to RUN_DIR/tensorboard (needs: pip install "
                    "'dalipipe[tensorboard]'); view them with: tensorboard --logdir RUN_DIR/tensorboard. [default: off]")
+@click.option("--ema", type=float, metavar="DECAY",
+              help="Keep an exponential moving average of the weights (e.g. 0.999; its decay warms up over the "
+                   "first steps) and validate, save as best.pt and predict with it. Costs one fused update of a "
+                   "model copy per step and the copy's memory. [default: off, as the reference]")
+@click.option("--class-weights", type=click.Choice(["none", "balanced"]),
+              help="balanced: weight the cross-entropy by the inverse class frequency of the training split, so "
+                   "that every class counts equally (the challenge's balanced accuracy does). Free. [default: none]")
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]),
+              help="Learning rate per step: constant, or a cosine from --lr down to 0 at the last epoch. Free. "
+                   "[default: constant, as the reference]")
+@click.option("--warmup-epochs", type=float,
+              help="Raise the learning rate linearly from near 0 to --lr over this many epochs first. [default: 0]")
+@click.option("--label-smoothing", type=float, metavar="EPS",
+              help="Cross-entropy against targets with EPS spread over all classes. Free. [default: 0]")
+@click.option("--folds", type=int, metavar="K",
+              help="Stratified K-fold split (seeded by --seed, the same folds on every machine) instead of "
+                   "--val-fraction; give --fold too.")
+@click.option("--fold", type=int, metavar="I",
+              help="With --folds K: fold I (1 to K) is the validation split, the rest is trained on.")
+@click.option("--tta-val", "tta_val", is_flag=True,
+              help="Validate with the probabilities averaged over the four flips, as predict --tta (about 4x "
+                   "validation's compute). [default: off]")
 def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
     """Train on IMAGES_DIR with LABELS_CSV (file_id,cell_line) into --out RUN_DIR."""
     from dalipipe import run_dir
@@ -150,7 +172,7 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
 
 
 @cli.command()
-@click.argument("checkpoint_or_run", type=click.Path(exists=True))
+@click.argument("checkpoints_or_runs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.argument("images_dir", type=click.Path())
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="Submission CSV to write.")
 @click.option("--ids", "ids_csv", type=click.Path(), help="CSV whose file_id column restricts and orders the output.")
@@ -161,17 +183,24 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Samples per inference batch (memory and speed).")
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
+@click.option("--tta", is_flag=True,
+              help="Average each image's probabilities over it and its horizontal, vertical and double flips "
+                   "(4x the compute of a plain prediction). [default: off]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
-def predict(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force,
+def predict(checkpoints_or_runs, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, tta, force,
             no_cache):
-    """Predict the cell line of every sample in IMAGES_DIR with a checkpoint (or a run's best)."""
+    """Predict the cell line of every sample in IMAGES_DIR with a checkpoint (or a run's best).
+
+    Several checkpoints or runs (k folds, say) before IMAGES_DIR predict as an ensemble: their probabilities
+    are averaged, each model with its own preprocessing; their classes must be the same."""
     from dalipipe.predict import predict as run
 
     on_interrupt(f"nothing was written to {out_csv}; run the command again")
-    sub = run(checkpoint_or_run, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, force,
-              cache=not no_cache)
-    click.echo(f"wrote {len(sub)} predictions to {out_csv}")
+    sub = run(list(checkpoints_or_runs), images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers,
+              force, cache=not no_cache, tta=tta)
+    models = len(checkpoints_or_runs)
+    click.echo(f"wrote {len(sub)} predictions to {out_csv}" + (f" (ensemble of {models} models)" if models > 1 else ""))
 
 
 @cli.command()

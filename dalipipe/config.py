@@ -13,6 +13,8 @@ from dalipipe.constants import MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, MODEL_NAME
 from dalipipe.errors import DataError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCHEDULES = ("constant", "cosine")
+CLASS_WEIGHTS = ("none", "balanced")
 
 LoaderKind = Literal["dali", "torch"]
 DeviceName = Literal["auto", "gpu", "cpu"]
@@ -144,6 +146,20 @@ class TrainConfig:
     time_limit_minutes: float | None = None
     # TensorBoard event files in RUN/tensorboard (needs the tensorboard package).
     tensorboard: bool = False
+    # Beyond the reference recipe; each default leaves it as it was (see recipe.py and ema.py).
+    # An exponential moving average of the weights with this decay (validation, best.pt and predict use it).
+    ema: float | None = None
+    # "balanced": cross-entropy weighted by the inverse class frequency of the training split.
+    class_weights: str = "none"
+    # Per-step learning rate: "constant" or "cosine" (to 0 at the last step), after a linear warm-up.
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    # Stratified k-fold: fold `fold` (1..folds) of `folds` is the validation split (replaces val_fraction).
+    folds: int | None = None
+    fold: int | None = None
+    # Validation averages the probabilities over the four flips (as predict --tta): about 4x its compute.
+    tta_val: bool = False
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def __post_init__(self) -> None:
@@ -165,7 +181,18 @@ class TrainConfig:
                   (self.precision in PRECISIONS,
                    f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
                   (self.subset is None or self.subset >= 2, f"--subset must be at least 2, got {self.subset}"),
-                  (not (self.weights and self.pretrained), "--weights and --pretrained exclude each other")]
+                  (not (self.weights and self.pretrained), "--weights and --pretrained exclude each other"),
+                  (self.ema is None or 0 < self.ema < 1, f"--ema must be between 0 and 1 (e.g. 0.999), got {self.ema}"),
+                  (self.class_weights in CLASS_WEIGHTS,
+                   f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got '{self.class_weights}'"),
+                  (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'"),
+                  (0 <= self.warmup_epochs < self.epochs,
+                   f"--warmup-epochs must be at least 0 and less than --epochs ({self.epochs}), got {self.warmup_epochs:g}"),
+                  (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing:g}"),
+                  ((self.folds is None) == (self.fold is None), "--folds K and --fold I go together"),
+                  (self.folds is None or self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
+                  (self.folds is None or self.fold is None or 1 <= self.fold <= self.folds,
+                   f"--fold must be between 1 and --folds ({self.folds}), got {self.fold}")]
         for ok, message in checks:
             if not ok:
                 raise DataError(message)

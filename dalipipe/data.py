@@ -270,6 +270,32 @@ def stratified_split(index: pd.DataFrame, val_fraction: float, seed: int) -> tup
     return train.sort_values("file_id").reset_index(drop=True), val.sort_values("file_id").reset_index(drop=True)
 
 
+def kfold_split(index: pd.DataFrame, folds: int, fold: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stratified k-fold: (the other folds, fold `fold` of `folds`, counted from 1), both sorted by file_id.
+    The same folds for the same samples, seed and scikit-learn release (its algorithm changed in 0.22:
+    a run records its split's ids, and a resume checks them)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = index.groupby("cell_line").size()
+    small = counts[counts < folds]
+    if len(small):
+        names = ", ".join(f"'{name}' ({count})" for name, count in small.items())
+        # scikit-learn only warns here, and then leaves folds without that class
+        raise DataError(f"--folds {folds}: every class needs at least {folds} samples, one per fold; too few: {names}")
+    index = index.sort_values("file_id").reset_index(drop=True)  # the folds depend on row order
+    parts = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(index, index["y"]))
+    train_rows, val_rows = parts[fold - 1]
+    return index.iloc[train_rows].reset_index(drop=True), index.iloc[val_rows].reset_index(drop=True)
+
+
+def split_for_training(index: pd.DataFrame, val_fraction: float, seed: int, folds: int | None = None,
+                       fold: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's (train, validation) split: fold `fold` of `folds` when given, else the val_fraction split."""
+    if folds is not None:
+        return kfold_split(index, folds, fold, seed)
+    return stratified_split(index, val_fraction, seed)
+
+
 def _subset_counts(class_sizes: pd.Series, n: int) -> pd.Series:
     """Per class, the samples stratified_subset takes for at most n in all (at least one of each class)."""
     frac = n / int(class_sizes.sum())

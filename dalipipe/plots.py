@@ -84,8 +84,8 @@ def learning_curves_png(history: list[dict], path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
-    fig = _figure((10, 3.8))
-    ax1, ax2 = fig.subplots(1, 2)
+    fig = _figure((14, 3.8))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
     ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     ax1.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
     ax1.set_xlabel("epoch")
@@ -95,7 +95,14 @@ def learning_curves_png(history: list[dict], path: str) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation balanced accuracy")
     ax2.set_ylim(0, 1)
-    for ax in (ax1, ax2):
+    # The learning rate of each epoch (its mean over the epoch's steps under a schedule); runs of older
+    # dalipipe releases did not record it.
+    rated = [h for h in history if "lr" in h]
+    ax3.plot([h["epoch"] for h in rated], [h["lr"] for h in rated], "o-", color="C3")
+    ax3.set_xlabel("epoch")
+    ax3.set_ylabel("learning rate (epoch mean)")
+    ax3.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     _write_png(fig, path)

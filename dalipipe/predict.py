@@ -14,7 +14,7 @@ from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.data import inspect_images, read_labels, scan_images
 from dalipipe.errors import DataError
-from dalipipe.inference import logits_by_position, prediction_frame
+from dalipipe.inference import prediction_frame, probabilities, scores_by_position
 from dalipipe.loaders import make_loader
 from dalipipe.model import build_model
 
@@ -51,44 +51,74 @@ def warn_seen_samples(index: pd.DataFrame, ck: dict, images_dir: str | Path) -> 
                     "overstates its accuracy")
 
 
-def predict(ckpt_path: str, images_dir: str, out_csv: str, ids_csv: str | None = None, probs: bool = False,
-            loader: str = "dali", device: str = "auto", batch_size: int = 64, workers: int | None = None,
-            force: bool = False, cache: bool = True) -> pd.DataFrame:
+def load_models(paths: list[str]) -> list[tuple[Path, dict]]:
+    """Every checkpoint (a run's best), refused before any work unless all have the same classes."""
+    cks = [(checkpoint.resolve(p), checkpoint.load(p)) for p in paths]
+    first_path, first = cks[0]
+    for path, ck in cks[1:]:
+        if list(ck["class_names"]) != list(first["class_names"]):
+            raise DataError(f"{path}: its classes ({', '.join(ck['class_names'])}) differ from those of {first_path} "
+                            f"({', '.join(first['class_names'])}); an ensemble averages models of the same classes")
+    return cks
+
+
+def inference_weights(ck: dict) -> dict:
+    """The weights to predict with: the weight average of a run trained with --ema, else the model's."""
+    return ck["ema"]["model"] if ck.get("ema") else ck["model"]
+
+
+def predict(ckpt_paths: str | list[str], images_dir: str, out_csv: str, ids_csv: str | None = None,
+            probs: bool = False, loader: str = "dali", device: str = "auto", batch_size: int = 64,
+            workers: int | None = None, force: bool = False, cache: bool = True, tta: bool = False) -> pd.DataFrame:
+    """One model's predictions, or with several checkpoints their ensemble's: the mean of their
+    probabilities (each with its own image size and normalization, from its checkpoint)."""
+    from tqdm.auto import tqdm
+
     settings = LoaderSettings(kind=loader, batch_size=batch_size, workers=workers)  # options checked first
     out = Path(out_csv)
     if out.exists() and not force:
         raise DataError(f"{out}: exists; choose another --out or pass --force to replace it")
     atomic.ensure_writable(out.parent, "predictions")  # before inference, not after it
-    ck = checkpoint.load(ckpt_path)
-    names = list(ck["class_names"])
-    spec = AugmentSpec(image_size=int(ck["image_size"]))
-    norm = Normalization(tuple(ck["mean"]), tuple(ck["std"]))
+    cks = load_models([ckpt_paths] if isinstance(ckpt_paths, (str, Path)) else list(ckpt_paths))
+    names = list(cks[0][1]["class_names"])
     index = scan_images(images_dir, skip_incomplete=True)
     if ids_csv:
         index = select_ids(index, ids_csv, images_dir)
-    warn_seen_samples(index, ck, images_dir)
+    for _, ck in cks:
+        warn_seen_samples(index, ck, images_dir)
     index = inspect_images(index, cache=cache)
     torch_device = dev.resolve(device)
     dev.configure(torch_device)  # cuDNN autotuning and TF32, as in training
-    model = build_model(len(names))
-    model.load_state_dict(ck["model"])
-    model = model.to(torch_device)
-    if torch_device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    data = make_loader(index, np.arange(len(index)), spec, norm, False, torch_device,
-                       settings)
-    from tqdm.auto import tqdm
-
-    pos, logits = logits_by_position(model, data, torch_device,
-                                     progress=lambda it: tqdm(it, desc="predicting", unit="batch", leave=False))
-    data.close()
-    if len(pos) != len(index):
-        raise RuntimeError(f"loader returned {len(pos)} of {len(index)} samples; please report this as a bug")
-    sub = prediction_frame(index["file_id"].to_numpy()[pos], logits, names, probs)
+    total = np.zeros((len(index), len(names)))
+    for k, (path, ck) in enumerate(cks):
+        desc = "predicting" + (f" ({k + 1}/{len(cks)} {path.parent.name}/{path.name})" if len(cks) > 1 else "")
+        pos, scores = model_scores(ck, index, settings, torch_device, tta,
+                                   progress=lambda it, desc=desc: tqdm(it, desc=desc, unit="batch", leave=False))
+        if len(pos) != len(index):
+            raise RuntimeError(f"loader returned {len(pos)} of {len(index)} samples; please report this as a bug")
+        total += probabilities(scores)  # positions come back sorted: 0..n-1 for every model
+    sub = prediction_frame(index["file_id"].to_numpy(), total / len(cks), names, probs)
     if not ids_csv:
         sub = sub.sort_values("file_id").reset_index(drop=True)
     atomic.write_atomic(out, lambda tmp: sub.to_csv(tmp, index=False))
     return sub
+
+
+def model_scores(ck: dict, index: pd.DataFrame, settings: LoaderSettings, device: torch.device, tta: bool,
+                 progress) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, scores) of one checkpoint's model over the index, with its own evaluation preprocessing."""
+    spec = AugmentSpec(image_size=int(ck["image_size"]))
+    norm = Normalization(tuple(ck["mean"]), tuple(ck["std"]))
+    model = build_model(len(ck["class_names"]))
+    model.load_state_dict(inference_weights(ck))
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    data = make_loader(index, np.arange(len(index)), spec, norm, False, device, settings)
+    try:
+        return scores_by_position(model, data, device, progress=progress, tta=tta)
+    finally:
+        data.close()
 
 
 def score(submission_csv: str, answers_csv: str) -> float:

@@ -121,6 +121,9 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
 def new_config(images_dir: str, labels_csv: str, out_dir: str, given: dict[str, Any]) -> TrainConfig:
     """A new run's config, with every path stored resolved, so that the run resumes from any folder."""
     given = dict(given)
+    if "folds" in given and "val_fraction" in given:
+        raise DataError("--folds and --val-fraction exclude each other: with --folds K, fold I of K is the "
+                        "validation split")
     image_size = given.pop("image_size", None)
     if given.get("weights"):
         given["weights"] = str(Path(given["weights"]).resolve())

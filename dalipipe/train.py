@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from tqdm.auto import tqdm
 
@@ -18,18 +17,22 @@ from dalipipe import atomic, distributed, run_dir, train_setup, train_state
 from dalipipe import device as dev
 from dalipipe.config import TrainConfig
 from dalipipe.constants import MAX_BATCH_PICTURE
-from dalipipe.inference import cross_entropy, logits_by_position, prediction_frame
+from dalipipe.inference import cross_entropy, prediction_frame, probabilities, scores_by_position
+from dalipipe.model import calibrate_batchnorm
 from dalipipe.preview import display_images
+from dalipipe.recipe import Recipe
 from dalipipe.run_recorder import BestEpoch, RunRecorder
 
 log = logging.getLogger("dalipipe")
 
 
 def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.device, desc: str, show: bool,
-                record: bool = False, start_step: int = 0, loss_sum: torch.Tensor | None = None, seen: int = 0,
-                on_step=None, precision: str = "auto", on_first_batch=None) -> tuple[torch.Tensor, int, np.ndarray | None]:
+                recipe: Recipe, first_global_step: int = 0, record: bool = False, start_step: int = 0,
+                loss_sum: torch.Tensor | None = None, seen: int = 0, on_step=None, precision: str = "auto",
+                on_first_batch=None) -> tuple[torch.Tensor, int, np.ndarray | None]:
     """One pass over the loader (or the rest of one, from start_step with the sums so far):
     (summed loss on the device, samples seen, the row positions trained on if `record`).
+    first_global_step: the run's count of steps before this epoch (the learning-rate schedule's clock).
     on_step(step, loss_sum, seen) runs after each step (mid-epoch checkpoints); on_first_batch(images, y)
     before the first."""
     net.train()
@@ -45,12 +48,14 @@ def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.d
             on_first_batch(images, y)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
+        recipe.before_step(opt, first_global_step + step - 1)
         with dev.autocast(device, precision):
-            loss = F.cross_entropy(net(images), y)
+            loss = recipe.loss(net(images), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        recipe.after_step()
         loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
         seen += len(y)
         if on_step:
@@ -133,16 +138,17 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float) -> di
                 raise train_state.TimeLimitReached(step)
 
         resumed = run.partial is not None and epoch == progress.epochs_done
-        # The very first batch of a run (not of a resumed one), drawn once as train_batch.png.
-        first = epoch == 0 and not resumed and world.is_main
+        # The very first batch of a run (not of a resumed one): BatchNorm's statistics of a model from
+        # scratch start from it, and rank 0 draws it once as train_batch.png.
+        first = epoch == 0 and not resumed
         try:
             loss_sum, seen, positions = train_epoch(
                 run.net, run.train_loader, run.y_train, run.opt, run.scaler, device,
-                f"epoch {epoch + 1}/{cfg.epochs}", world.is_main, bool(sample_log),
+                f"epoch {epoch + 1}/{cfg.epochs}", world.is_main, run.recipe, epoch * steps_per_epoch, bool(sample_log),
                 start_step=run.partial["steps"] if resumed else 0,
                 loss_sum=run.mine["loss_sum"] if resumed else None, seen=run.mine["seen"] if resumed else 0,
                 on_step=on_step, precision=cfg.precision,
-                on_first_batch=(lambda images, y: _show_batch(run, recorder, images, y)) if first else None)
+                on_first_batch=(lambda images, y: _first_batch(run, recorder, images, y)) if first else None)
         except train_state.TimeLimitReached as stop:
             # Saved at this step: the resumed run goes on exactly from here.
             stopped_early, partial_steps, partial_s = True, stop.args[0], time.perf_counter() - t0
@@ -178,8 +184,14 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float) -> di
             "partial_steps": partial_steps, "partial_train_s": partial_s}
 
 
-def _show_batch(run: train_setup.Setup, recorder: RunRecorder, images: torch.Tensor, y: torch.Tensor) -> None:
-    """Hand the first training batch, as the model receives it, to the recorder (one copy to the host)."""
+def _first_batch(run: train_setup.Setup, recorder: RunRecorder, images: torch.Tensor, y: torch.Tensor) -> None:
+    """The first training batch of a new run: a model from scratch takes BatchNorm's statistics from it
+    (every rank: under DDP rank 0's are the ones broadcast); rank 0 hands it to the recorder as the model
+    receives it (one copy to the host)."""
+    if run.cfg.weights is None and not run.cfg.pretrained:
+        calibrate_batchnorm(run.model, images)
+    if not run.world.is_main:
+        return
     shown = images[:MAX_BATCH_PICTURE]
     pictures = display_images(shown, run.norm)
     captions = run.labels.decode(y[:MAX_BATCH_PICTURE].cpu().numpy())
@@ -200,8 +212,10 @@ def _validate(run: train_setup.Setup, epoch: int, loss_sum: float, seen: int, tr
     images_per_s = seen_all / max(max(t[2] for t in totals), 1e-9)
 
     t_val = time.perf_counter()
-    distributed.broadcast_buffers(run.model, world)  # every rank validates exactly what rank 0 saves
-    pos, logits = logits_by_position(run.model, run.val_loader, run.device, world, precision=run.cfg.precision)
+    model = run.recipe.eval_model(run.model)
+    distributed.broadcast_buffers(model, world)  # every rank validates exactly what rank 0 saves
+    pos, logits = scores_by_position(model, run.val_loader, run.device, world, precision=run.cfg.precision,
+                                     tta=run.cfg.tta_val)
     val_time = time.perf_counter() - t_val
     run.timings["val_s"] += val_time
     y = run.y_val[pos]
@@ -210,14 +224,14 @@ def _validate(run: train_setup.Setup, epoch: int, loss_sum: float, seen: int, tr
     row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(cross_entropy(logits, y), 5),
            "val_balanced_accuracy": round(score, 5), "train_images_per_s": round(images_per_s, 1),
            "val_seconds": round(val_time, 2), "epoch_seconds": round(time.perf_counter() - t0, 2),
-           "lr": run.opt.param_groups[0]["lr"]}
+           "lr": run.recipe.epoch_lr(epoch)}
     improved = score > progress.best
     progress.history.append(row)
     progress.epochs_done, progress.best, progress.last_score = epoch + 1, max(progress.best, score), score
     if not (improved and world.is_main):
         return row, None
     names = list(run.labels.names)
-    frame = prediction_frame(run.val_df.file_id.to_numpy()[pos], logits, names, probs=True)
+    frame = prediction_frame(run.val_df.file_id.to_numpy()[pos], probabilities(logits), names, probs=True)
     frame.insert(1, "true_cell_line", run.labels.decode(y))
     return row, BestEpoch(frame, confusion_matrix(y, pred, labels=range(len(names))), names,
                           f"validation, epoch {epoch + 1}, balanced accuracy {score:.3f}")

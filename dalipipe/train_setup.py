@@ -17,11 +17,12 @@ from dalipipe import atomic, checkpoint, distributed, run_dir, tensorboard_log, 
 from dalipipe import device as dev
 from dalipipe.config import Normalization, TrainConfig
 from dalipipe.constants import CKPT_LAST, CONFIG_FILE, LABELS_FILE, MODEL_NAME
-from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, stratified_split, stratified_subset
+from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, split_for_training, stratified_subset
 from dalipipe.errors import DataError
 from dalipipe.loader_rules import train_plan
 from dalipipe.loaders import decode_cache_mb, make_loader
 from dalipipe.model import build_model, compiled
+from dalipipe.recipe import Recipe
 from dalipipe.versions import versions
 
 log = logging.getLogger("dalipipe")
@@ -36,15 +37,19 @@ def prepare_data(cfg: TrainConfig, world: distributed.World):
     if cfg.subset is not None:
         index = stratified_subset(index, cfg.subset, cfg.seed, val_fraction=cfg.val_fraction)
     # Before the long image check: the split must be possible and give every process a training step.
-    train_plan(len(stratified_split(index, cfg.val_fraction, cfg.seed)[0]), cfg.batch_size, world.size)
+    train_plan(len(split(cfg, index)[0]), cfg.batch_size, world.size)
     first = world.local_rank == 0 or not cfg.check_cache
     if first:
         index = inspect_images(index, progress=world.is_main, cache=cfg.check_cache)
     distributed.barrier(world)
     if not first:
         index = inspect_images(index, progress=False, cache=True)
-    train_df, val_df = stratified_split(index, cfg.val_fraction, cfg.seed)
+    train_df, val_df = split(cfg, index)
     return labels, train_df, val_df, channel_stats(train_df)
+
+
+def split(cfg: TrainConfig, index: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return split_for_training(index, cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
@@ -102,6 +107,7 @@ class Setup:
     partial: dict | None  # a mid-epoch checkpoint's position, when resuming from one
     mine: dict | None  # this rank's saved generators, loader position and partial-epoch sums
     timings: dict
+    recipe: Recipe  # the loss, learning-rate schedule and weight average of each step
 
     def checkpoint_state(self, ranks: list[dict], partial_steps: int | None) -> dict:
         """Everything predict and an exact resume need; partial_steps: saved in the middle of an epoch."""
@@ -110,7 +116,9 @@ class Setup:
                 "std": list(self.norm.std), "image_size": cfg.augment.image_size, "config": cfg.to_dict(),
                 "epoch": p.epochs_done, "best_score": p.best, "history": p.history, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                "split": {"train_ids": self.train_df.file_id.tolist(), "val_ids": self.val_df.file_id.tolist()},
+                "split": {"train_ids": self.train_df.file_id.tolist(), "val_ids": self.val_df.file_id.tolist(),
+                          "folds": cfg.folds, "fold": cfg.fold},
+                **self.recipe.checkpoint_state(),
                 "val_balanced_accuracy": p.last_score, "versions": versions(), "ranks": ranks,
                 "partial": None if partial_steps is None else {"steps": partial_steps}}
 
@@ -179,12 +187,14 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World) -> Setup:
     val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
                              cfg.loader_settings(False, world.rank, world.size, cache_mb))
     timings["loader_build_s"] = time.perf_counter() - t0
+    recipe = Recipe(cfg, model, train_df["y"].to_numpy(), len(labels.names), len(train_loader), device,
+                    state.get("ema") if state else None)
     return Setup(cfg=cfg, world=world, device=device, out=out, labels=labels, train_df=train_df, val_df=val_df,
                  norm=norm, model=model, net=net, opt=opt, scaler=scaler, train_loader=train_loader,
                  val_loader=val_loader,
                  y_train=torch.tensor(train_df["y"].to_numpy(), device=device),  # a copy: pandas' may be read-only
                  y_val=val_df["y"].to_numpy(), loader_key=key, progress=progress, partial=partial, mine=mine,
-                 timings=timings)
+                 timings=timings, recipe=recipe)
 
 
 def _model(cfg: TrainConfig, state: dict | None, n_classes: int, device: torch.device,

@@ -30,8 +30,13 @@ def metrics(run):
 
 def assert_twins(a, b):
     assert metrics(a) == metrics(b)
-    wa, wb = checkpoint.load(a / "last.pt")["model"], checkpoint.load(b / "last.pt")["model"]
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ca, cb = checkpoint.load(a / "last.pt"), checkpoint.load(b / "last.pt")
+    for key in ("model", "ema"):
+        if key == "ema" and ca.get("ema") is None:
+            assert cb.get("ema") is None
+            continue
+        wa, wb = (ca[key], cb[key]) if key == "model" else (ca[key]["model"], cb[key]["model"])
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), key
 
 
 def killed_at(cmd, env):
@@ -40,15 +45,21 @@ def killed_at(cmd, env):
     return r
 
 
-@pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(small_synth, tmp_path, loader):
+@pytest.mark.parametrize("loader, extra", [
+    ("dali", []), ("torch", []),
+    # a weight average and a per-step learning rate, both continued where the kill fell
+    ("dali", ["--ema", "0.9", "--schedule", "cosine", "--warmup-epochs", "0.5"])],
+    ids=["dali", "torch", "dali-ema-cosine"])
+def test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(small_synth, tmp_path, loader, extra):
     d = small_synth
-    args = [d / "images_train", d / "y_train.csv", *OPTS, "--loader", loader]
+    args = [d / "images_train", d / "y_train.csv", *OPTS, "--loader", loader, *extra]
     dalipipe("train", *args, "--out", tmp_path / "twin")
     env = dict(os.environ, DALIPIPE_KILL_AT_STEP=str(KILL_AT), PYTHONWARNINGS="ignore")
     killed_at([sys.executable, "-m", "dalipipe", "train", *map(str, args), "--out", str(tmp_path / "run")], env)
     saved = checkpoint.load(tmp_path / "run" / "last.pt")
     assert saved["epoch"] == 1 and saved["partial"] == {"steps": 2}  # global step 8: epoch 2, step 2
+    if extra:
+        assert saved["ema"]["updates"] == 8
     dalipipe("train", "--resume", tmp_path / "run")
     assert_twins(tmp_path / "twin", tmp_path / "run")
 
