@@ -104,7 +104,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
         run.timings["record_wait_s"] = time.perf_counter() - t_close  # the last writes, waited for at the end
     run.close()
     run.timings["total_s"] = time.perf_counter() - t_start
-    return {**result, "best_val_balanced_accuracy": run.progress.best, "epochs": len(run.progress.history),
+    return {**result, "main": world.is_main, "best_val_balanced_accuracy": run.progress.best,
+            "epochs": len(run.progress.history),
             "history": run.progress.history, "timings": run.timings}
 
 
