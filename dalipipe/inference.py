@@ -13,7 +13,6 @@ from dalipipe import device as dev
 from dalipipe import distributed
 from dalipipe.distributed import World
 
-
 # Test-time augmentation: the identity and the three flips (horizontal, vertical, both = a half turn),
 # the flips the training augmentation applies. Quarter turns are left out: training rotates by at most
 # +-45 degrees, then flips, so a model never sees a cell turned by 90 degrees.

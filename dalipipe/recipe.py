@@ -37,7 +37,7 @@ class Schedule:
     total_steps: int
 
     @classmethod
-    def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> "Schedule":
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
         return cls(cfg.schedule, float(cfg.lr), round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
 
     def lr(self, step: int) -> float:

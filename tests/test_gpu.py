@@ -10,7 +10,7 @@ import torch
 from dalipipe.config import AugmentSpec, LoaderSettings
 from dalipipe.data import build_index, channel_stats, inspect_images
 from dalipipe.loaders import make_loader
-from tests.test_loaders import RAW, _codes, _coded_dataset, decoder_outputs
+from tests.test_loaders import RAW, _coded_dataset, _codes, decoder_outputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 GPU = torch.device("cuda", 0)
@@ -133,3 +133,29 @@ def test_gpu_staged_snapshot_holds_the_state_of_the_hand_off_while_kernels_chang
     first = saved["w"].data_ptr()
     again = staging.stage({"w": weights, "step": step, "history": [1, 2]}).state()
     assert again["w"].data_ptr() == first and torch.equal(again["w"], weights.cpu()) and again["step"].item() == 20
+
+
+def test_gpu_recipe_options_train_and_tta_predicts_in_one_pass(small_synth, tmp_path):
+    """--ema, the cosine schedule, class weights and --tta-val on the device; predict --tta's one pass of
+    4n views equals four plain passes of the flipped batches (up to bf16 rounding)."""
+    from dalipipe import checkpoint
+    from dalipipe.inference import flip_views, tta_scores
+    from dalipipe.model import build_model
+    from dalipipe.predict import inference_weights
+    from tests.test_cli import dalipipe
+
+    d = small_synth
+    dalipipe("train", d / "images_train", d / "y_train.csv", "--out", tmp_path / "run", "--epochs", "2",
+             "--image-size", "64", "--batch-size", "32", "--device", "gpu", "--ema", "0.99", "--schedule", "cosine",
+             "--class-weights", "balanced", "--tta-val")
+    ck = checkpoint.load(tmp_path / "run" / "best.pt")
+    assert ck["ema"]["updates"] > 0
+    dalipipe("predict", tmp_path / "run", d / "images_test", "--out", tmp_path / "tta.csv", "--device", "gpu", "--tta")
+    model = build_model(len(ck["class_names"]))
+    model.load_state_dict(inference_weights(ck))
+    model = model.cuda().eval()
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        one_pass = tta_scores(model(flip_views(x)), 8)
+        views = torch.stack([model(v).float().softmax(1) for v in flip_views(x).chunk(4)])
+    assert torch.allclose(one_pass.exp(), views.mean(0), atol=1e-4)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dalipipe import checkpoint
-from dalipipe.data import kfold_split, build_index
+from dalipipe.data import build_index, kfold_split
 from dalipipe.recipe import Schedule, balanced_class_weights
 from tests.test_cli import assert_one_line_error, dalipipe
 
