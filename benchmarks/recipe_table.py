@@ -84,15 +84,15 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "commands.log"
     common = ["--epochs", args.epochs, "--image-size", args.image_size, "--batch-size", args.batch_size,
-              "--seed", args.seed, "--device", "cpu", *(["--subset", args.subset] if args.subset else [])]
+              "--device", "cpu", *(["--subset", args.subset] if args.subset else [])]
     train = [args.data / "images_train", args.data / "y_train.csv"]
 
     def trained(name: str, opts: list) -> tuple[Path, float, dict]:
         """A run (trained unless its folder holds one), its epochs' seconds and its best epoch's row."""
         run = args.work / name.replace(" ", "_").replace(",", "")
         if not (run / "best.pt").exists():
-            own = common[:common.index("--seed")] + common[common.index("--seed") + 2:] if "--seed" in opts else common
-            dalipipe("train", *train, "--out", run, *own, *opts, log=log)
+            seed = [] if "--seed" in opts else ["--seed", args.seed]  # a row may bring its own
+            dalipipe("train", *train, "--out", run, *common, *seed, *opts, log=log)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return run, sum(r["epoch_seconds"] for r in rows), max(rows, key=lambda r: r["val_balanced_accuracy"])
 

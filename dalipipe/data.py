@@ -288,14 +288,6 @@ def kfold_split(index: pd.DataFrame, folds: int, fold: int, seed: int) -> tuple[
     return index.iloc[train_rows].reset_index(drop=True), index.iloc[val_rows].reset_index(drop=True)
 
 
-def split_for_training(index: pd.DataFrame, val_fraction: float, seed: int, folds: int | None = None,
-                       fold: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A run's (train, validation) split: fold `fold` of `folds` when given, else the val_fraction split."""
-    if folds is not None:
-        return kfold_split(index, folds, fold, seed)
-    return stratified_split(index, val_fraction, seed)
-
-
 def _subset_counts(class_sizes: pd.Series, n: int) -> pd.Series:
     """Per class, the samples stratified_subset takes for at most n in all (at least one of each class)."""
     frac = n / int(class_sizes.sum())

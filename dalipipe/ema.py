@@ -2,8 +2,8 @@
 
 A copy of the model in eval mode whose every floating-point state entry (weights and BatchNorm's running
 statistics) moves a step towards the trained model's after each optimizer step; integer entries
-(num_batches_tracked) are copied. One fused kernel per step over all tensors, on the device, with no
-copy to the host: the decay of each step is computed on the host from the step count alone.
+(num_batches_tracked) are copied. One multi-tensor lerp per step over all tensors, on the device, with
+no copy to the host: the decay of each step is computed on the host from the step count alone.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 # The decay warms up as timm's ModelEmaV3 does with use_warmup: 1 - (1 + t / GAMMA) ** -POWER after t
-# updates (0 for the first: the average starts as the model), capped at the decay asked for. Without it a run from scratch averages in its random start
-# for the first ~1/(1 - decay) steps (1,000 at 0.999, more than most short runs take).
+# updates (0 for the first: the average starts as the model), capped at the decay asked for. Without it a
+# run from scratch averages in its random start for the first ~1/(1 - decay) steps (1,000 at 0.999, more
+# than most short runs take).
 WARMUP_GAMMA = 1.0
 WARMUP_POWER = 2 / 3
 
@@ -33,9 +34,9 @@ class WeightAverage:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         # state_dict() values share storage with the modules' tensors: pairs made once, updated in place.
         mine, theirs = self.module.state_dict(), model.state_dict()
-        floats = [k for k, v in mine.items() if v.is_floating_point()]
-        self._floats = ([mine[k] for k in floats], [theirs[k] for k in floats])
-        self._others = [(mine[k], theirs[k]) for k in mine if k not in set(floats)]
+        floats = {k for k, v in mine.items() if v.is_floating_point()}
+        self._floats = ([mine[k] for k in mine if k in floats], [theirs[k] for k in mine if k in floats])
+        self._others = [(mine[k], theirs[k]) for k in mine if k not in floats]
 
     @torch.no_grad()
     def update(self) -> None:

@@ -44,8 +44,8 @@ def init_like_reference(model: nn.Module) -> None:
     about 40x of its activations' scale in every block, so that its logits come out the same for every
     input. Convolutions (efficientnet-pytorch's padded ones subclass nn.Conv2d): normal with std
     sqrt(2 / fan_out), fan_out = k*k*out_channels/groups; BatchNorm: weight 1, bias 0; the classifier:
-    uniform in +-1/sqrt(in_features) (see below); every bias 0. Only for a model from scratch: pretrained weights and
-    --weights replace these values."""
+    uniform in +-1/sqrt(in_features) (see below); every bias 0. Only for a model from scratch: pretrained
+    weights and --weights replace these values."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups

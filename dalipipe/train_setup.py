@@ -17,7 +17,8 @@ from dalipipe import atomic, checkpoint, distributed, run_dir, tensorboard_log, 
 from dalipipe import device as dev
 from dalipipe.config import Normalization, TrainConfig
 from dalipipe.constants import CKPT_LAST, CONFIG_FILE, LABELS_FILE, MODEL_NAME
-from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, split_for_training, stratified_subset
+from dalipipe.data import (LabelMap, build_index, channel_stats, inspect_images, kfold_split, stratified_split,
+                           stratified_subset)
 from dalipipe.errors import DataError
 from dalipipe.loader_rules import train_plan
 from dalipipe.loaders import decode_cache_mb, make_loader
@@ -49,7 +50,10 @@ def prepare_data(cfg: TrainConfig, world: distributed.World):
 
 
 def split(cfg: TrainConfig, index: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return split_for_training(index, cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold)
+    """The run's (train, validation) split: fold I of K with --folds, else the --val-fraction split."""
+    if cfg.folds is not None:
+        return kfold_split(index, cfg.folds, cfg.fold, cfg.seed)
+    return stratified_split(index, cfg.val_fraction, cfg.seed)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
