@@ -138,9 +138,7 @@ def measure_row(job: dict) -> dict:
     if job["train"]:
         from dalipipe.model import build_model
 
-        model = build_model(int(index["y"].max()) + 1).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = dev.place_model(build_model(int(index["y"].max()) + 1), device)
         dev.configure(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
         if kind == "ceiling-compile":  # as `dalipipe train --compile`; the compile falls in the warm-up epoch
@@ -151,8 +149,7 @@ def measure_row(job: dict) -> dict:
     memory = DeviceMemory(device)
 
     def step(x, y):
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)  # a no-op for DALI's batches
+        x = dev.batch_layout(x, device)
         with ranges("forward"), dev.autocast(device):
             loss = F.cross_entropy(model(x), y)
         with ranges("backward"):

@@ -68,6 +68,19 @@ def needs_grad_scaler(device: torch.device, precision: str = "auto") -> bool:
     return amp_dtype(device, precision) == torch.float16
 
 
+def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model on the device; on a GPU in channels_last, the layout its tensor cores read convolutions in
+    without a transpose. Batches go to it through batch_layout."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def batch_layout(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch in the layout of place_model's model: channels_last on a GPU (a no-op for DALI's batches,
+    which arrive so), unchanged on the CPU."""
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on the current stream (the one training runs on). Not
     torch.cuda.synchronize, which also waits for every other stream, DALI's prefetching of later

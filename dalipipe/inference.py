@@ -47,8 +47,7 @@ def scores_by_position(model: torch.nn.Module, loader, device: torch.device, wor
         n = len(images)
         if tta:
             images = flip_views(images)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = dev.batch_layout(images, device)
         with dev.autocast(device, precision):
             # On a GPU one pass of the 4n views. On a CPU four passes of n: one forward of 4 x 64 images at
             # 64 px took 2.5x as long as four of 64 there (measured; the larger batch leaves the caches).

@@ -111,9 +111,7 @@ def model_scores(ck: dict, index: pd.DataFrame, settings: LoaderSettings, device
     norm = Normalization(tuple(ck["mean"]), tuple(ck["std"]))
     model = build_model(len(ck["class_names"]))
     model.load_state_dict(inference_weights(ck))
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = dev.place_model(model, device)
     data = make_loader(index, np.arange(len(index)), spec, norm, False, device, settings)
     try:
         return scores_by_position(model, data, device, progress=progress, tta=tta)

@@ -46,8 +46,7 @@ def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.d
             positions.append(pos.cpu())
         if on_first_batch is not None and step == start_step + 1:
             on_first_batch(images, y)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = dev.batch_layout(images, device)
         recipe.before_step(opt, first_global_step + step - 1)
         with dev.autocast(device, precision):
             loss = recipe.loss(net(images), y)

@@ -208,9 +208,7 @@ def _model(cfg: TrainConfig, state: dict | None, n_classes: int, device: torch.d
     model = build_model(n_classes, None if state else cfg.weights, False if state else cfg.pretrained)
     if state:
         model.load_state_dict(state["model"])
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = dev.place_model(model, device)
     dev.configure(device)
     net = model
     if world.size > 1:
