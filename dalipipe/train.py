@@ -121,6 +121,10 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float) -> di
         log.info(f"{out}: already trained for {progress.epochs_done} epochs; raise --epochs to train more")
     # Wall time of each whole epoch: steps, validation and the hand-off of everything written at its end.
     setup_s, epoch_walls = time.perf_counter() - t_start, []
+    # A mid-epoch checkpoint continues the one epoch it was saved in, and that epoch only: every later
+    # epoch starts at step 0 with empty sums (progress.epochs_done moves on at each epoch's end, so it
+    # cannot tell the resumed epoch from the next ones).
+    resumed_epoch = progress.epochs_done if run.partial is not None else None
     for epoch in range(progress.epochs_done, cfg.epochs):
         t0 = time.perf_counter()
 
@@ -137,7 +141,7 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float) -> di
             if time_up:
                 raise train_state.TimeLimitReached(step)
 
-        resumed = run.partial is not None and epoch == progress.epochs_done
+        resumed = epoch == resumed_epoch
         # The very first batch of a run (not of a resumed one): BatchNorm's statistics of a model from
         # scratch start from it, and rank 0 draws it once as train_batch.png.
         first = epoch == 0 and not resumed

@@ -16,11 +16,15 @@ from dalipipe import checkpoint
 from tests.test_cli import dalipipe
 
 TIMING = ("train_images_per_s", "val_seconds", "epoch_seconds")
-# 168 training samples, batch 32: 6 steps an epoch (5 of 32, one of 8), 12 in two epochs. Checkpoints at
-# steps 2, 4, 8 and at the epoch ends; the kill after step 9 falls in epoch 2, after the step-8 checkpoint.
-OPTS = ["--epochs", "2", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--workers", "2",
+# 168 training samples, batch 32: 6 steps an epoch (5 of 32, one of 8), 18 in three epochs. Checkpoints at
+# every second step and at the epoch ends; the kill after step 3 falls in the first epoch, after the step-2
+# checkpoint, so that the resumed run has a partial epoch to finish and two whole epochs after it (a kill
+# in the last epoch would hide what goes wrong in the epochs after the partial one).
+OPTS = ["--epochs", "3", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--workers", "2",
         "--checkpoint-every", "2"]
-KILL_AT = 9
+# A weight average and a per-step learning rate, both continued where the kill fell.
+RECIPE = ["--ema", "0.9", "--schedule", "cosine", "--warmup-epochs", "0.5"]
+KILL_AT = 3
 
 
 def metrics(run):
@@ -45,11 +49,8 @@ def killed_at(cmd, env):
     return r
 
 
-@pytest.mark.parametrize("loader, extra", [
-    ("dali", []), ("torch", []),
-    # a weight average and a per-step learning rate, both continued where the kill fell
-    ("dali", ["--ema", "0.9", "--schedule", "cosine", "--warmup-epochs", "0.5"])],
-    ids=["dali", "torch", "dali-ema-cosine"])
+@pytest.mark.parametrize("loader, extra", [("dali", RECIPE), ("torch", RECIPE), ("dali", [])],
+                         ids=["dali-ema-cosine", "torch-ema-cosine", "dali"])
 def test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(small_synth, tmp_path, loader, extra):
     d = small_synth
     args = [d / "images_train", d / "y_train.csv", *OPTS, "--loader", loader, *extra]
@@ -57,9 +58,9 @@ def test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(small_synth, 
     env = dict(os.environ, DALIPIPE_KILL_AT_STEP=str(KILL_AT), PYTHONWARNINGS="ignore")
     killed_at([sys.executable, "-m", "dalipipe", "train", *map(str, args), "--out", str(tmp_path / "run")], env)
     saved = checkpoint.load(tmp_path / "run" / "last.pt")
-    assert saved["epoch"] == 1 and saved["partial"] == {"steps": 2}  # global step 8: epoch 2, step 2
+    assert saved["epoch"] == 0 and saved["partial"] == {"steps": 2}  # global step 2: epoch 1, step 2
     if extra:
-        assert saved["ema"]["updates"] == 8
+        assert saved["ema"]["updates"] == 2
     dalipipe("train", "--resume", tmp_path / "run")
     assert_twins(tmp_path / "twin", tmp_path / "run")
 
@@ -72,13 +73,13 @@ def test_torchrun_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(smal
     # Two ranks: 84 samples each, batch 16: 6 steps an epoch (5 of 16, one of 4).
     opts = [o if o != "32" else "16" for o in OPTS]
     base = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dalipipe", "train", str(d / "images_train"),
-            str(d / "y_train.csv"), *opts]
+            str(d / "y_train.csv"), *opts, *RECIPE]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     r = subprocess.run(base + ["--out", str(tmp_path / "twin")], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     killed_at(base + ["--out", str(tmp_path / "run")], dict(env, DALIPIPE_KILL_AT_STEP=str(KILL_AT)))
     saved = checkpoint.load(tmp_path / "run" / "last.pt")
-    assert saved["partial"] == {"steps": 2} and len(saved["ranks"]) == 2
+    assert saved["epoch"] == 0 and saved["partial"] == {"steps": 2} and len(saved["ranks"]) == 2
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dalipipe", "train", "--resume",
                         str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

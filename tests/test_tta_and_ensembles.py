@@ -77,7 +77,20 @@ def test_an_ensemble_is_the_mean_of_its_members(small_synth, fold_runs, tmp_path
     assert np.abs(ens.to_numpy() - (m1.to_numpy() + m2.to_numpy()) / 2).max() < 2e-6
     assert np.abs(m1.to_numpy() - m2.to_numpy()).max() > 1e-3  # two different models
     labels = pd.read_csv(tmp_path / "ens.csv").set_index("file_id").sort_index()["cell_line"]
-    assert list(labels) == [ens.columns[i].removeprefix("p_") for i in ens.to_numpy().argmax(1)]
+    assert_labels_follow_probabilities(labels, ens)
+
+
+def assert_labels_follow_probabilities(labels: pd.Series, probs: pd.DataFrame) -> None:
+    """Each label is a class of the highest probability as written. Written probabilities are rounded to
+    6 decimals, so classes within 2e-6 of the top one are all acceptable: the label was chosen before the
+    rounding, and saturated models give near or exact ties (0.5/0.5), which must not decide the test."""
+    p = probs.to_numpy()
+    top = p.max(1, keepdims=True)
+    names = np.array([c.removeprefix("p_") for c in probs.columns])
+    for label, row, best in zip(labels, p, top[:, 0]):
+        assert label in set(names[row >= best - 2e-6]), (label, dict(zip(names, row)))
+    # Not vacuous: most rows have a single clear winner.
+    assert ((p >= top - 2e-6).sum(1) == 1).mean() > 0.5
 
 
 def test_an_ensemble_of_runs_with_other_classes_is_refused(small_synth, fold_runs, tmp_path):
