@@ -16,6 +16,16 @@ from dalipipe.errors import DataError
 _DEFAULTS = TrainConfig(images_dir="", labels_csv="", out_dir="")
 LOADER_HELP = "dali: NVIDIA DALI (decoding and augmentation on the GPU where there is one); torch: PIL and a DataLoader."
 DEVICE_HELP = "auto: the GPU when torch sees one, else the CPU; gpu: fail without one."
+CACHE_HELP = ("--cache: trust the checks remembered for unchanged files; --no-cache: check every image again.")
+
+
+def cache_option(default: bool | None):
+    """--cache/--no-cache, the same for every command that checks images. train's default is None (not
+    given), so that a resume keeps the run's setting unless the command says otherwise."""
+    shown = "" if default is None else f" [default: {'--cache' if default else '--no-cache'}]"
+    return click.option("--cache/--no-cache", "check_cache", default=default, help=CACHE_HELP + shown)
+
+
 # ctx.meta key: a function that says, when Ctrl-C stops the command, what is on disk and what to do next.
 ON_INTERRUPT = "dalipipe.on_interrupt"
 
@@ -105,16 +115,17 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
 @click.option("--decoder", type=click.Choice(["mixed", "cpu"]),
               help="DALI on a GPU: a mixed decoder per channel, or one CPU pool and one copy per batch. [default: mixed]")
-@click.option("--decode-cache", "decode_cache", is_flag=True,
+@click.option("--decode-cache/--no-decode-cache", "decode_cache", default=None,
               help="DALI on a GPU (--decoder mixed): keep the decoded images in GPU memory, so that from the second "
                    "epoch on no PNG is decoded (about 120 MB for the challenge's training set).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
               help="Mixed precision on a GPU: auto = bf16 where the GPU has native bf16, else fp16 with a gradient "
                    "scaler; bf16 and fp16 need a GPU; fp32 turns it off. The CPU runs fp32. [default: auto]")
-@click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
-@click.option("--compile", "compile", is_flag=True, help="Run the training steps through torch.compile (compiles first; off until a GPU measurement shows it pays).")
+@cache_option(None)
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="Run the training steps through torch.compile (compiles first; off until a GPU measurement shows it pays).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
-@click.option("--pretrained", is_flag=True, help="Download ImageNet weights (needs internet).")
+@click.option("--pretrained/--no-pretrained", default=None, help="Download ImageNet weights (needs internet). [default: off]")
 @click.option("--subset", type=int, help="Use at most this many labelled samples (stratified).")
 @click.option("--checkpoint-every", type=int, help="Also save last.pt every N training steps (exact resume mid-epoch).")
 @click.option("--checkpoint-minutes", type=float,
@@ -148,7 +159,7 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
                    "[default: off, as the reference]")
 @click.option("--fold", type=int, metavar="I",
               help="With --folds K: fold I (1 to K) is the validation split, the rest is trained on.")
-@click.option("--tta-val", "tta_val", is_flag=True,
+@click.option("--tta-val/--no-tta-val", "tta_val", default=None,
               help="Validate with the probabilities averaged over the four flips, as predict --tta (about 4x "
                    "validation's compute). [default: off, as the reference]")
 def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
@@ -156,12 +167,8 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
     from dalipipe import run_dir
     from dalipipe.train import train as run
 
-    no_cache, tensorboard = opts.pop("no_cache"), opts.pop("tensorboard")
-    given = {k: v for k, v in opts.items() if v is not None and v is not False}  # False: a flag not given
-    if no_cache:
-        given["check_cache"] = False
-    if tensorboard is not None:
-        given["tensorboard"] = tensorboard
+    # Every option defaults to None (not given): a new run takes TrainConfig's default, a resume the run's.
+    given = {k: v for k, v in opts.items() if v is not None}
     if resume_dir:
         cfg = run_dir.resume_config(resume_dir, given, images_dir, labels_csv, out_dir)
     else:
@@ -181,20 +188,20 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
 @click.argument("images_dir", type=click.Path())
 @click.option("--out", "out_csv", required=True, type=click.Path(dir_okay=False), help="Submission CSV to write.")
 @click.option("--ids", "ids_csv", type=click.Path(), help="CSV whose file_id column restricts and orders the output.")
-@click.option("--probs", is_flag=True, help="Add one probability column per class.")
+@click.option("--probs/--no-probs", default=False, help="Add one probability column per class. [default: off]")
 @click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True,
               help=f"{LOADER_HELP} Both give the same predictions.")
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Samples per inference batch (memory and speed).")
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
-@click.option("--tta", is_flag=True,
+@click.option("--tta/--no-tta", default=False,
               help="Average each image's probabilities over it and its horizontal, vertical and double flips "
                    "(4x the compute of a plain prediction). [default: off, as the reference]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
+@cache_option(True)
 def predict(checkpoints_or_runs, images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers, tta, force,
-            no_cache):
+            check_cache):
     """Predict the cell line of every sample in IMAGES_DIR with a checkpoint (or a run's best).
 
     Several checkpoints or runs (k folds, say) before IMAGES_DIR predict as an ensemble: their probabilities
@@ -203,7 +210,7 @@ def predict(checkpoints_or_runs, images_dir, out_csv, ids_csv, probs, loader, de
 
     on_interrupt(f"nothing was written to {out_csv}; run the command again")
     sub = run(list(checkpoints_or_runs), images_dir, out_csv, ids_csv, probs, loader, device, batch_size, workers,
-              force, cache=not no_cache, tta=tta)
+              force, cache=check_cache, tta=tta)
     models = len(checkpoints_or_runs)
     click.echo(f"wrote {len(sub)} predictions to {out_csv}" + (f" (ensemble of {models} models)" if models > 1 else ""))
 
@@ -215,14 +222,14 @@ def predict(checkpoints_or_runs, images_dir, out_csv, ids_csv, probs, loader, de
               help="As for train: the share held out for validation, for the split shown.")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
               help="As for train: the seed of the split shown.")
-@click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
-def check(images_dir, labels_csv, val_fraction, seed, no_cache):
+@cache_option(True)
+def check(images_dir, labels_csv, val_fraction, seed, check_cache):
     """Check IMAGES_DIR (and LABELS_CSV) as a run would, without training: the first problem, or what a
     run would use (samples, classes, image sizes, channel statistics)."""
     from dalipipe.check import summarize
 
     cfg = TrainConfig(images_dir=images_dir, labels_csv=labels_csv or "", out_dir="", val_fraction=val_fraction,
-                      seed=seed, check_cache=not no_cache)
+                      seed=seed, check_cache=check_cache)
     for line in summarize(images_dir, labels_csv, cfg):
         click.echo(line)
 
@@ -245,15 +252,15 @@ def check(images_dir, labels_csv, val_fraction, seed, no_cache):
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--workers", type=int, help="Loader threads (DALI) or processes (torch). [default: cores, at most 8]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--no-cache", "no_cache", is_flag=True, help="Check every image again instead of trusting the checks remembered for unchanged files.")
-def preview(images_dir, labels_csv, out_png, loader, n, augment, image_size, seed, device, workers, force, no_cache):
+@cache_option(True)
+def preview(images_dir, labels_csv, out_png, loader, n, augment, image_size, seed, device, workers, force, check_cache):
     """Draw what the loaders hand the model for a few samples of IMAGES_DIR, beside their stored channels
     (the data is checked as train checks it first)."""
     from dalipipe.preview import preview as run
 
     on_interrupt(f"nothing was written to {out_png}; run the command again")
     shown = run(images_dir, labels_csv, out_png, loader, n, augment, seed, device, image_size, workers, force,
-                cache=not no_cache)
+                cache=check_cache)
     extra = "" if shown["max_difference"] is None else f"; the loaders differ by at most {shown['max_difference']} gray level(s)"
     click.echo(f"wrote {shown['samples']} samples ({' and '.join(shown['loaders'])}, "
                f"{'augmented' if augment else 'not augmented'}) to {out_png}{extra}")

@@ -216,9 +216,13 @@ class TrainConfig:
                               shard_id=shard_id, num_shards=num_shards, decoder=self.decoder,
                               decode_cache_mb=decode_cache_mb if self.decode_cache else 0)
 
+    def decode_cache_applies(self, device_type: str) -> bool:
+        """DALI's decoder cache lives in GPU memory and belongs to its mixed decoder."""
+        return device_type == "cuda" and self.loader == "dali" and self.decoder == "mixed"
+
     def check_device(self, device_type: str) -> None:
         """The options that need a GPU, against the device this run got (before any long work)."""
-        if self.decode_cache and (device_type != "cuda" or self.loader != "dali" or self.decoder != "mixed"):
+        if self.decode_cache and not self.decode_cache_applies(device_type):
             raise DataError("--decode-cache keeps decoded images in GPU memory with DALI's mixed decoder: it "
                             f"needs a GPU, --loader dali and --decoder mixed (this run: device {device_type}, "
                             f"--loader {self.loader}, --decoder {self.decoder})")

@@ -8,14 +8,18 @@ import dataclasses
 import errno
 import fcntl
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterator
 
 from dalipipe import atomic, checkpoint
+from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
+
+log = logging.getLogger("dalipipe")
 
 # What a resumed run may change; every other setting must equal the run's (given again or not).
 RESUME_MAY_CHANGE = ("epochs", "device", "loader", "workers", "time_limit_minutes", "decoder", "decode_cache",
@@ -23,8 +27,14 @@ RESUME_MAY_CHANGE = ("epochs", "device", "loader", "workers", "time_limit_minute
                      "tensorboard")
 
 
+_FLAGS = {"time_limit_minutes": "time-limit", "check_cache": "cache"}
+_ON_OFF = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, bool)}
+
+
 def option(name: str) -> str:
-    return "--" + {"time_limit_minutes": "time-limit", "check_cache": "no-cache"}.get(name, name.replace("_", "-"))
+    """The command-line spelling of a TrainConfig field: --[no-]x for the on/off ones."""
+    flag = _FLAGS.get(name, name.replace("_", "-"))
+    return f"--[no-]{flag}" if name in _ON_OFF else f"--{flag}"
 
 
 @contextlib.contextmanager
@@ -115,7 +125,27 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
         changes["images_dir"] = str(Path(images_dir).resolve())
     if labels_csv:
         changes["labels_csv"] = str(Path(labels_csv).resolve())
-    return dataclasses.replace(cfg, out_dir=str(run.resolve()), **changes)
+    return fit_to_device(dataclasses.replace(cfg, out_dir=str(run.resolve()), **changes), given)
+
+
+def fit_to_device(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """A run resumed on another device (or loader, or decoder) keeps only the settings of its own that
+    this command can honour: the run's GPU-only ones are dropped, with one line saying so. Given again
+    in this command, they are checked as for a new run (a one-line error where they cannot apply)."""
+    kind = dev.resolve(cfg.device).type
+    dropped, changes = [], {}
+    if "decode_cache" not in given and cfg.decode_cache and not cfg.decode_cache_applies(kind):
+        dropped.append("--decode-cache")
+        changes["decode_cache"] = False
+    if "precision" not in given and cfg.precision in ("bf16", "fp16") and kind != "cuda":
+        dropped.append(f"--precision {cfg.precision}")
+        changes["precision"] = "auto"
+    if dropped:
+        log.warning(f"warning: this run was started with {' and '.join(dropped)}, which need"
+                    f"{'s' if len(dropped) == 1 else ''} {'a GPU' if kind != 'cuda' else '--loader dali and --decoder mixed'}; "
+                    f"resumed on {kind} (--loader {cfg.loader}, --decoder {cfg.decoder}) without "
+                    f"{'it' if len(dropped) == 1 else 'them'}")
+    return dataclasses.replace(cfg, **changes)
 
 
 def new_config(images_dir: str, labels_csv: str, out_dir: str, given: dict[str, Any]) -> TrainConfig:

@@ -1,0 +1,91 @@
+"""On/off options on a resume: each can be turned off as well as on, and a run resumed on a device that
+cannot do what it was started with drops that, in one line, instead of refusing to go on."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dalipipe import checkpoint, cli, run_dir
+from dalipipe.config import TrainConfig
+from dalipipe.constants import CKPT_LAST
+from dalipipe.errors import DataError
+
+ON_OFF = ("decode_cache", "compile", "check_cache", "tensorboard", "tta_val", "pretrained")
+
+
+def saved_run(folder, **settings) -> str:
+    """A run folder whose last.pt holds only what resume_config reads: the run's config."""
+    folder.mkdir()
+    cfg = TrainConfig(images_dir="/data/i", labels_csv="/data/y.csv", out_dir=str(folder), **settings)
+    checkpoint.write({"config": cfg.to_dict()}, folder / CKPT_LAST)
+    return str(folder)
+
+
+def given_by(*args) -> dict:
+    """What `dalipipe train ARGS` hands resume_config: the options the command line gave."""
+    seen = {}
+
+    def capture(resume_dir, given, images_dir, labels_csv, out_dir):
+        seen.update(given)
+        raise SystemExit(0)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_dir, "resume_config", capture)
+        CliRunner().invoke(cli.cli, ["train", "--resume", "somewhere", *args], catch_exceptions=False)
+    return seen
+
+
+def test_every_on_off_option_has_both_spellings_and_not_given_means_none():
+    assert given_by() == {}  # nothing given: a resume keeps every setting of the run
+    for name in ON_OFF:
+        flag = run_dir.option(name).replace("--[no-]", "")
+        assert given_by(f"--{flag}") == {name: True}, name
+        assert given_by(f"--no-{flag}") == {name: False}, name
+
+
+@pytest.mark.parametrize("name, flag", [("compile", "compile"), ("check_cache", "cache"),
+                                        ("tensorboard", "tensorboard")])
+def test_a_resume_turns_an_option_off_and_on_again(tmp_path, name, flag):
+    run = saved_run(tmp_path / "run", **{name: True})
+    assert getattr(run_dir.resume_config(run, given_by(f"--no-{flag}"), None, None, None), name) is False
+    assert getattr(run_dir.resume_config(run, given_by(), None, None, None), name) is True  # the run's own
+    off = saved_run(tmp_path / "off", **{name: False})
+    assert getattr(run_dir.resume_config(off, given_by(f"--{flag}"), None, None, None), name) is True
+
+
+def test_a_gpu_run_resumed_on_the_cpu_drops_what_the_cpu_cannot_do(tmp_path, caplog):
+    run = saved_run(tmp_path / "run", decode_cache=True, precision="bf16")
+    with caplog.at_level(logging.WARNING, logger="dalipipe"):
+        cfg = run_dir.resume_config(run, given_by("--device", "cpu"), None, None, None)
+    assert cfg.device == "cpu" and cfg.decode_cache is False and cfg.precision == "auto"
+    cfg.check_device("cpu")  # the checks that refused the resume before now pass
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "--decode-cache and --precision bf16" in lines[0] and "cpu" in lines[0], lines
+
+
+def test_a_resume_with_another_loader_drops_the_decode_cache(tmp_path, caplog):
+    run = saved_run(tmp_path / "run", decode_cache=True, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="dalipipe"):
+        cfg = run_dir.resume_config(run, given_by("--loader", "torch"), None, None, None)
+    assert cfg.decode_cache is False and cfg.loader == "torch"
+    assert ["--decode-cache" in r.getMessage() for r in caplog.records] == [True]
+
+
+def test_a_gpu_only_option_given_again_on_the_cpu_is_still_refused(tmp_path):
+    run = saved_run(tmp_path / "run", decode_cache=True, device="cpu")
+    cfg = run_dir.resume_config(run, given_by("--decode-cache"), None, None, None)
+    assert cfg.decode_cache is True  # kept, as asked: the run's device check refuses it in one line
+    with pytest.raises(DataError, match="--decode-cache keeps decoded images in GPU memory"):
+        cfg.check_device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_resume_keeps_the_gpu_settings(tmp_path):
+    run = saved_run(tmp_path / "run", decode_cache=True, precision="bf16")
+    cfg = run_dir.resume_config(run, given_by("--device", "gpu"), None, None, None)
+    assert cfg.decode_cache is True and cfg.precision == "bf16"
