@@ -169,19 +169,28 @@ def test_every_option_of_every_command_says_what_it_does():
     assert "a missing one is an error" in text and "ignored with a warning" in text
 
 
-def test_plots_carry_any_class_name_with_one_notice_instead_of_a_warning_per_glyph(tmp_path, caplog):
+def test_plots_carry_any_class_name_with_one_notice_instead_of_a_warning_per_glyph(tmp_path, caplog, monkeypatch):
     from dalipipe import plots
 
-    names = ["RT4", "\u4e09\u56db\u4e94 A", "Ünïcödé µ"]  # CJK (no font here has it), Latin accents
-    cm = np.array([[3, 1, 0], [0, 4, 1], [1, 0, 5]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a glyph warning would fail here
-        with caplog.at_level(logging.WARNING, logger="dalipipe"):
-            for k in range(2):
+    # CJK (a font may or may not have it), Latin accents, and U+0378, a code point Unicode leaves unassigned,
+    # which no font maps: the notice is due on every machine.
+    names = ["RT4", "\u4e09\u56db\u4e94 A", "\u00dcn\u00efc\u00f6d\u00e9 \u00b5", "X\u0378"]
+    cm = np.array([[3, 1, 0, 0], [0, 4, 1, 0], [1, 0, 5, 0], [0, 0, 1, 2]])
+    # "Said once" is remembered per process: a fresh memory, whatever other tests of this worker drew.
+    monkeypatch.setattr(plots, "_told", set())
+
+    def notices_of_one_plot(k):
+        caplog.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a glyph warning would fail here
+            with caplog.at_level(logging.WARNING, logger="dalipipe"):
                 plots.confusion_png(cm, names, "t", str(tmp_path / f"cm{k}.png"))
+        return [r.getMessage() for r in caplog.records if "no installed font has" in r.getMessage()]
+
+    first, second = notices_of_one_plot(0), notices_of_one_plot(1)
+    assert len(first) == 1 and "\u0378" in first[0] and repr(names[3]) in first[0], first
+    assert second == []  # told once: the same characters again say nothing
     assert (tmp_path / "cm1.png").stat().st_size > 1000
-    notices = [r for r in caplog.records if "no installed font has" in r.getMessage()]
-    assert len(notices) <= 1  # none where a font has them, once per process where none has
 
 
 def test_check_table_aligns_wide_class_names(tmp_path):
@@ -201,8 +210,22 @@ def test_check_table_aligns_wide_class_names(tmp_path):
 
 
 def test_matplotlib_keeps_its_info_lines_to_itself():
-    invoke("check", "--help")  # the group's set-up runs before any command
-    assert logging.getLogger("matplotlib").getEffectiveLevel() >= logging.WARNING
+    """In a process of its own: pytest's logging set-up (its handlers on the root logger, which make the
+    command's basicConfig a no-op) would hide whether the command itself keeps matplotlib's INFO lines out."""
+    import subprocess
+    import sys
+
+    code = ("import logging\n"
+            "from dalipipe.cli import cli\n"
+            "cli(['check', '--help'], standalone_mode=False)\n"  # the group's set-up runs before any command
+            "logging.getLogger('matplotlib.font_manager').info('matplotlib-info-line')\n"
+            "logging.getLogger('matplotlib').warning('matplotlib-warning-line')\n"
+            "logging.getLogger('dalipipe').info('dalipipe-info-line')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # dalipipe's INFO lines and matplotlib's warnings reach the user; matplotlib's INFO lines do not.
+    assert "dalipipe-info-line" in r.stderr and "matplotlib-warning-line" in r.stderr, r.stderr[-2000:]
+    assert "matplotlib-info-line" not in r.stderr
 
 
 def test_check_workers_leave_ctrl_c_to_the_main_process():
