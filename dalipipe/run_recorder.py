@@ -141,13 +141,18 @@ class RunRecorder:
             self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.image, "train/first_batch",
                                  mosaic(pictures), tensorboard_log.FIRST_BATCH_STEP)
 
-    def start_tensorboard(self, history: list[dict], resumed: bool) -> None:
-        """From here on, every epoch is also logged for TensorBoard (history: the epochs already done)."""
+    def start_tensorboard(self, history: list[dict], resumed: bool, best: dict | None = None,
+                          class_names: list[str] | None = None) -> None:
+        """From here on, every epoch is also logged for TensorBoard (history: the epochs already done; best:
+        their best epoch's confusion matrix, logged again after a resume's restart marker)."""
         if not self.active:
             return
         self.tensorboard = True
         log_dir = self.out / TENSORBOARD_DIR
         self._call_in_worker(log_dir, tensorboard_log.open_log, str(log_dir), list(history), resumed)
+        if resumed and best is not None:
+            self._call_in_worker(log_dir, tensorboard_log.confusion, np.asarray(best["matrix"]), class_names,
+                                 best["title"], best["epoch"])
 
     def end_tensorboard(self, hparams: dict | None, best: float, epochs: int) -> None:
         """hparams: the run's settings once it has finished its epochs (None when it stopped early)."""

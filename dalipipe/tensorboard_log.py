@@ -7,7 +7,8 @@ GIL.
 A resumed run writes a START event (a SessionLog) at step 1 (SummaryWriter's purge_step): TensorBoard's
 reader then drops every point an earlier process logged, in every tag, and the resumed run logs the whole
 history again from its checkpoint. So each scalar has one point per epoch even when a kill fell between a checkpoint and the
-event file's write. (add_scalar, not add_scalars: the latter's sub-writers are never purged.)
+event file's write. The restart drops the earlier best epoch's confusion matrix too: it is logged again from
+the checkpoint. (add_scalar, not add_scalars: the latter's sub-writers are never purged.)
 """
 
 from __future__ import annotations

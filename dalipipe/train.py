@@ -94,7 +94,8 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
     with RunRecorder(out, world.is_main, lambda: run_dir.interrupt_hint(out)) as recorder:
         run = train_setup.build(cfg, resume, world)
         if cfg.tensorboard:
-            recorder.start_tensorboard(run.progress.history, resumed=resume)
+            recorder.start_tensorboard(run.progress.history, resumed=resume, best=run.progress.best_confusion,
+                                       class_names=list(run.labels.names))
         result = _epochs(run, recorder, t_start)
         finished = not result["stopped_early"]
         recorder.end_tensorboard(cfg.to_dict() if finished else None, run.progress.best, run.progress.epochs_done)
@@ -229,13 +230,19 @@ def _validate(run: train_setup.Setup, epoch: int, loss_sum: float, seen: int, tr
            "val_balanced_accuracy": round(score, 5), "train_images_per_s": round(images_per_s, 1),
            "val_seconds": round(val_time, 2), "epoch_seconds": round(time.perf_counter() - t0, 2),
            "lr": run.recipe.epoch_lr(epoch)}
-    improved = score > progress.best
+    # Better by more than float noise: equal balanced accuracies of different predictions can differ in the
+    # last bit, and a tie is not a new best.
+    improved = score > progress.best + 1e-9
     progress.history.append(row)
     progress.epochs_done, progress.best, progress.last_score = epoch + 1, max(progress.best, score), score
-    if not (improved and world.is_main):
+    if not improved:
         return row, None
     names = list(run.labels.names)
+    cm = confusion_matrix(y, pred, labels=range(len(names)))
+    title = f"validation, epoch {epoch + 1}, balanced accuracy {score:.3f}"
+    progress.best_confusion = {"epoch": epoch + 1, "matrix": cm.tolist(), "title": title}
+    if not world.is_main:
+        return row, None
     frame = prediction_frame(run.val_df.file_id.to_numpy()[pos], probabilities(logits), names, probs=True)
     frame.insert(1, "true_cell_line", run.labels.decode(y))
-    return row, BestEpoch(frame, confusion_matrix(y, pred, labels=range(len(names))), names,
-                          f"validation, epoch {epoch + 1}, balanced accuracy {score:.3f}")
+    return row, BestEpoch(frame, cm, names, title)

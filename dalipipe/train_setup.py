@@ -86,6 +86,9 @@ class Progress:
     best: float = -1.0
     last_score: float = -1.0
     history: list[dict] = field(default_factory=list)
+    # The best epoch's validation confusion matrix: {"epoch", "matrix" (rows: true class), "title"}. Saved, so
+    # that a resumed run's TensorBoard log (whose restart drops every earlier point) can show it again.
+    best_confusion: dict | None = None
 
 
 @dataclass
@@ -123,7 +126,8 @@ class Setup:
                 "split": {"train_ids": self.train_df.file_id.tolist(), "val_ids": self.val_df.file_id.tolist(),
                           "folds": cfg.folds, "fold": cfg.fold},
                 **self.recipe.checkpoint_state(),
-                "val_balanced_accuracy": p.last_score, "versions": versions(), "ranks": ranks,
+                "val_balanced_accuracy": p.last_score, "best_confusion": p.best_confusion,
+                "versions": versions(), "ranks": ranks,
                 "partial": None if partial_steps is None else {"steps": partial_steps}}
 
     def close(self) -> None:
@@ -166,7 +170,8 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World) -> Setup:
     progress = Progress()
     if state:
         restore_scaler(scaler, state["scaler"])
-        progress = Progress(state["epoch"], state["best_score"], state["val_balanced_accuracy"], state["history"])
+        progress = Progress(state["epoch"], state["best_score"], state["val_balanced_accuracy"], state["history"],
+                            state.get("best_confusion"))
     # This rank's generators and loader position as saved (restored here, after the model's random init).
     partial = state.get("partial") if state else None
     key = train_state.loader_key(cfg.loader, cfg.decoder, device)

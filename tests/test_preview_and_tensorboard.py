@@ -18,7 +18,10 @@ from dalipipe.preview import preview
 from dalipipe.train import train
 from tests.conftest import pngsuite
 from tests.test_cli import assert_one_line_error, dalipipe
-from tests.test_exact_resume import KILL_AT, OPTS
+from tests.test_exact_resume import OPTS
+
+# 6 steps an epoch (see OPTS): the kill after global step 9 falls in epoch 2, after epoch 1 was logged.
+KILL_IN_EPOCH_2 = 9
 
 
 def picture(path):
@@ -90,11 +93,12 @@ def scalars(log_dir):
 
 def test_train_batch_and_tensorboard_after_a_kill_and_resume(small_synth, tmp_path):
     """A run killed in epoch 2 (after a mid-epoch checkpoint) and resumed: each scalar has exactly one point
-    per epoch, the first batch is drawn once (train_batch.png is not drawn again by the resumed run)."""
+    per epoch, the first batch is drawn once (train_batch.png is not drawn again by the resumed run), and the
+    confusion matrix of the best epoch before the kill, which the restart drops, is logged again."""
     pytest.importorskip("tensorboard")
     d, run = small_synth, tmp_path / "run"
     args = ["train", d / "images_train", d / "y_train.csv", *OPTS, "--epochs", "3", "--tensorboard", "--out", run]
-    env = dict(os.environ, DALIPIPE_KILL_AT_STEP=str(KILL_AT), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, DALIPIPE_KILL_AT_STEP=str(KILL_IN_EPOCH_2), PYTHONWARNINGS="ignore")
     r = subprocess.run([sys.executable, "-m", "dalipipe", *map(str, args)], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == -9, r.stderr[-2000:]
@@ -115,3 +119,8 @@ def test_train_batch_and_tensorboard_after_a_kill_and_resume(small_synth, tmp_pa
     # metrics.jsonl rounds to 5 decimals; TensorBoard has the score itself (as float32)
     assert points[tensorboard_log.BEST_METRIC] == [(3, pytest.approx(best, abs=1e-5))]
     assert images["train/first_batch"] == [tensorboard_log.FIRST_BATCH_STEP]
+    # One matrix at epoch 1 (the best before the kill: the only epoch done), then one at each later epoch that
+    # improved on the best so far.
+    scores = [row["val_balanced_accuracy"] for row in rows]
+    improved = [e for e in (2, 3) if scores[e - 1] > max(scores[:e - 1])]
+    assert images["validation/confusion_matrix"] == [1, *improved]
