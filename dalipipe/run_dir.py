@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import json
 import logging
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
+from dalipipe.run_recorder import metrics_text
 
 log = logging.getLogger("dalipipe")
 
@@ -76,7 +76,7 @@ def repair_run_dir(out: Path, state: dict) -> None:
     if not state.get("partial") and state["val_balanced_accuracy"] >= state["best_score"] and (
             not best.exists() or checkpoint.load(best)["epoch"] != state["epoch"]):
         checkpoint.copy(out / CKPT_LAST, best)
-    lines = "".join(json.dumps(row) + "\n" for row in state["history"])
+    lines = metrics_text(state["history"])
     atomic.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
 
 

@@ -123,8 +123,10 @@ class RunRecorder:
             self._in_worker(self.out / VAL_PREDICTIONS, _to_csv, best.predictions)
             self._in_worker(self.out / CONFUSION_PNG, plots.confusion_png, best.confusion, best.class_names,
                             best.title)
-        line = json.dumps(row) + "\n"
-        self.jobs.put(lambda: self._append(self.out / METRICS_FILE, line))
+        # The whole file again (one short line per epoch), to a temporary name and renamed, as every other
+        # file: an append in place would leave a torn last line after a kill in mid-write.
+        text = metrics_text(history)
+        self.jobs.put(lambda: self._file(self.out / METRICS_FILE, lambda tmp: Path(tmp).write_text(text)))
         self._in_worker(self.out / CURVES_PNG, plots.learning_curves_png, list(history))  # a copy: the loop appends
         if self.tensorboard:
             self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.epoch, row)
@@ -201,10 +203,6 @@ class RunRecorder:
         with self._writing(path):
             write_atomic(path, write, make_parent=False)
 
-    def _append(self, path: Path, line: str) -> None:
-        with self._writing(path), open(path, "a") as f:
-            f.write(line)
-
     @contextlib.contextmanager
     def _writing(self, path: Path) -> Iterator[None]:
         """An OSError while writing path is the user's disk (full, folder gone, no permission)."""
@@ -240,6 +238,11 @@ class RunRecorder:
         if isinstance(e, RecordFailed):
             raise DataError(str(e)) from None
         raise e  # not the user's disk: a bug, with the writer's traceback
+
+
+def metrics_text(history: list[dict]) -> str:
+    """metrics.jsonl: one JSON line per epoch."""
+    return "".join(json.dumps(row) + "\n" for row in history)
 
 
 def mosaic(pictures: np.ndarray, columns: int = 8) -> np.ndarray:

@@ -221,3 +221,17 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_previous_checkpoin
     saved = json.loads((tmp_path / "saved.json").read_text())
     assert saved["epoch"] == 0 and saved["partial"] == {"steps": 1}, saved
     assert not [f for f in saved["files"] if f.endswith(".tmp")], saved
+
+
+def test_metrics_jsonl_is_replaced_whole_at_each_epoch_never_appended_in_place(tmp_path):
+    """A kill in the middle of an append would leave a torn last line: the file is written to a temporary
+    name and renamed, as every other record (a new file each epoch, holding the whole history)."""
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.0, "val_balanced_accuracy": 0.5} for e in (1, 2)]
+    rec = recorder(tmp_path)
+    rec.epoch_end({"epoch": 1}, rows[0], rows[:1], None)
+    rec.wait()
+    first = (tmp_path / "metrics.jsonl").stat().st_ino
+    rec.epoch_end({"epoch": 2}, rows[1], rows, None)
+    rec.close()
+    assert (tmp_path / "metrics.jsonl").stat().st_ino != first  # renamed over, not opened for appending
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
