@@ -101,6 +101,15 @@ def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizatio
     """device_id None: every operator on the CPU; a GPU number: decoding as settings.decoder says, the
     processing on that GPU. checkpoint: a state saved from the same pipeline (readers' positions, random
     generators), to continue where it was."""
+    p = define_pipeline(paths, spec, norm, train, device_id, settings, checkpoint)
+    p.build()
+    return p
+
+
+def define_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalization, train: bool,
+                    device_id: int | None, settings: LoaderSettings, checkpoint: bytes | None = None):
+    """build_pipeline's pipeline, not yet built: building a GPU pipeline needs the GPU, its definition
+    does not (the tests read a GPU pipeline's graph on machines without one)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -136,9 +145,7 @@ def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizatio
         out_dtype = types.FLOAT16 if settings.out_dtype == "float16" else types.FLOAT
         return (_process(rgb, shape, spec, norm, train, out_dtype, output_layout(gpu)), *labels)
 
-    p = pipe()
-    p.build()
-    return p
+    return pipe()
 
 
 class DaliLoader:

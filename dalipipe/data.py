@@ -9,6 +9,9 @@ one-line message that names the file or CSV line, so that the CLI can stop befor
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import logging
 import math
 import os
@@ -94,44 +97,78 @@ def scan_images(images_dir: str | Path, skip_incomplete: bool = False) -> pd.Dat
     return pd.DataFrame(rows, columns=["file_id"] + PATH_COLUMNS)
 
 
-def read_labels(labels_csv: str | Path, what: str = "labels file") -> pd.DataFrame:
-    """Read the `file_id` and `cell_line` columns, found by name in any order; other columns (a submission's
-    probabilities, a notes column) are ignored, by the one rule of every CSV dalipipe reads. Errors name the
-    CSV line (1-based, header is line 1). Names are stripped of spaces."""
-    path = Path(labels_csv)
+def read_csv_columns(csv_path: str | Path, columns: tuple[str, ...], what: str) -> pd.DataFrame:
+    """The one reader of every CSV dalipipe reads (labels, answers, submissions, --ids): the named columns,
+    found by name in any order (other columns are ignored), as stripped strings, plus `csv_line`: the line
+    where each row starts as an editor numbers it (blank lines and line breaks inside quoted fields count).
+    UTF-8 only, with or without a byte-order mark: any other encoding would read some names wrong without a
+    word (Excel's "CSV" on Windows is cp1252), so it is refused naming the line and the fix. Blank lines and
+    rows of empty fields (which spreadsheets write) are skipped."""
+    path = Path(csv_path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
+    data = path.read_bytes()
+    bom = codecs.BOM_UTF8 if data.startswith(codecs.BOM_UTF8) else b""
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: {what} is empty") from None
-    except pd.errors.ParserError as e:
-        raise DataError(f"{path}: malformed CSV ({str(e).splitlines()[0]})") from None
-    cols = [c.strip() for c in df.columns]
-    missing = [c for c in LABEL_COLUMNS if c not in cols]
+        text = data[len(bom):].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = len(bom) + e.start
+        line = len(re.findall(rb"\r\n|\r|\n", data[:at])) + 1  # the line breaks the csv reader splits at
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[at]:02x} at offset {at}); save it as UTF-8 "
+                        "(in Excel: Save As, CSV UTF-8)") from None
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
+    rows, start = [], 1
+    try:
+        for fields in reader:
+            if any(f.strip() for f in fields):
+                rows.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{start}: malformed CSV ({e})") from None
+    if not rows:
+        raise DataError(f"{path}: {what} is empty")
+    header = [c.strip() for c in rows[0][1]]
+    missing = [c for c in columns if c not in header]
     if missing:
-        raise DataError(f"{path}: no {' or '.join(repr(c) for c in missing)} column (a {what} needs "
-                        f"{' and '.join(LABEL_COLUMNS)}; other columns are ignored), got '{','.join(cols)}'")
-    df.columns = cols
-    df = df[list(LABEL_COLUMNS)]
-    if df.empty:
+        article = "an" if what[0] in "aeiou" else "a"
+        raise DataError(f"{path}: no {' or '.join(repr(c) for c in missing)} column ({article} {what} needs "
+                        f"{' and '.join(columns)}; other columns are ignored), got '{','.join(header)}'")
+    twice = [c for c in columns if header.count(c) > 1]
+    if twice:
+        raise DataError(f"{path}: two '{twice[0]}' columns")
+    for line, fields in rows[1:]:
+        if len(fields) != len(header):
+            raise DataError(f"{path}:{line}: {len(fields)} fields, the header has {len(header)}")
+    out = pd.DataFrame({c: [fields[header.index(c)].strip() for _, fields in rows[1:]] for c in columns}, dtype=object)
+    out["csv_line"] = [line for line, _ in rows[1:]]
+    if out.empty:
         raise DataError(f"{path}: {what} has a header but no rows")
-    ids = []
+    return out
+
+
+def read_ids(csv_path: str | Path, what: str, columns: tuple[str, ...] = ("file_id",)) -> pd.DataFrame:
+    """read_csv_columns, with file_id as integers, each once."""
+    out = read_csv_columns(csv_path, columns, what)
     first_line: dict[int, int] = {}
-    for i, (fid, label) in enumerate(zip(df["file_id"], df["cell_line"])):
-        line = i + 2
+    for fid, line in zip(out["file_id"], out["csv_line"]):
         try:
-            n = int(fid.strip())
+            n = int(fid)
         except ValueError:
-            raise DataError(f"{path}:{line}: file_id '{fid}' is not an integer") from None
-        if not label.strip():
-            raise DataError(f"{path}:{line}: empty cell_line for file_id {n}")
+            raise DataError(f"{csv_path}:{line}: file_id '{fid}' is not an integer") from None
         if n in first_line:
-            raise DataError(f"{path}:{line}: duplicate file_id {n} (first on line {first_line[n]})")
+            raise DataError(f"{csv_path}:{line}: duplicate file_id {n} (first on line {first_line[n]})")
         first_line[n] = line
-        ids.append(n)
-    out = pd.DataFrame({"file_id": ids, "cell_line": df["cell_line"].str.strip()})
-    out["csv_line"] = [first_line[n] for n in ids]
+    out["file_id"] = list(first_line)
+    return out
+
+
+def read_labels(labels_csv: str | Path, what: str = "labels file") -> pd.DataFrame:
+    """file_id, cell_line and csv_line of a labels file (or answers, or a submission), read by the rules
+    of read_ids; every row needs a class name."""
+    out = read_ids(labels_csv, what, LABEL_COLUMNS)
+    empty = out[out["cell_line"] == ""]
+    if len(empty):
+        raise DataError(f"{labels_csv}:{empty.csv_line.iloc[0]}: empty cell_line for file_id {empty.file_id.iloc[0]}")
     return out
 
 
@@ -289,14 +326,33 @@ def kfold_split(index: pd.DataFrame, folds: int, fold: int, seed: int) -> tuple[
 
 
 def _subset_counts(class_sizes: pd.Series, n: int) -> pd.Series:
-    """Per class, the samples stratified_subset takes for at most n in all (at least one of each class)."""
-    frac = n / int(class_sizes.sum())
-    return class_sizes.map(lambda size: max(1, round(size * frac)))
+    """Per class, the samples stratified_subset takes (n < the samples there are): n in all, each class
+    its share of n rounded by largest remainder, and at least one of each class: a class whose share is
+    under one gets one and the others share the rest (so below one per class, one per class). In
+    integers, so that no float rounding decides."""
+    left = {name: int(size) for name, size in class_sizes.items()}
+    counts: dict = {}
+    while left:
+        m, total = n - len(counts), sum(left.values())
+        small = [name for name, size in left.items() if size * m < total]
+        if not small:
+            share = {name: size * m // total for name, size in left.items()}
+            # Ties (equal remainders) go to the larger class, then by name: the same subset every time.
+            by_remainder = sorted(left, key=lambda name: (-(left[name] * m % total), -left[name], str(name)))
+            for name in by_remainder[:m - sum(share.values())]:
+                share[name] += 1
+            counts.update(share)
+            break
+        for name in small:
+            counts[name] = 1
+            del left[name]
+    return pd.Series([counts[name] for name in class_sizes.index], index=class_sizes.index)
 
 
 def stratified_subset(index: pd.DataFrame, n: int, seed: int, val_fraction: float | None = None) -> pd.DataFrame:
-    """At most n samples with the class proportions of `index` (at least one per class). With val_fraction,
-    a subset too small to split is refused, naming what it gives and the smallest n that works."""
+    """n samples (all, when there are no more) in the class proportions of `index`, at least one of each
+    class (see _subset_counts). With val_fraction, a subset too small to split is refused, naming what it
+    gives and the smallest n that works."""
     if n >= len(index):
         return index
     sizes = index.groupby("cell_line").size()

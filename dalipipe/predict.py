@@ -12,7 +12,7 @@ import torch
 from dalipipe import atomic, checkpoint
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-from dalipipe.data import inspect_images, read_labels, scan_images
+from dalipipe.data import inspect_images, read_ids, read_labels, scan_images
 from dalipipe.errors import DataError
 from dalipipe.inference import prediction_frame, probabilities, scores_by_position
 from dalipipe.loaders import make_loader
@@ -22,20 +22,16 @@ log = logging.getLogger("dalipipe")
 
 
 def select_ids(index: pd.DataFrame, ids_csv: str | Path, images_dir: str | Path) -> pd.DataFrame:
-    """Restrict and order the index by a CSV's file_id column (a sample submission)."""
-    p = Path(ids_csv)
-    try:
-        ids = pd.read_csv(p, usecols=["file_id"])["file_id"]
-    except (FileNotFoundError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{p}: cannot read a file_id column ({str(e).splitlines()[0]})") from None
-    if ids.duplicated().any():
-        raise DataError(f"{p}:{int(np.flatnonzero(ids.duplicated())[0]) + 2}: duplicate file_id {ids[ids.duplicated()].iloc[0]}")
+    """Restrict and order the index by a CSV's file_id column (a sample submission), read by the rules of
+    every CSV (read_ids)."""
+    ids = read_ids(ids_csv, what="ids file")
     by_id = index.set_index("file_id")
-    missing = ~ids.isin(by_id.index)
-    if missing.any():
-        raise DataError(f"{p}:{int(np.flatnonzero(missing)[0]) + 2}: file_id {ids[missing].iloc[0]} has no complete "
-                        f"set of channel images in {images_dir}")
-    return by_id.loc[ids.to_numpy()].reset_index()
+    missing = ids[~ids["file_id"].isin(by_id.index)]
+    if len(missing):
+        row = missing.iloc[0]
+        raise DataError(f"{ids_csv}:{row.csv_line}: file_id {row.file_id} has no complete set of channel images in "
+                        f"{images_dir}")
+    return by_id.loc[ids["file_id"].to_numpy()].reset_index()
 
 
 def warn_seen_samples(index: pd.DataFrame, ck: dict, images_dir: str | Path) -> None:

@@ -177,3 +177,85 @@ def test_parallel_check_equals_serial_and_reports_the_first_bad_sample(synth_cop
         shutil.copy(pngsuite() / "xcrn0g04.png", synth_copy / "images_train" / f"{fid:05d}_blue.png")
     with pytest.raises(DataError, match="00012_blue.png"):
         inspect_images(idx, progress=False, cache=False, workers=2, parallel_from=1)
+
+
+def test_a_csv_that_is_not_utf8_is_refused_naming_the_line_and_the_fix(tmp_path):
+    p = tmp_path / "y.csv"
+    p.write_bytes("file_id,cell_line\n1,RT4\n2,Café\n".encode("cp1252"))  # as Excel on Windows saves it
+    with pytest.raises(DataError, match=r"y\.csv:3: not UTF-8 \(byte 0xe9 at offset 29\); save it as UTF-8"):
+        read_labels(p)
+    p.write_bytes("\ufefffile_id,cell_line\n1,RT4\n2,Café\n".encode("utf-8"))  # UTF-8 with a BOM reads
+    assert read_labels(p).cell_line.tolist() == ["RT4", "Café"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # Lines as an editor numbers them: blank lines count, and a quoted field may hold a line break.
+        ("file_id,cell_line\n\n1,RT4\n\n2,\"HEK\n293\"\nabc,RT4\n", r"y\.csv:7: file_id 'abc' is not an integer"),
+        ("file_id,cell_line\r\n1,RT4\r\n\r\n1,HeLa\r\n", r"y\.csv:4: duplicate file_id 1 \(first on line 2\)"),
+        ("\nfile_id,cell_line\n1,\"A\nB\"\n\n1,HeLa\n", r"y\.csv:6: duplicate file_id 1 \(first on line 3\)"),
+        ("file_id,cell_line\n1,RT4\n2,RT4,x\n", r"y\.csv:3: 3 fields, the header has 2"),
+        ("file_id,cell_line\n1,RT4\n2,\"RT4\n", r"y\.csv:3: malformed CSV"),
+    ],
+)
+def test_csv_errors_name_the_line_an_editor_shows(tmp_path, text, message):
+    p = tmp_path / "y.csv"
+    p.write_bytes(text.encode())
+    with pytest.raises(DataError, match=message):
+        read_labels(p)
+
+
+def test_rows_start_on_the_line_an_editor_shows(tmp_path):
+    p = tmp_path / "y.csv"
+    p.write_text("file_id,cell_line\n\n1,RT4\n2,\"HEK\n293\"\n,\n3,HeLa\n")  # ",": a spreadsheet's empty row
+    labels = read_labels(p)
+    assert labels.file_id.tolist() == [1, 2, 3] and labels.csv_line.tolist() == [3, 4, 7]
+    assert labels.cell_line.tolist() == ["RT4", "HEK\n293", "HeLa"]
+
+
+def test_ids_files_follow_the_one_rule_of_every_csv(small_synth, tmp_path):
+    from dalipipe.predict import select_ids
+
+    images = small_synth / "images_test"
+    index = scan_images(images)
+    first, second = index.file_id.iloc[0], index.file_id.iloc[1]
+    p = tmp_path / "ids.csv"
+    # The header that labels and answers accept; only file_id is needed, in the order given.
+    p.write_text(f" file_id , cell_line \n{second}, RT4\n\n{first},RT4\n")
+    assert select_ids(index, p, images).file_id.tolist() == [second, first]
+    p.write_text(f"file_id\n{first}\n")
+    assert select_ids(index, p, images).file_id.tolist() == [first]
+    for text, message in [(f"file_id\n{first}.0\n", rf"ids\.csv:2: file_id '{first}\.0' is not an integer"),
+                          (f"file_id\n{first}\nabc\n", r"ids\.csv:3: file_id 'abc' is not an integer"),
+                          (f"file_id\n\n{first}\n\n{first}\n", rf"ids\.csv:5: duplicate file_id {first} \(first on line 3\)"),
+                          ("file_id\n1\n\n99999\n", r"ids\.csv:2: file_id 1 has no complete set of channel images"),
+                          ("id\n1\n", r"ids\.csv: no 'file_id' column \(an ids file needs file_id; other columns")]:
+        p.write_text(text)
+        with pytest.raises(DataError, match=message):
+            select_ids(index, p, images)
+
+
+def test_subset_gives_exactly_n_samples_in_the_class_proportions():
+    from dalipipe.constants import REAL_CLASS_COUNTS
+    from dalipipe.data import _subset_counts
+
+    sizes = pd.Series(REAL_CLASS_COUNTS)
+    total, k = int(sizes.sum()), len(sizes)
+    for n in range(1, total):
+        counts = _subset_counts(sizes, n)
+        assert (counts >= 1).all() and (counts <= sizes).all(), n
+        if n < k:  # one of each class is the least a stratified subset holds
+            assert counts.sum() == k, n
+            continue
+        assert counts.sum() == n, (n, counts.sum())
+        # Largest remainder: each class within one sample of its share (exact integer arithmetic).
+        assert ((counts * total - sizes * n).abs() < total).all(), n
+
+
+def test_stratified_subset_draws_exactly_n(small_synth):
+    from dalipipe.data import stratified_subset
+
+    index = build_index(small_synth / "images_train", small_synth / "y_train.csv")
+    for n in (50, 101, 239):
+        assert len(stratified_subset(index, n, 0, val_fraction=0.3)) == n

@@ -229,8 +229,34 @@ def decoder_outputs(index, device, image_size):
     return outs
 
 
-def test_decoder_setting_builds_and_agrees(small_synth):
-    # On the CPU both settings decode in DALI's CPU pool (there is no copy to make); on a GPU they differ
-    # in where decoding happens (tests/test_gpu.py) and the benchmark times both.
+def test_decoder_setting_builds_and_agrees_on_the_cpu(small_synth):
+    # Without a GPU both settings decode in DALI's CPU pool (there is no copy to make): one output.
     mixed, cpu = (torch.cat(b) for b in decoder_outputs(scan_images(small_synth / "images_test"), CPU, 24))
     assert mixed.shape == (60, 3, 24, 24) and torch.equal(mixed, cpu)
+
+
+@pytest.mark.parametrize("device_id,decoder,decoded_on,processed_on", [
+    (None, "mixed", "cpu", "cpu"), (None, "cpu", "cpu", "cpu"),  # no GPU: the setting changes nothing
+    (0, "mixed", "gpu", "gpu"),  # decoded on DALI's threads, handed on as GPU tensors
+    (0, "cpu", "cpu", "gpu"),  # decoded on the CPU, one copy of the stacked batch to the GPU
+])
+def test_decoder_setting_places_the_decoders_and_the_processing(small_synth, device_id, decoder, decoded_on,
+                                                               processed_on):
+    """Where each operator's output lives, read from the pipeline's graph. A GPU pipeline can be defined
+    without a GPU, only not built: its Python graph (_build_graph, _ops: DALI has no public way to list a
+    pipeline's operators before building it) shows what the GPU would run."""
+    from dalipipe.dali_loader import define_pipeline
+    from dalipipe.data import PATH_COLUMNS
+
+    paths = scan_images(small_synth / "images_test")[PATH_COLUMNS].values.tolist()
+    for train in (False, True):
+        pipe = define_pipeline(paths, AugmentSpec(image_size=16), RAW, train, device_id,
+                               LoaderSettings("dali", 4, 1, 0, decoder=decoder))
+        pipe._build_graph()
+        outputs = {}
+        for op in pipe._ops:
+            kind = op.name.strip("_").rsplit("_", 1)[0]
+            outputs.setdefault(kind, set()).update(node.device for node in op.outputs)
+        assert outputs["Image"] == {decoded_on}, outputs  # the three channels' decoders
+        assert outputs["CropMirrorNormalize"] == {processed_on}, outputs
+        assert outputs["WarpAffine" if train else "Resize"] == {processed_on}, outputs

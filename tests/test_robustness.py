@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from dalipipe import atomic, checkpoint, run_dir
 from dalipipe.cli import cli
 from dalipipe.data import build_index, channel_stats, inspect_images
+from dalipipe.errors import DataError
 from tests.conftest import write_labels, write_sample
 
 SMALL = ["--epochs", "1", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--workers", "1"]
@@ -177,6 +178,14 @@ def test_score_reads_submissions_by_the_rules_of_training(tmp_path):
     assert r.exit_code == 0 and r.output.strip() == "balanced accuracy 1.0000", r.output
 
 
+def test_a_latin1_csv_is_a_one_line_error_not_a_bug(small_synth, tmp_path):
+    answers = tmp_path / "answers.csv"
+    answers.write_bytes("file_id,cell_line\n1,Café\n2,B\n".encode("cp1252"))
+    write_labels(tmp_path / "sub.csv", [(1, "B"), (2, "B")])
+    one_line_error(invoke("score", tmp_path / "sub.csv", answers), "answers.csv:2: not UTF-8", "save it as UTF-8")
+    one_line_error(invoke("check", small_synth / "images_train", answers), "answers.csv:2: not UTF-8")
+
+
 # 11-14. Papercuts
 def test_written_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
@@ -185,6 +194,41 @@ def test_written_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+
+
+def test_an_atomic_write_that_must_not_replace_leaves_a_file_made_meanwhile_alone(tmp_path):
+    out = tmp_path / "sub.csv"
+
+    def write(tmp):  # another command writes the same file while this one works
+        out.write_text("theirs")
+        Path(tmp).write_text("mine")
+
+    with pytest.raises(DataError, match=r"sub\.csv: exists"):
+        atomic.write_atomic(out, write, replace=False)
+    assert out.read_text() == "theirs" and os.listdir(tmp_path) == ["sub.csv"]  # no temporary file left
+    atomic.write_atomic(out, lambda tmp: Path(tmp).write_text("mine"), replace=True)
+    assert out.read_text() == "mine"
+
+
+def test_two_predictions_to_one_file_at_once_the_second_refuses(trained, small_synth, monkeypatch):
+    import dalipipe.predict
+
+    out = trained / "race.csv"
+    real = dalipipe.predict.prediction_frame
+
+    def meanwhile(*args, **kwargs):  # the other predict writes --out after this one's start check
+        out.write_text("theirs")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dalipipe.predict, "prediction_frame", meanwhile)
+    r = invoke("predict", trained / "run", small_synth / "images_test", "--out", out, "--device", "cpu",
+               "--workers", "1")
+    one_line_error(r, "race.csv: exists", "--force")
+    assert "wrote" not in r.output and out.read_text() == "theirs"
+    r = invoke("predict", trained / "run", small_synth / "images_test", "--out", out, "--device", "cpu",
+               "--workers", "1", "--force")
+    assert r.exit_code == 0 and "wrote 60 predictions" in r.output, r.output
+    assert out.read_text().startswith("file_id,cell_line")
 
 
 def test_help_describes_every_option_and_bad_weights_fail_first(small_synth, tmp_path):
