@@ -23,9 +23,12 @@ def ensure_writable(folder: str | Path, what: str) -> Path:
     return folder
 
 
-def write_atomic(path: str | Path, write: Callable[[str], None], make_parent: bool = True) -> None:
+def write_atomic(path: str | Path, write: Callable[[str], None], make_parent: bool = True,
+                 replace: bool = True) -> None:
     """Call write(tmp_path) and rename it over path: a kill at any moment leaves the old file or the new.
-    make_parent=False: a missing folder is an error (a run folder removed mid-run is not made again)."""
+    make_parent=False: a missing folder is an error (a run folder removed mid-run is not made again).
+    replace=False: FileExistsError if path exists when the file is complete, even if it was made since
+    the caller checked (another command writing the same file): theirs is left as it is."""
     path = Path(path)
     if make_parent:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,11 +40,28 @@ def write_atomic(path: str | Path, write: Callable[[str], None], make_parent: bo
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _move_new(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _move_new(tmp: str, path: Path) -> None:
+    """Rename tmp to path unless path exists; checking and renaming in one step (a hard link), since a
+    check before a rename leaves a moment in which another command's file would be replaced."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links (FAT): reserve the name, then rename onto it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def write_file(path: str, render: Callable[..., None], *args: Any) -> None:

@@ -126,7 +126,8 @@ def synth(out_dir, n_train, n_test, n_classes, image_size, seed, force):
               help="Run the training steps through torch.compile (compiles first; off until a GPU measurement shows it pays).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local ImageNet weights for efficientnet-b1.")
 @click.option("--pretrained/--no-pretrained", default=None, help="Download ImageNet weights (needs internet). [default: off]")
-@click.option("--subset", type=int, help="Use at most this many labelled samples (stratified).")
+@click.option("--subset", type=int,
+              help="Use this many labelled samples, in the classes' proportions (at least one of each class).")
 @click.option("--checkpoint-every", type=int, help="Also save last.pt every N training steps (exact resume mid-epoch).")
 @click.option("--checkpoint-minutes", type=float,
               help="Also save last.pt mid-epoch every M minutes: a kill costs at most that. [default: 5]")

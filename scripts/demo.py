@@ -1,51 +1,98 @@
 """`make demo`: synthetic data (if absent) -> train -> predict -> score against the synthetic answers.
 
 With a GPU it runs the reference recipe. Without one it picks, and says that it picks, a configuration
-that finishes in a few minutes on a laptop CPU and still learns visibly.
+that finishes in a few minutes on a laptop CPU and still learns visibly. Stopped (Ctrl-C, a kill) before
+its predictions were written, the next demo goes on with the same run: it resumes the training where the
+last checkpoint left it, then predicts and scores.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+from dalipipe.constants import CKPT_LAST, EXIT_INTERRUPTED, METRICS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data" / "synthetic"
+SUBMISSION = "submission.csv"
 
 
 def run(*args: str) -> None:
     print("$ dalipipe " + " ".join(args), flush=True)
-    r = subprocess.run([sys.executable, "-m", "dalipipe", *args])
-    if r.returncode != 0:
-        sys.exit(r.returncode)
+    child = subprocess.Popen([sys.executable, "-m", "dalipipe", *args])
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached dalipipe too: let it finish stopping cleanly (it says what it leaves on disk).
+        child.wait()
+        raise
+    if code in (EXIT_INTERRUPTED, -signal.SIGINT):
+        raise KeyboardInterrupt
+    if code != 0:
+        sys.exit(code)
 
 
-def main() -> None:
-    if not (DATA / "y_train.csv").exists():
-        run("synth", str(DATA))
-    run_dir = ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
+def plan(runs: Path) -> tuple[Path, str]:
+    """The demo's run folder and what to do there: "resume" the latest demo run if it has a checkpoint
+    and no predictions yet, "train" again in it if it was stopped before its first checkpoint, else
+    "train" a new run. Folder names sort by their start time."""
+    latest = max((p for p in runs.glob("demo-*") if p.is_dir()), default=None)
+    if latest is not None and not (latest / SUBMISSION).exists():
+        if (latest / CKPT_LAST).exists():
+            return latest, "resume"
+        if not (latest / METRICS_FILE).exists():
+            return latest, "train"
+    return runs / time.strftime("demo-%Y%m%d-%H%M%S"), "train"
+
+
+def train_options() -> list[str]:
+    """The options of a new demo run, said in words."""
+    import torch
+
     if torch.cuda.is_available():
         print(f"GPU found ({torch.cuda.get_device_name(0)}): the reference recipe, 224 px, 30 epochs, all samples.")
-        train_opts: list[str] = []
-    else:
-        print("No GPU found: a CPU demo configuration that finishes in a few minutes: 64 px images (the native\n"
-              "size, no upscaling), a stratified subset of 1,800 labelled samples, 6 epochs, batch 32,\n"
-              "learning rate 1e-3 from scratch. The reference recipe (224 px, 30 epochs, 9,632 samples) would take days on a CPU.")
-        train_opts = ["--image-size", "64", "--subset", "1800", "--epochs", "6", "--batch-size", "32", "--device", "cpu"]
+        return []
+    print("No GPU found: a CPU demo configuration that finishes in a few minutes: 64 px images (the native\n"
+          "size, no upscaling), a stratified subset of 1,800 labelled samples, 6 epochs, batch 32,\n"
+          "learning rate 1e-3 from scratch. The reference recipe (224 px, 30 epochs, 9,632 samples) would take days on a CPU.")
+    return ["--image-size", "64", "--subset", "1800", "--epochs", "6", "--batch-size", "32", "--device", "cpu"]
+
+
+def demo(root: Path) -> None:
+    data = root / "data" / "synthetic"
+    if not (data / "y_train.csv").exists():
+        run("synth", str(data))
+    run_dir, action = plan(root / "runs")
     t0 = time.time()
-    run("train", str(DATA / "images_train"), str(DATA / "y_train.csv"), "--out", str(run_dir), *train_opts)
-    sub = run_dir / "submission.csv"
-    run("predict", str(run_dir), str(DATA / "images_test"), "--out", str(sub), "--ids",
-        str(DATA / "sample_submission.csv"))
-    run("score", str(sub), str(DATA / "y_test.csv"))
-    print(f"demo done in {time.time() - t0:.0f} s; run directory {run_dir.relative_to(ROOT)} "
+    if action == "resume":
+        print(f"Continuing the unfinished demo run {run_dir.relative_to(root)} with its own settings.")
+        run("train", "--resume", str(run_dir))
+    else:
+        opts = train_options()
+        run("train", str(data / "images_train"), str(data / "y_train.csv"), "--out", str(run_dir), *opts)
+    sub = run_dir / SUBMISSION
+    run("predict", str(run_dir), str(data / "images_test"), "--out", str(sub), "--ids",
+        str(data / "sample_submission.csv"))
+    run("score", str(sub), str(data / "y_test.csv"))
+    print(f"demo done in {time.time() - t0:.0f} s; run directory {run_dir.relative_to(root)} "
           "(metrics.jsonl, learning_curves.png, confusion_matrix.png, train_batch.png: what the model is fed, "
           "best.pt, submission.csv); to see the loaders' output beside the stored channels: "
-          f"dalipipe preview {DATA.relative_to(ROOT) / 'images_train'} {DATA.relative_to(ROOT) / 'y_train.csv'}")
+          f"dalipipe preview {data.relative_to(root) / 'images_train'} {data.relative_to(root) / 'y_train.csv'}")
+
+
+def main(root: Path = ROOT) -> None:
+    try:
+        demo(root)
+    except KeyboardInterrupt:
+        run_dir, action = plan(root / "runs")  # what the next demo will do
+        name = run_dir.relative_to(root)
+        what = (f"resumes {name} from its last checkpoint, then predicts and scores" if action == "resume" else
+                f"trains {name} again from the start" if run_dir.exists() else "starts a new run")
+        print(f"\ndemo interrupted; run `make demo` again: it {what}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""`make demo` stopped by Ctrl-C stops in one line, and run again continues its own run."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
+
+
+def demo_module():
+    spec = importlib.util.spec_from_file_location("demo", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_demo_continues_its_latest_run_unless_that_one_is_done(tmp_path):
+    demo = demo_module()
+    runs = tmp_path / "runs"
+    fresh, action = demo.plan(runs)
+    assert action == "train" and fresh.parent == runs and fresh.name.startswith("demo-")
+    old, latest = runs / "demo-20260101-000000", runs / "demo-20260102-000000"
+    for folder in (old, latest):
+        folder.mkdir(parents=True)
+    (runs / "mine").mkdir()  # not the demo's
+    assert demo.plan(runs) == (latest, "train")  # stopped before its first checkpoint: trained again there
+    (latest / "last.pt").write_bytes(b"")
+    assert demo.plan(runs) == (latest, "resume")  # stopped in training or before its predictions
+    (latest / "submission.csv").write_text("file_id,cell_line\n")
+    new, action = demo.plan(runs)  # done: the next demo is a new run
+    assert action == "train" and new not in (old, latest) and new.parent == runs
+    (old / "last.pt").write_bytes(b"")
+    shutil.rmtree(latest)
+    (old / "metrics.jsonl").write_text("")
+    assert demo.plan(runs) == (old, "resume")
+
+
+# The demo with a configuration that trains in seconds; its folders are those of a copy of the repository.
+WRAPPER = """
+import importlib.util, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("demo", sys.argv[1])
+demo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(demo)
+demo.train_options = lambda: ["--epochs", "1", "--image-size", "16", "--batch-size", "32", "--device", "cpu",
+                              "--workers", "1"]
+demo.main(Path(sys.argv[2]))
+"""
+
+
+def test_ctrl_c_stops_the_demo_in_one_line_and_the_next_demo_goes_on_from_there(small_synth, tmp_path):
+    root = tmp_path / "repo"
+    data = root / "data" / "synthetic"
+    shutil.copytree(small_synth, data)
+    # One test image is a named pipe: predict blocks reading it until this test, holding the other end,
+    # presses Ctrl-C, so that the moment of the interrupt is known whatever the machine's speed.
+    image = sorted((data / "images_test").glob("*_blue.png"))[0]
+    image.unlink()
+    os.mkfifo(image)
+    (tmp_path / "wrapper.py").write_text(WRAPPER)
+    command = [sys.executable, str(tmp_path / "wrapper.py"), str(SCRIPT), str(root)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    with open(tmp_path / "out1", "w") as out, open(tmp_path / "err1", "w") as err:
+        # Its own process group, as a terminal's foreground job: Ctrl-C reaches the demo and its dalipipe.
+        proc = subprocess.Popen(command, stdout=out, stderr=err, env=env, start_new_session=True)
+        fd = None
+        try:
+            while fd is None:
+                try:  # succeeds once predict has opened the pipe to read it
+                    fd = os.open(image, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:
+                    assert proc.poll() is None, (tmp_path / "err1").read_text()[-3000:]
+                    time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+        finally:
+            if fd is not None:
+                os.close(fd)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    stderr = (tmp_path / "err1").read_text()
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and "\r" not in ln]
+    run = next((root / "runs").iterdir())
+    assert lines[-1].startswith("demo interrupted") and f"runs/{run.name}" in lines[-1], stderr
+    assert "make demo" in lines[-1] and "resumes" in lines[-1]
+    assert not (run / "submission.csv").exists()
+
+    image.unlink()
+    shutil.copy(small_synth / "images_test" / image.name, image)
+    r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"$ dalipipe train --resume {run}" in r.stdout and "balanced accuracy" in r.stdout, r.stdout
+    assert [p.name for p in (root / "runs").iterdir()] == [run.name] and (run / "submission.csv").is_file()
