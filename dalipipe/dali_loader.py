@@ -86,7 +86,7 @@ def decoder_args(decoder: str, cache_mb: int) -> dict:
     is decoded on the CPU even by the mixed decoder): 0 allocates on demand instead of holding about 0.75 GB
     of each in three decoders of two pipelines at 8 threads. cache_mb > 0: DALI's decoder cache (mixed
     only) keeps every decoded image in GPU memory, keyed by file name, so that from the second epoch on
-    nothing is decoded. DALI keeps one cache per GPU and process, shared by every decoder, and refuses
+    nothing is decoded (as RGB: see decode_gray). DALI keeps one cache per GPU and process, shared by every decoder, and refuses
     decoders that ask for it with other parameters: every pipeline of a run passes the same size."""
     if decoder != "mixed":
         return {}
@@ -94,6 +94,26 @@ def decoder_args(decoder: str, cache_mb: int) -> dict:
     if cache_mb:
         args.update(cache_size=cache_mb, cache_type="threshold", cache_threshold=0)
     return args
+
+
+def decode_gray(encoded, device: str, dec_args: dict):
+    """One channel's PNGs as gray (H, W, 1) uint8. With DALI's decoder cache (cache_size in dec_args) they are
+    decoded as RGB and turned to gray after the decoder, on the GPU: the cache stores only RGB HWC decodes
+    (the cache-store block of DALI's image_decoder.h skips every other output type), so a GRAY decode would
+    be decoded again in every epoch with the cache never filled. For a gray PNG the three planes are equal and
+    the conversion returns them exactly; for a colour PNG it is the GRAY decode's luma within one level
+    (both checked on PngSuite), the loaders' gray rule. The price: three times the cache memory."""
+    from nvidia.dali import fn, types
+
+    if not dec_args.get("cache_size"):
+        return fn.decoders.image(encoded, device=device, output_type=types.GRAY, **dec_args)
+    return rgb_to_gray(fn.decoders.image(encoded, device=device, output_type=types.RGB, **dec_args))
+
+
+def rgb_to_gray(rgb):
+    from nvidia.dali import fn, types
+
+    return fn.color_space_conversion(rgb, image_type=types.RGB, output_type=types.GRAY)
 
 
 def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalization, train: bool,
@@ -137,7 +157,7 @@ def define_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizati
                                        name=f"reader_{channel}")
             if k == 0:  # the three channels share one size (checked with the data)
                 shape = fn.peek_image_shape(enc)
-            outs.append(fn.decoders.image(enc, device=decode_on, output_type=types.GRAY, **dec_args))
+            outs.append(decode_gray(enc, decode_on, dec_args))
             labels.append(pos)
         rgb = fn.cat(*outs, axis=2)
         if gpu and decode_on == "cpu":

@@ -17,10 +17,11 @@ from dalipipe.loader_rules import default_workers
 
 
 def decode_cache_mb(index: pd.DataFrame) -> int:
-    """DALI's decoder cache size for these samples: their three decoded gray channels (height and width
-    from the data check), with room for the cache's own bookkeeping. One cache serves every pipeline of a
-    process (training and validation), so the index is all the samples the run loads."""
-    decoded = int((index["height"] * index["width"]).sum()) * 3
+    """DALI's decoder cache size for these samples: their three channels, each cached as RGB (the only
+    decode the cache keeps: dali_loader.decode_gray), height and width from the data check, with room for
+    the cache's own bookkeeping. One cache serves every pipeline of a process (training and validation), so
+    the index is all the samples the run loads."""
+    decoded = int((index["height"] * index["width"]).sum()) * 3 * 3
     return math.ceil(decoded * 1.1 / 2**20) + 16
 
 

@@ -17,6 +17,7 @@ from dalipipe import atomic, distributed, run_dir, train_setup, train_state
 from dalipipe import device as dev
 from dalipipe.config import TrainConfig
 from dalipipe.constants import MAX_BATCH_PICTURE
+from dalipipe.progress import quiet_unless
 from dalipipe.inference import cross_entropy, prediction_frame, probabilities, scores_by_position
 from dalipipe.model import calibrate_batchnorm
 from dalipipe.preview import display_images
@@ -38,8 +39,8 @@ def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.d
     net.train()
     loss_sum = torch.zeros((), device=device) if loss_sum is None else loss_sum.to(device)
     positions = []
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not show, leave=False, initial=start_step,
-               total=len(loader))
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, initial=start_step, total=len(loader),
+               **quiet_unless(show))
     for step, (images, pos) in enumerate(bar, start=start_step + 1):
         y = y_train[pos]
         if record:  # a copy to the host syncs the GPU: only when asked for

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from dalipipe.config import AugmentSpec, LoaderSettings
 from dalipipe.data import build_index, channel_stats, inspect_images
@@ -97,22 +98,31 @@ def test_gpu_batches_handed_out_without_a_copy_stay_intact_while_the_host_runs_a
     loader.close()
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_gpu_decode_cache_gives_the_same_batches_in_every_epoch(small_synth, train):
-    """With DALI's decoder cache the first epoch decodes and fills it, later ones read it: the batches
-    must be those of the uncached loader with the same seed, epoch after epoch."""
+@pytest.mark.parametrize("cached", [False, True])
+def test_gpu_decode_cache_serves_epoch_2_from_memory(small_synth, tmp_path, cached):
+    """Decisive: after epoch 1 every PNG is overwritten, under the same name, with other pixels. With the
+    decoder cache epoch 2 must still hand out epoch 1's pixels (nothing was decoded again); without it, the
+    new ones. Evaluation order (file order), so that the two epochs' batches line up."""
+    import shutil
+
     from dalipipe.loaders import decode_cache_mb
 
-    idx = inspect_images(build_index(small_synth / "images_test"), progress=False)
-    epochs = {}
-    for mb in (0, decode_cache_mb(idx)):
-        loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=48), RAW, train, GPU,
-                             LoaderSettings("dali", 16, 2, 7, decode_cache_mb=mb))
-        epochs[mb] = [_all(loader) for _ in range(3)]
-        loader.close()
-    plain, cached = epochs.values()
-    for (xp, tp), (xc, tc) in zip(plain, cached):
-        assert torch.equal(tp, tc) and torch.equal(xp, xc)
+    folder = tmp_path / "images"
+    shutil.copytree(small_synth / "images_test", folder)
+    idx = inspect_images(build_index(folder), progress=False, cache=False)
+    loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=32), RAW, False, GPU,
+                         LoaderSettings("dali", 16, 2, 7, decode_cache_mb=decode_cache_mb(idx) if cached else 0))
+    first, _ = _all(loader)
+    for png in folder.glob("*.png"):  # other pixels, same names and sizes
+        arr = np.asarray(Image.open(png))
+        Image.fromarray((255 - arr).astype(np.uint8)).save(png)
+    second, _ = _all(loader)
+    loader.close()
+    inverted = 255 - first  # what a fresh decode gives (the resize commutes with 255 - x)
+    if cached:
+        assert torch.equal(second, first)
+    else:
+        assert (second - inverted).abs().max().item() < 1e-3 and not torch.equal(second, first)
 
 
 def test_gpu_staged_snapshot_holds_the_state_of_the_hand_off_while_kernels_change_it():
