@@ -64,6 +64,26 @@ def _move_new(tmp: str, path: Path) -> None:
     os.unlink(tmp)
 
 
+def refuse_existing(path: str | Path, force: bool) -> None:
+    """A command's --out: refused if it exists, unless --force. Checked before any long work, and again
+    by write_output once the file is complete."""
+    if not force and Path(path).exists():
+        raise _exists(path)
+
+
+def write_output(path: str | Path, write: Callable[[str], None], force: bool) -> None:
+    """write_atomic for a command's --out: without force, it never replaces a file, not even one that
+    another command wrote after refuse_existing passed."""
+    try:
+        write_atomic(path, write, replace=force)
+    except FileExistsError:
+        raise _exists(path) from None
+
+
+def _exists(path: str | Path) -> DataError:
+    return DataError(f"{path}: exists; choose another --out or pass --force to replace it")
+
+
 def write_file(path: str, render: Callable[..., None], *args: Any) -> None:
     """render(*args, tmp_path), renamed over path; the folder must exist. A job that a worker process can
     run: every argument is picklable."""

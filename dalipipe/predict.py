@@ -72,9 +72,7 @@ def predict(ckpt_paths: str | list[str], images_dir: str, out_csv: str, ids_csv:
 
     settings = LoaderSettings(kind=loader, batch_size=batch_size, workers=workers)  # options checked first
     out = Path(out_csv)
-    exists = f"{out}: exists; choose another --out or pass --force to replace it"
-    if out.exists() and not force:
-        raise DataError(exists)
+    atomic.refuse_existing(out, force)
     atomic.ensure_writable(out.parent, "predictions")  # before inference, not after it
     cks = load_models([ckpt_paths] if isinstance(ckpt_paths, (str, Path)) else list(ckpt_paths))
     names = list(cks[0][1]["class_names"])
@@ -97,10 +95,7 @@ def predict(ckpt_paths: str | list[str], images_dir: str, out_csv: str, ids_csv:
     sub = prediction_frame(index["file_id"].to_numpy(), total / len(cks), names, probs)
     if not ids_csv:
         sub = sub.sort_values("file_id").reset_index(drop=True)
-    try:
-        atomic.write_atomic(out, lambda tmp: sub.to_csv(tmp, index=False), replace=force)
-    except FileExistsError:  # written by another command since the check above
-        raise DataError(exists) from None
+    atomic.write_output(out, lambda tmp: sub.to_csv(tmp, index=False), force)
     return sub
 
 

@@ -73,8 +73,7 @@ def preview(images_dir: str, labels_csv: str, out: str, loader: str = "both", n:
     out_path = Path(out)
     if n < MIN_TRAIN_BATCH:  # a training loader (--augment) drops a smaller batch
         raise DataError(f"--n must be at least {MIN_TRAIN_BATCH}, got {n}")
-    if out_path.exists() and not force:
-        raise DataError(f"{out_path}: exists; choose another --out or pass --force")
+    atomic.refuse_existing(out_path, force)
     atomic.ensure_writable(out_path.parent, "preview")
     spec = AugmentSpec(image_size=image_size)
     # Every image checked as `train` checks it (remembered for unchanged files: a second preview is quick),
@@ -99,6 +98,6 @@ def preview(images_dir: str, labels_csv: str, out: str, loader: str = "both", n:
                                                if difference is not None else ""))
     title = (f"{len(samples)} samples of {Path(images_dir).name}, {image_size} px, {how}\n"
              "model input: R = ER (yellow file), G = microtubules (red file), B = nucleus (blue file)")
-    atomic.write_atomic(out_path, lambda tmp: plots.preview_png(rows, titles, title, tmp))
+    atomic.write_output(out_path, lambda tmp: plots.preview_png(rows, titles, title, tmp), force)
     return {"file_ids": samples["file_id"].tolist(), "images": delivered, "max_difference": difference,
             "samples": len(samples), "loaders": kinds}

@@ -73,6 +73,20 @@ def test_preview_of_bad_data_gives_the_one_line_errors_of_train(synth_copy, tmp_
     assert_one_line_error(r, "missing.csv", "not found")
 
 
+def test_a_preview_that_another_command_wrote_meanwhile_is_left_alone(small_synth, tmp_path, monkeypatch):
+    out = tmp_path / "p.png"
+    real = plots.preview_png
+
+    def meanwhile(*args):  # the other preview writes --out after this one's start check
+        out.write_bytes(b"theirs")
+        real(*args)
+
+    monkeypatch.setattr(plots, "preview_png", meanwhile)
+    with pytest.raises(DataError, match=r"p\.png: exists; choose another --out or pass --force"):
+        preview(str(small_synth / "images_train"), str(small_synth / "y_train.csv"), str(out), loader="torch", n=2,
+                image_size=16, device="cpu")
+    assert out.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["p.png"]
+
 def test_tensorboard_without_its_package_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(tensorboard_log.importlib.util, "find_spec", lambda name: None)
     cfg = TrainConfig(images_dir=str(tmp_path / "no-such-folder"), labels_csv=str(tmp_path / "no.csv"),
