@@ -11,6 +11,8 @@ positions agree (a mixed-up sample would be a silent disaster) and maps them to 
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import torch
 
@@ -20,6 +22,12 @@ from dalipipe.errors import DataError
 from dalipipe.loader_rules import train_plan
 
 READER = "reader_yellow"
+# Batches the loader keeps referenced after handing them out. They are views of DALI's own buffers, which
+# DALI may reuse once no reference is left, on its own stream, while the training step's kernels queued on
+# torch's stream may still read them: the loop queues a step without waiting for it, and CUDA's launch
+# queue lets the host run ahead of the GPU by about one efficientnet step. Four covers that with room, for
+# four batches of memory (about 150 MB at batch 64, 224 px, float32).
+KEEP_HANDED_OUT = 4
 
 
 def dali_available() -> bool:
@@ -189,6 +197,8 @@ class DaliLoader:
         self.plan = train_plan(len(paths), settings.batch_size, settings.num_shards) if train else None
         # Samples of this epoch's plan not yet handed out; restored with the DALI state mid-epoch.
         self.left = state["left"] if state else None
+        # The last batches handed out, across epochs' ends too (DALI prefetches the next epoch at once).
+        self.handed_out: collections.deque = collections.deque(maxlen=KEEP_HANDED_OUT)
 
     def __len__(self) -> int:
         return self.plan[1] if self.plan else len(self.iterator)
@@ -205,6 +215,7 @@ class DaliLoader:
             self.left = self.plan[0]
         left_in_plan = self.plan is not None
         for (batch,) in self.iterator:  # always to the end: DALI's iterator resets only there
+            self.handed_out.append(batch)
             pos = [batch[k].view(-1).long().cpu() for k in ("p0", "p1", "p2")]
             if not (torch.equal(pos[0], pos[1]) and torch.equal(pos[0], pos[2])):
                 raise RuntimeError("DALI channel readers fell out of step; please report this as a bug")
@@ -225,4 +236,5 @@ class DaliLoader:
         self.left = None  # the next epoch starts with its whole plan
 
     def close(self) -> None:
+        self.handed_out.clear()
         del self.iterator, self.pipe
