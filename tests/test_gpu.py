@@ -15,7 +15,6 @@ from tests.test_loaders import RAW, _coded_dataset, _codes, decoder_outputs
 from tests.test_tta_and_ensembles import FLIPS, flipped_copy, probs_of
 
 
-
 def gpu_here() -> bool:
     """torch and DALI both see a CUDA GPU: the GPU tests run, and pass, only where both do. DALI is asked
     only where torch sees one (it would find none anyway)."""
