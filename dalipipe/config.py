@@ -123,7 +123,7 @@ class TrainConfig:
     workers: int | None = None
     weights: str | None = None
     pretrained: bool = False
-    # Train on at most this many samples of the training split (stratified); None: all of them.
+    # Use exactly this many of the labelled samples (stratified, before the split); None: all of them.
     subset: int | None = None
     decoder: DecoderPlacement = "mixed"
     # DALI on a GPU: keep the decoded images in GPU memory (DALI's decoder cache), so that from the

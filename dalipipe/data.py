@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dalipipe.config import Normalization
 from dalipipe.constants import CHANNELS, FILE_REGEX, LABEL_COLUMNS
+from dalipipe.progress import quiet_unless
 from dalipipe.errors import DataError
 from dalipipe.check_cache import CheckCache
 from dalipipe.child_processes import worker_pool
@@ -223,7 +224,8 @@ def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bo
     results = [memory.get(p) if memory else None for p in paths]
     todo = [i for i, r in enumerate(results) if r is None]
     workers = workers or available_cores()
-    bar = tqdm(total=len(todo), desc="checking images", unit="sample", disable=not progress or not todo, leave=False)
+    bar = tqdm(total=len(todo), desc="checking images", unit="sample", leave=False,
+               **quiet_unless(progress and bool(todo)))
     try:
         if len(todo) < parallel_from or workers == 1:
             checked = (inspect_sample(paths[i]) for i in todo)

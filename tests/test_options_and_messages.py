@@ -4,6 +4,9 @@ one CSV rule, help for every option, plots and tables for any class name."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -241,3 +244,18 @@ def test_check_workers_leave_ctrl_c_to_the_main_process():
     finally:
         pool.shutdown()
     assert handlers == [signal.SIG_IGN] * 4
+
+
+def test_tqdm_disable_silences_the_bars_a_command_shows(small_synth, tmp_path):
+    """Progress bars are for a terminal; TQDM_DISABLE=1 (a job's log, a script collecting output) turns them
+    off. dalipipe's bars pass their own rule for when they show, which must leave that to tqdm's default."""
+    d, env = small_synth, dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "dalipipe", "train", str(d / "images_train"), str(d / "y_train.csv"), "--epochs",
+            "1", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--subset", "96", "--no-cache"]
+    shown = subprocess.run([*args, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+    quiet = subprocess.run([*args, "--out", str(tmp_path / "b")], capture_output=True, text=True,
+                           env=dict(env, TQDM_DISABLE="1"))
+    assert shown.returncode == quiet.returncode == 0, quiet.stderr
+    for bar in ("checking images", "epoch 1/1:"):
+        assert bar in shown.stderr and bar not in quiet.stderr, bar
+    assert "epoch 1/1  train loss" in quiet.stdout  # the epoch's line is not a bar: it stays
