@@ -30,10 +30,13 @@ def gpu_here() -> bool:
 GPU_HERE = gpu_here()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU_HERE, reason="needs a CUDA GPU that torch and DALI see")]
 GPU = torch.device("cuda", 0)
-# Probabilities of one model at bf16 autocast, computed in two batch arrangements (cuDNN picks its
-# kernels per shape): each layer's output is rounded to bf16's 8 bits (0.4%), so the last bits of
-# different kernels' sums reach the logits. Like the loaders' comparison above, 0.02.
-BF16_PROBABILITY_TOLERANCE = 0.02
+# Probabilities of one model under predict's autocast (bf16, or fp16 on GPUs without native bf16),
+# computed in two batch arrangements: cuDNN picks its kernels per shape, each layer's output is rounded
+# to bf16's 8 significant bits (0.4%; fp16 keeps 11), so different kernels' sums differ in the logits.
+# On the CPU, two bf16 kernel arrangements of the TTA test's model (channels_last against contiguous)
+# differed by at most 0.005 per view and 0.0013 on the mean of the four views, where the views
+# themselves differ from their mean by 0.35 or more.
+HALF_PRECISION_PROBABILITY_TOLERANCE = 0.02
 
 
 def _all(loader):
@@ -175,7 +178,6 @@ def test_gpu_recipe_options_train_and_tta_equals_plain_predictions_of_flipped_co
     precision predict uses on this GPU (bf16 autocast where it is native), so they agree to bf16's
     rounding, not to fp32's."""
     from dalipipe import checkpoint
-    from dalipipe.device import amp_dtype
     from tests.test_cli import dalipipe
 
     d, run = small_synth, tmp_path / "run"
@@ -194,9 +196,9 @@ def test_gpu_recipe_options_train_and_tta_equals_plain_predictions_of_flipped_co
     assert all(p.index.equals(tta.index) and list(p.columns) == list(tta.columns) for p in plain)
     mean = sum(p.to_numpy() for p in plain) / len(plain)
     error = np.abs(tta.to_numpy() - mean).max()
-    tolerance = BF16_PROBABILITY_TOLERANCE if amp_dtype(GPU) is not None else 1e-4
-    assert error < tolerance, error
-    # Not a vacuous check: the views differ by more than the TTA's error, so that a TTA of fewer views, or
-    # none, would not pass for the mean (the error of the identity view alone is its spread).
+    assert error < HALF_PRECISION_PROBABILITY_TOLERANCE, error
+    # Not a vacuous check: each view differs from the mean by more than three times the tolerance, so that
+    # a TTA leaving out any one view (off by a third of that view's difference) fails above. (On the CPU
+    # the same run's views differ from their mean by 0.35 to 0.51.)
     spreads = [np.abs(p.to_numpy() - mean).max() for p in plain]
-    assert min(spreads) > 2 * error, (spreads, error)
+    assert min(spreads) > 3 * HALF_PRECISION_PROBABILITY_TOLERANCE, spreads
