@@ -121,16 +121,17 @@ def test_train_resume_predict_end_to_end(e2e_data, tmp_path):
     assert pd.read_csv(tmp_path / "sub_ids.csv").file_id.tolist() == ids.file_id.tolist()
 
 
-def assert_same_predictions(a: pd.DataFrame, b: pd.DataFrame, tolerance: float) -> None:
+def assert_same_predictions(a: pd.DataFrame, b: pd.DataFrame, tolerance: float, min_clear: float = 0.5) -> None:
     """The same ids, probabilities within `tolerance`, and the same class wherever the top two
     probabilities are more than twice the tolerance apart (closer ones may swap: a near tie must not
-    decide the test)."""
+    decide the test). min_clear: the share of rows that must be that far apart, so that the classes are
+    compared at all."""
     assert a.file_id.tolist() == b.file_id.tolist()
     probs = [c for c in a.columns if c.startswith("p_")]
     assert probs and (a[probs] - b[probs]).abs().to_numpy().max() < tolerance
     top2 = np.sort(a[probs].to_numpy(), 1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 2 * tolerance
-    assert clear.mean() > 0.5  # not vacuous: most rows have a clear winner
+    assert clear.mean() > min_clear, clear.mean()
     assert (a.cell_line.to_numpy()[clear] == b.cell_line.to_numpy()[clear]).all()
 
 

@@ -69,10 +69,11 @@ def test_two_process_epoch_is_sharded_and_validated_once(uneven, tmp_path, loade
     probs = [c for c in val.columns if c.startswith("p_")]
     # Batches differ between the two (sharded 16 against one 64), so the float sums may differ in the
     # last bits: probabilities agree to far better than a BatchNorm update changes them, and the classes
-    # wherever the top two are not a near-tie. A model after these few steps has large logits (its
-    # BatchNorm statistics lag the training), which magnify those last bits.
-    # (Seen here: at most 8.4e-5 with every rank validating rank 0's buffers, 0.076 without.)
-    assert (pred[probs] - val[probs]).abs().to_numpy().max() < 1e-3
+    # wherever the top two are further apart than twice that tolerance (closer ones may swap). A model after
+    # these few steps has large logits (its BatchNorm statistics lag the training), which magnify those
+    # last bits. (Seen here: at most 8.4e-5 with every rank validating rank 0's buffers, 0.076 without.)
+    tolerance = 1e-3
+    assert (pred[probs] - val[probs]).abs().to_numpy().max() < tolerance
     top2 = pd.DataFrame(val[probs].to_numpy()).apply(lambda r: r.nlargest(2).diff().abs().iloc[-1], axis=1)
-    clear = (top2 > 1e-4).to_numpy()
+    clear = (top2 > 2 * tolerance).to_numpy()
     assert (pred.cell_line.to_numpy()[clear] == val.cell_line.to_numpy()[clear]).all()

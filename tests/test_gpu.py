@@ -78,7 +78,7 @@ def test_gpu_fp16_output(small_synth):
 
 
 def test_gpu_train_and_predict_end_to_end(small_synth, tmp_path):
-    from tests.test_cli import dalipipe
+    from tests.test_cli import assert_same_predictions, dalipipe
 
     d = small_synth
     dalipipe("train", d / "images_train", d / "y_train.csv", "--out", tmp_path / "run", "--epochs", "2",
@@ -88,12 +88,10 @@ def test_gpu_train_and_predict_end_to_end(small_synth, tmp_path):
         dalipipe("predict", tmp_path / "run", d / "images_test", "--out", tmp_path / f"{loader}.csv", "--device", "gpu",
                  "--loader", loader, "--probs")
         subs[loader] = pd.read_csv(tmp_path / f"{loader}.csv")
-    a, b = subs["dali"], subs["torch"]
-    assert a.file_id.tolist() == b.file_id.tolist()
-    # Under bf16 autocast inputs that agree to 1e-3 can flip a near-tie: compare agreement and probabilities.
-    assert (a.cell_line != b.cell_line).sum() <= max(1, len(a) // 100)
-    probs = [c for c in a.columns if c.startswith("p_")]
-    assert (a[probs] - b[probs]).abs().to_numpy().max() < 0.02
+    # Inputs that agree to 1e-3, under half-precision autocast: probabilities within its tolerance, classes
+    # wherever the top two are clearly apart (on the CPU, half of the rows of such a run are 0.04 apart).
+    assert_same_predictions(subs["dali"], subs["torch"], tolerance=HALF_PRECISION_PROBABILITY_TOLERANCE,
+                            min_clear=0.2)
 
 
 def test_gpu_decoder_arrangements_agree_and_arrive_channels_last(small_synth):
