@@ -48,8 +48,10 @@ CEILING_BATCHES = 16
 MIN_TIMED_BATCHES = 10
 ROWS = ("torch", "dali", "dali-cpudec", "dali-cache", "ceiling", "ceiling-compile")
 # (row, train) in the order rows run; the others (sweep rows) after them.
-PRIORITY = [("ceiling", True), ("dali", True), ("torch", True), ("dali", False), ("torch", False),
-            ("dali-cache", True), ("dali-cpudec", True), ("dali-cache", False), ("dali-cpudec", False),
+# First the rows that answer the open defaults: DALI in training against the ceiling, DALI against torch
+# loading at equal workers, --decoder cpu, --decode-cache; then the rest.
+PRIORITY = [("ceiling", True), ("dali", True), ("dali", False), ("torch", False), ("dali-cpudec", True),
+            ("dali-cache", True), ("torch", True), ("dali-cpudec", False), ("dali-cache", False),
             ("ceiling-compile", True)]
 
 
@@ -420,8 +422,8 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
             if not jobs:
                 raise click.ClickException(f"--rows {' '.join(only_rows)}: none of these rows runs here "
                                            f"({'no GPU; ' if on_cpu else ''}the compile and ceiling rows need --train)")
-        # Most telling first, so that a run stopped part-way (a time limit) still answers the main questions:
-        # DALI in training against the ceiling and the torch loader, then loading alone, then the variants.
+        # Most telling first (PRIORITY), so that a run stopped part-way (a time limit) still answers the main
+        # questions.
         jobs.sort(key=lambda j: (bool(j.get("sweep")), PRIORITY.index((j["row"], j["train"]))
                                  if (j["row"], j["train"]) in PRIORITY else len(PRIORITY)))
         results = []

@@ -1,18 +1,29 @@
 """Verify a GPU machine in one command: environment, GPU tests, the reference recipe, the GPU-only paths,
 the loader benchmark.
 
-    python scripts/gpu_check.py --out DIR [--budget-s 300] [--device auto|gpu|cpu] [--quick] [--work DIR]
+    python scripts/gpu_check.py --out DIR [--budget-s S] [--device auto|gpu|cpu] [--quick] [--work DIR]
+                                [--steps env,data,torch,smoke,tests,recipe,resume,paths,bench,compile]
 
 Runs from a checkout with no install step and no network (the packages must already be importable; it
 never calls pip). Steps run in order of value, each timed, each but the first in a process of its own
 (its own process group, killed at its timeout), so that a crash, a native abort or a hang in one step
 costs that step only. A failing step is recorded and the next one still runs; the whole check stops
-itself within --budget-s. DIR/report.json and DIR/report.md are rewritten after every step, so that
+itself within --budget-s (420 s on a GPU, 300 s without one, by default), and every step's timeout is
+bounded by what is left. DIR/report.json and DIR/report.md are rewritten after every step, so that
 whatever ends the check (a kill from outside included) leaves the finished steps' report behind.
 
-DIR receives only a few small files (report.md, report.json, gpu_check.log, benchmark.json,
-benchmark.png, benchmark-compile.json); data, run folders and checkpoints go to --work (a temporary
-folder, removed at the end, by default).
+--steps runs some steps only, against the same --work: for example `env,data` (the environment and the
+synthetic data, which later calls with this --work reuse) and `torch` (what needs no DALI: the model-only
+training-step ceiling and the GPU tests that do not import DALI); a later call without --steps then skips
+the torch step done before with this --work and carries its result into its report. The DALI smoke step
+(one batch through a mixed decoder and a GPU warp_affine) runs before every step that needs DALI: when
+DALI does not import or the smoke fails, those steps are skipped with one verdict line, the exact error
+in the report. The compile row runs only when asked (--steps ...,compile): its compilation takes
+minutes that a one-shot check does not have.
+
+DIR receives only a few small files (report.md, report.json, gpu_check.log, gpu_tests.txt,
+torch_tests.txt, benchmark.json, benchmark.png, benchmark-compile.json); data, run folders and checkpoints
+go to --work (a temporary folder, removed at the end, by default).
 
 --quick (with --device cpu in the test suite): tiny data and sizes, so that the script is exercised on
 every CI run and cannot rot between the rare runs on a GPU machine.
@@ -45,11 +56,26 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 TARGET_RECIPE_S = 120.0          # the reference recipe's training, all included, on one H100
 TARGET_DALI_OF_CEILING = 0.95    # DALI's training images/s against the no-loading ceiling
 TARGET_DALI_OVER_TORCH = 5.0     # DALI's loading images/s against the torch loader at equal workers
-# Seconds kept back, when a step starts, for the steps after it (what each needs at least).
+# The whole check's budget when --budget-s is not given: a GPU machine lent for one shot has about 420 s
+# for it; without a GPU (the quick run of the test suite) 300.
+BUDGET_GPU_S = 420.0
+BUDGET_CPU_S = 300.0
+# Steps, in the order they run. The default is all but the compile row (see the module's docstring).
+STEPS = ("env", "data", "torch", "smoke", "tests", "recipe", "resume", "paths", "bench", "compile")
+DEFAULT_STEPS = STEPS[:-1]
+NEEDS_DALI = frozenset({"tests", "recipe", "resume", "paths", "bench", "compile"})
+# Seconds kept back, when a step starts, for the selected steps after it (what each needs at least).
+RESERVE_S = {"tests": 40.0, "recipe": 60.0, "resume": 75.0, "paths": 30.0, "bench": 60.0, "compile": 0.0}
 PREDICT_RESERVE_S = 40.0         # predict of the test set, after the recipe's training
-PATHS_RESERVE_S = 45.0           # exact resume, fp16 + --decoder cpu
-BENCH_RESERVE_S = 60.0           # the loader rows
+GPU_TESTS_MAX_S = 150.0          # the GPU tests' own timeout at most (they need 30-60 s without the slow ones)
 COMPILE_MIN_S = 60.0             # below this, the compile row cannot finish its compilation: skipped
+# The model-only ceiling of the torch step: warm-up steps (cuDNN autotuning, allocator), then timed steps.
+CEILING_WARMUP_STEPS, CEILING_STEPS = 10, 40
+# pytest's selections: the torch step runs the GPU tests that need no DALI; the tests step the others. The
+# end-to-end tests (marked slow: each starts dalipipe processes, with two CUDA contexts and checkpoints)
+# stay out of the check, whose recipe, exact-resume and fp16 steps already train and predict on the GPU.
+TORCH_TESTS = "gpu and not dali and not slow"
+DALI_TESTS = "gpu and dali and not slow"
 # Exact resume on a GPU: the same samples in the same order, losses equal within this relative difference
 # (cuDNN's autotuner may pick other algorithms in the resumed process and some backward kernels add with
 # atomics in any order, so the last bits differ and drift; on the CPU the run is bit-exact).
@@ -87,10 +113,14 @@ class Sizes:
 # The GPU-only paths run on this small set, whatever the mode: they check behaviour, not speed.
 PATHS = Sizes.pick(quick=True)
 # 84 training samples at batch 16: 6 steps an epoch (5 of 16, one of 4). Checkpoints every 2 steps; the
-# kill after global step 9 falls in epoch 2, after the checkpoint of step 8 (epoch 2, step 2).
-RESUME_KILL_AT = 9
-RESUME_OPTS = ["--epochs", "2", "--image-size", str(PATHS.image_size), "--batch-size", str(PATHS.batch_size),
-               "--checkpoint-every", "2", "--workers", "2"]
+# kill after global step 3 falls in epoch 1 of 3, after the checkpoint of step 2: the resumed run finishes
+# that epoch and trains two whole ones after it, where a resume that mistook them for the partial one
+# would go wrong.
+RESUME_KILL_AT = 3
+RESUME_EPOCHS = 3
+RESUME_OPTS = ["--epochs", str(RESUME_EPOCHS), "--image-size", str(PATHS.image_size), "--batch-size",
+               str(PATHS.batch_size), "--checkpoint-every", "2", "--workers", "2"]
+RESUME_RUN_S = 90.0  # each of its three runs at most (bounded by what is left)
 
 
 class Check:
@@ -153,24 +183,36 @@ class Check:
         return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                     PYTHONWARNINGS="ignore", DALIPIPE_CACHE_DIR=str(self.work / "check-cache"), **extra)
 
-    def run(self, cmd: list, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(self, cmd: list, timeout: float, env: dict | None = None,
+            stdout_file: Path | None = None) -> subprocess.CompletedProcess:
+        """cmd in a process group of its own, stopped at `timeout` or at the end of the budget, whichever
+        comes first. stdout_file: its output goes there as it is written (what it wrote before a timeout
+        stays), and the result's stdout is read back from it."""
         from dalipipe.child_processes import die_with_parent
 
         cmd = [str(c) for c in cmd]
-        self.log.write("$ " + " ".join(cmd) + "\n")
+        timeout = max(1.0, min(timeout, self.left()))
+        self.log.write(f"$ {' '.join(cmd)}  (timeout {timeout:.0f} s)\n")
         self.log.flush()
+        sink = open(stdout_file, "w") if stdout_file else subprocess.PIPE
         # Its own process group, so that a timeout stops its children too (loader workers, benchmark rows).
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.PIPE, text=True,
                                 env=env or self.env(), cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent)
+        timed_out = False
         try:
-            out, err = proc.communicate(timeout=max(1.0, timeout))
+            out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-            self.log.write(out[-20000:] + err[-20000:] + "\n")
-            raise StepTimeout(f"{' '.join(Path(c).name for c in cmd[1:4])} ran past its {timeout:.0f} s") from None
+            timed_out = True
+        if stdout_file:
+            sink.close()
+            out = Path(stdout_file).read_text(errors="replace")
         self.log.write(out[-20000:] + err[-20000:] + "\n")
         self.log.flush()
+        if timed_out:
+            raise StepTimeout(f"{' '.join(Path(c).name for c in cmd[1:4])} ran past its {timeout:.0f} s",
+                              subprocess.CompletedProcess(cmd, -signal.SIGKILL, out, err))
         return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     def dalipipe(self, *args, timeout: float, check: bool = True, **env: str) -> subprocess.CompletedProcess:
@@ -181,7 +223,11 @@ class Check:
 
 
 class StepTimeout(RuntimeError):
-    pass
+    """A child process stopped at its timeout; `process` holds what it wrote until then."""
+
+    def __init__(self, message: str, process: subprocess.CompletedProcess):
+        super().__init__(message)
+        self.process = process
 
 
 class StepFailed(RuntimeError):
@@ -213,9 +259,15 @@ def environment(device_name: str) -> dict:
     device = dev.resolve(device_name)
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "dali": version("nvidia.dali"), "efficientnet_pytorch": version("efficientnet_pytorch"),
-            "numpy": numpy.__version__, "cpu_cores": os.cpu_count(), "device": str(device),
+            "numpy": numpy.__version__,
+            **{name: version(name) for name in ("pandas", "sklearn", "six", "packaging", "pytest", "tqdm")},
+            "cpu_cores": os.cpu_count(), "device": str(device),
             "gpu": None, "gpu_memory_gib": None, "driver": None, "bf16": dev.has_bf16(device),
-            "workers": default_workers()}
+            "workers": default_workers(),
+            # the torch loader's workers hand batches over in shared memory: 224 px batches need room there
+            "dev_shm_free_gib": _free_gib("/dev/shm"),
+            # the tests import `tests.x`: another installed package named `tests` would shadow the project's
+            "tests_package": _tests_package()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -228,21 +280,178 @@ def environment(device_name: str) -> dict:
     return info
 
 
-def gpu_tests(check: Check, timeout: float) -> dict:
-    """`pytest -m gpu` (the tests import pytest for their marks and fixtures: it must be installed)."""
+def _free_gib(path: str) -> float | None:
+    try:
+        return round(shutil.disk_usage(path).free / 2**30, 1)
+    except OSError:
+        return None
+
+
+def _tests_package() -> str | None:
+    """Where `import tests` leads from the project's root, as pytest imports the test modules."""
+    r = subprocess.run([sys.executable, "-c", "import tests; print(list(tests.__path__)[0])"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=30)
+    return r.stdout.strip() or last_line(r.stderr) or None
+
+
+# One line per test as pytest -v writes it when the test ends: "tests/x.py::name[param] PASSED [ 10%]".
+_OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", flags=re.M)
+
+
+def gpu_tests(check: Check, marks: str, out_name: str, timeout: float, paths: tuple[str, ...] = ("tests",)) -> dict:
+    """`pytest -m MARKS -v` with its output written to DIR/out_name as each test ends, so that a step cut by
+    its timeout still reports every test that finished, by name (the tests import pytest for their marks
+    and fixtures: it must be installed)."""
     try:
         import pytest  # noqa: F401
     except ImportError:
         raise RuntimeError("pytest is not installed here (pip install pytest): the GPU tests need it") from None
-    r = check.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
-                  timeout=timeout)
-    tail = last_line(r.stdout) or r.stderr[-300:]
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", tail)}
-    failed = re.findall(r"^(?:FAILED|ERROR) (.+)$", r.stdout, flags=re.M)
-    result = {"exit_code": r.returncode, "summary": tail, "counts": counts, "failed": failed}
-    if r.returncode != 0 or failed:
-        raise StepFailed(f"GPU tests: {tail}", result)
+    cmd = [sys.executable, "-m", "pytest", "-m", marks, "-v", "-rfEs", "-p", "no:cacheprovider", *paths]
+    env = check.env(PYTHONUNBUFFERED="1")
+    cut = None
+    try:
+        r = check.run(cmd, timeout=timeout, env=env, stdout_file=check.out / out_name)
+    except StepTimeout as e:
+        r, cut = e.process, str(e)
+    outcomes = dict(_OUTCOME.findall(r.stdout))
+    counts: dict[str, int] = {}
+    for outcome in outcomes.values():
+        counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+    failed = [name for name, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
+    tail = f"cut: {cut}; {len(outcomes)} test(s) finished" if cut else (last_line(r.stdout) or r.stderr[-300:])
+    result = {"marks": marks, "exit_code": r.returncode, "summary": tail, "counts": counts, "failed": failed,
+              "outcomes": outcomes, "cut": cut is not None}
+    # exit 5: nothing selected (a machine without such tests) is not a failure
+    if cut or failed or r.returncode not in (0, 5):
+        raise StepFailed(f"GPU tests ({marks}): {tail}", result)
     return result
+
+
+def model_ceiling(check: Check, sizes: Sizes, device: str) -> dict:
+    """The training step alone, in a child process: efficientnet-b1 at the recipe's image size and batch,
+    with the device's precision, channels_last and fused Adam, on tensors already on the device. The upper
+    bound of what any loader lets the recipe reach, measured without DALI."""
+    job = {"device": device, "image_size": sizes.image_size, "batch_size": sizes.batch_size,
+           "classes": sizes.classes, "result": str(check.work / "ceiling.json")}
+    job_file = check.work / "ceiling-job.json"
+    job_file.write_text(json.dumps(job))
+    r = check.run([sys.executable, __file__, "--child", "ceiling", "--work", job_file], timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"ceiling exit {r.returncode}: {last_line(r.stderr)}")
+    return json.loads(Path(job["result"]).read_text())
+
+
+def _ceiling_child(job_file: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from dalipipe import device as dev
+    from dalipipe.atomic import save_json
+    from dalipipe.model import build_model
+    from dalipipe.train_setup import make_optimizer
+
+    job = json.loads(Path(job_file).read_text())
+    device = dev.resolve(job["device"])
+    t = time.perf_counter()
+    model = dev.place_model(build_model(job["classes"]), device)
+    dev.configure(device)
+    opt = make_optimizer(model, 1e-3, 1e-6, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device))
+    n, size = job["batch_size"], job["image_size"]
+    x = dev.batch_layout(torch.randn(n, 3, size, size, device=device), device)
+    y = torch.randint(0, job["classes"], (n,), device=device)
+    build_s = time.perf_counter() - t
+
+    def step():
+        with dev.autocast(device):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    model.train()
+    for _ in range(CEILING_WARMUP_STEPS):
+        step()
+    dev.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(CEILING_STEPS):
+        step()
+    dev.synchronize(device)
+    seconds = time.perf_counter() - t
+    amp = dev.amp_dtype(device)
+    save_json({"device": str(device), "image_size": size, "batch_size": n, "precision": str(amp or "fp32"),
+               "channels_last": device.type == "cuda", "fused_adam": device.type == "cuda",
+               "model_build_s": round(build_s, 2), "step_ms": round(1000 * seconds / CEILING_STEPS, 2),
+               "images_per_s": round(n * CEILING_STEPS / seconds, 1),
+               "peak_device_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+               if device.type == "cuda" else None}, job["result"])
+
+
+def torch_step(check: Check, sizes: Sizes, device: str) -> dict:
+    """What needs no DALI: the model-only ceiling, then the GPU tests that do not import DALI. A number for
+    the recipe's upper bound even when DALI fails."""
+    out: dict = {}
+    failures = []
+    for key, run in (("ceiling", lambda: model_ceiling(check, sizes, device)),
+                     ("gpu_tests", lambda: gpu_tests(check, TORCH_TESTS, "torch_tests.txt",
+                                                     min(60.0, check.left() - 5)))):
+        try:
+            out[key] = run()
+        except Exception as e:  # the other half may still tell us something
+            out[key] = getattr(e, "partial", None)
+            failures.append(f"{key}: {type(e).__name__}: {e}")
+    if failures:
+        raise StepFailed("; ".join(failures), out)
+    return out
+
+
+def dali_smoke(check: Check, device: str) -> dict:
+    """One batch through the pipeline dalipipe trains with (three mixed decoders and a GPU warp_affine on a
+    GPU; CPU operators without one), on two tiny samples, in a child process: the exact error if it fails
+    (a native abort included)."""
+    job = {"device": device, "folder": str(check.work / "smoke"), "result": str(check.work / "smoke.json")}
+    job_file = check.work / "smoke-job.json"
+    job_file.write_text(json.dumps(job))
+    r = check.run([sys.executable, __file__, "--child", "smoke", "--work", job_file], timeout=90)
+    if r.returncode != 0:
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        raise StepFailed(f"DALI smoke exit {r.returncode}: {last_line(r.stderr)}",
+                         {"exit_code": r.returncode, "stderr_tail": lines[-15:]})
+    return json.loads(Path(job["result"]).read_text())
+
+
+def _smoke_child(job_file: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    job = json.loads(Path(job_file).read_text())
+    import nvidia.dali  # first: an import failure is the answer, in its own words
+
+    from dalipipe import device as dev
+    from dalipipe.atomic import save_json
+    from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
+    from dalipipe.data import scan_images
+    from dalipipe.loaders import make_loader
+
+    folder = Path(job["folder"])
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for fid in (1, 2):
+        for channel in ("yellow", "red", "blue"):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{fid:05d}_{channel}.png")
+    device = dev.resolve(job["device"])
+    t = time.perf_counter()
+    loader = make_loader(scan_images(folder), np.arange(2), AugmentSpec(image_size=32),
+                         Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), True, device,
+                         LoaderSettings("dali", batch_size=2, workers=1, seed=0))
+    images, targets = next(iter(loader))
+    ok = images.shape == (2, 3, 32, 32) and images.device.type == device.type and bool(images.isfinite().all())
+    loader.close()
+    save_json({"dali": nvidia.dali.__version__, "device": str(images.device), "shape": list(images.shape),
+               "seconds": round(time.perf_counter() - t, 2), "ok": ok}, job["result"])
+    if not ok:
+        raise SystemExit(f"DALI smoke: unexpected batch {tuple(images.shape)} on {images.device}")
 
 
 def synthetic_data(work: Path, sizes: Sizes) -> Path:
@@ -274,11 +483,12 @@ def project_recipe(setup_s: float, epoch_walls: list[float], epochs: int, steps_
     return None, "no training step finished"
 
 
-def recipe(check: Check, data: Path, sizes: Sizes, device: str) -> dict:
+def recipe(check: Check, data: Path, sizes: Sizes, device: str, reserve_s: float) -> dict:
     """`dalipipe train` with the recipe's defaults, then `dalipipe predict` of the test set, in a child
-    process with its own timeout; the projection when the budget stopped it."""
+    process with its own timeout; the projection when the budget stopped it. reserve_s: kept for the steps
+    after it."""
     run = Path(tempfile.mkdtemp(prefix="recipe-", dir=check.work))
-    limit_s = max(10.0, check.left() - PREDICT_RESERVE_S - PATHS_RESERVE_S - BENCH_RESERVE_S)
+    limit_s = max(10.0, check.left() - PREDICT_RESERVE_S - reserve_s)
     job = {"data": str(data), "run": str(run), "sizes": asdict(sizes), "device": device, "limit_s": limit_s,
            "result": str(run / "recipe.json")}
     job_file = check.work / "recipe-job.json"
@@ -384,17 +594,19 @@ def exact_resume(check: Check, data: Path, device: str, gpu: bool) -> dict:
     logs = {name: check.work / f"samples-{name}" for name in ("twin", "run")}
     for path in (twin, run, *logs.values()):
         shutil.rmtree(path, ignore_errors=True)
-    check.dalipipe("train", *base, "--out", twin, timeout=90, DALIPIPE_SAMPLE_LOG=str(logs["twin"]))
-    r = check.dalipipe("train", *base, "--out", run, timeout=90, check=False,
+    check.dalipipe("train", *base, "--out", twin, timeout=RESUME_RUN_S, DALIPIPE_SAMPLE_LOG=str(logs["twin"]))
+    r = check.dalipipe("train", *base, "--out", run, timeout=RESUME_RUN_S, check=False,
                        DALIPIPE_SAMPLE_LOG=str(logs["run"]), DALIPIPE_KILL_AT_STEP=str(RESUME_KILL_AT))
     if r.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the run to be killed at step {RESUME_KILL_AT} ended with exit {r.returncode}")
     saved = checkpoint.load(run / "last.pt")
-    check.dalipipe("train", "--resume", run, timeout=90, DALIPIPE_SAMPLE_LOG=str(logs["run"]))
+    check.dalipipe("train", "--resume", run, timeout=RESUME_RUN_S, DALIPIPE_SAMPLE_LOG=str(logs["run"]))
     a, b = sample_log(logs["twin"]), sample_log(logs["run"])
-    # The resumed run records its epoch 2 from the step after the checkpoint on.
-    resumed = b.get(2, [])
-    same_samples = a.get(1) == b.get(1) and len(resumed) > 0 and a.get(2, [])[-len(resumed):] == resumed
+    # The killed process ended inside epoch 1 (a rank logs its samples at an epoch's end): the resumed one
+    # logs epoch 1 from the step after the checkpoint on, then the later epochs whole.
+    resumed = b.get(1, [])
+    same_samples = (len(resumed) > 0 and a.get(1, [])[-len(resumed):] == resumed
+                    and all(a.get(e) == b.get(e) for e in range(2, RESUME_EPOCHS + 1)))
     metrics = [[json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()] for path in (twin, run)]
     diffs = [abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(*metrics) for k in ("train_loss", "val_loss")]
     wa, wb = checkpoint.load(twin / "last.pt")["model"], checkpoint.load(run / "last.pt")["model"]
@@ -471,6 +683,13 @@ def verdict(report: dict) -> list[dict]:
     on_gpu = bool((report.get("environment") or {}).get("gpu"))  # the targets are a GPU's: n/a elsewhere
     applies = on_gpu and not report["quick"]
     rows = []
+    smoke = next((x for x in report["steps"] if x["step"] == "DALI smoke"), None)
+    if smoke is not None and smoke["status"] != "skipped":
+        # One line for what DALI's failure costs: every step that needs it is skipped, not failed in turn.
+        rows.append({"target": "DALI's pipeline runs here (mixed decoders and a GPU warp_affine on a GPU)",
+                     "measured": "ok" if smoke["status"] == "ok" else
+                     f"{smoke['error']}; the steps that need DALI were skipped",
+                     "met": smoke["status"] == "ok"})
     finished = rec and not rec.get("stopped_early")
     recipe_s = rec.get("train_wall_s") if finished else rec.get("projected_recipe_s")
     lower_bound = "lower bound" in (rec.get("projection") or "")
@@ -517,9 +736,15 @@ def markdown(report: dict) -> str:
         return ["", f"## {title}", "", "| measure | value |", "| --- | --- |",
                 *[f"| {k} | {v} |" for k, v in d.items() if k not in ("table", "summary")]]
 
-    tests = report.get("gpu_tests") or {}
-    lines += ["", "## GPU tests", "", f"{tests.get('summary', 'not run')}"]
-    lines += [f"- failed: {f}" for f in tests.get("failed", [])]
+    torch_part = report.get("torch") or {}
+    lines += table("Model-only training-step ceiling (no DALI)", torch_part.get("ceiling"))
+    smoke = report.get("smoke") or {}
+    lines += table("DALI smoke", {k: v for k, v in smoke.items() if k != "stderr_tail"})
+    lines += [f"    {line}" for line in smoke.get("stderr_tail", [])]
+    for title, tests in (("GPU tests without DALI", torch_part.get("gpu_tests") or {}),
+                         ("GPU tests with DALI", report.get("gpu_tests") or {})):
+        lines += ["", f"## {title}", "", f"{tests.get('summary', 'not run')}"]
+        lines += [f"- failed: {f}" for f in tests.get("failed", [])]
     lines += table("Reference recipe", report.get("recipe"))
     lines += table("Exact resume", report.get("exact_resume"))
     lines += table("Precision and decoder paths", report.get("precision_decoder"))
@@ -535,17 +760,26 @@ def markdown(report: dict) -> str:
 
 @click.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Report folder (a few small files).")
-@click.option("--budget-s", default=300.0, show_default=True, help="Stop all work within this many seconds.")
+@click.option("--budget-s", type=float,
+              help=f"Stop all work within this many seconds. [default: {BUDGET_GPU_S:.0f} on a GPU, "
+                   f"{BUDGET_CPU_S:.0f} without one]")
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny sizes (for the CPU, and the test suite).")
 @click.option("--work", "work_dir", type=click.Path(), help="Data and run folders. [default: a temporary folder, removed at the end]")
-@click.option("--child", type=click.Choice(["recipe"]), hidden=True)
-def main(out_dir, budget_s, device, quick, work_dir, child):
+@click.option("--steps", "steps_text", help=f"Comma-separated steps to run, of {','.join(STEPS)}. "
+                                             f"[default: all but compile]")
+@click.option("--child", type=click.Choice(["recipe", "ceiling", "smoke"]), hidden=True)
+def main(out_dir, budget_s, device, quick, work_dir, steps_text, child):
     """Verify this machine's GPU path and measure it against the project's targets."""
-    if child == "recipe":
-        return _recipe_child(Path(work_dir))
+    if child:
+        return {"recipe": _recipe_child, "ceiling": _ceiling_child, "smoke": _smoke_child}[child](Path(work_dir))
     if not out_dir:
         raise click.UsageError("--out DIR is required")
+    steps = parse_steps(steps_text)
+    if budget_s is None:
+        import torch
+
+        budget_s = BUDGET_GPU_S if device != "cpu" and torch.cuda.is_available() else BUDGET_CPU_S
     # Progress bars are for people at a terminal: here they would fill the log (and the steps' output)
     # with redrawn lines. tqdm reads this in this process and in every step's.
     os.environ["TQDM_DISABLE"] = "1"
@@ -554,11 +788,11 @@ def main(out_dir, budget_s, device, quick, work_dir, child):
     work = Path(work_dir or tempfile.mkdtemp(prefix="gpu_check-"))
     work.mkdir(parents=True, exist_ok=True)
     sizes = Sizes.pick(quick)
-    report: dict = {"quick": quick, "budget_s": budget_s, "sizes": asdict(sizes),
+    report: dict = {"quick": quick, "budget_s": budget_s, "sizes": asdict(sizes), "steps_asked": list(steps),
                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     check = Check(out, work, budget_s, report)
     try:
-        run_steps(check, sizes, device)
+        run_steps(check, sizes, device, steps, explicit=steps_text is not None)
     finally:
         if not work_dir:  # ours: do not leave data and runs behind
             shutil.rmtree(work, ignore_errors=True)
@@ -567,33 +801,77 @@ def main(out_dir, budget_s, device, quick, work_dir, child):
               + (f"; work: {work}" if work_dir else ""))
 
 
-def run_steps(check: Check, sizes: Sizes, device: str) -> None:
+def parse_steps(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return DEFAULT_STEPS
+    asked = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in asked if t not in STEPS]
+    if unknown or not asked:
+        raise click.BadParameter(f"{', '.join(unknown) or 'nothing'}: the steps are {', '.join(STEPS)}",
+                                 param_hint="--steps")
+    return tuple(t for t in STEPS if t in asked)  # always in the check's order
+
+
+def run_steps(check: Check, sizes: Sizes, device: str, steps: tuple[str, ...], explicit: bool) -> None:
+    def reserve(after: str) -> float:
+        """What the selected steps after this one need at least."""
+        return sum(RESERVE_S.get(name, 0.0) for name in steps[steps.index(after) + 1:])
+
+    done_file = check.work / "torch-step.json"
     env = check.step("environment", lambda: environment(device), min_s=0, key="environment")
     gpu = bool(env and env["gpu"])
-    after_tests = 20 + 60 + PREDICT_RESERVE_S + PATHS_RESERVE_S + BENCH_RESERVE_S  # synth + some recipe + the rest
-    check.step("gpu tests", lambda: gpu_tests(check, max(20.0, min(120.0, check.left() - after_tests))), min_s=30,
-               key="gpu_tests")
-    data = check.step("synthetic data", lambda: synthetic_data(check.work, sizes))
-    small = check.step("small data", lambda: synthetic_data(check.work, PATHS), min_s=2)
-    if data is not None:
-        check.step("reference recipe", lambda: recipe(check, data, sizes, device),
+    data = small = None
+    if "data" in steps or any(name in steps for name in ("recipe", "resume", "paths", "bench", "compile")):
+        data = check.step("synthetic data", lambda: synthetic_data(check.work, sizes))
+        small = check.step("small data", lambda: synthetic_data(check.work, PATHS), min_s=2)
+    if "torch" in steps:
+        if not explicit and done_file.exists():
+            # Done by an earlier call with this --work (its report came back with it): carried over.
+            check.report["torch"] = json.loads(done_file.read_text())
+            check.skip("torch: ceiling and GPU tests without DALI", f"done by an earlier call with this --work "
+                       f"(result carried over from {done_file.name})")
+        else:
+            result = check.step("torch: ceiling and GPU tests without DALI", lambda: torch_step(check, sizes, device),
+                                min_s=20, key="torch")
+            if result is not None and check.steps[-1]["status"] == "ok":
+                done_file.write_text(json.dumps(result))
+    if not NEEDS_DALI.intersection(steps) and "smoke" not in steps:
+        return
+    check.step("DALI smoke", lambda: dali_smoke(check, device), min_s=10, key="smoke")
+    if check.steps[-1]["status"] != "ok":
+        why = f"DALI smoke {check.steps[-1]['status']}: {(check.steps[-1]['error'] or '').splitlines()[0]}"
+        for name in steps:
+            if name in NEEDS_DALI:
+                check.skip(name, why)
+        return
+    if "tests" in steps:
+        check.step("GPU tests with DALI", lambda: gpu_tests(
+            check, DALI_TESTS, "gpu_tests.txt", min(GPU_TESTS_MAX_S, max(30.0, check.left() - reserve("tests")))),
+            min_s=30, key="gpu_tests")
+    if "recipe" in steps and data is not None:
+        check.step("reference recipe", lambda: recipe(check, data, sizes, device, reserve("recipe")),
                    min_s=30 + PREDICT_RESERVE_S, key="recipe")
-    if small is not None:
+    if "resume" in steps and small is not None:
         check.step("exact resume", lambda: exact_resume(check, small, device, gpu), min_s=30, key="exact_resume")
+    if "paths" in steps and small is not None:
         check.step("fp16 and --decoder cpu", lambda: precision_and_decoder(check, small, device, gpu), min_s=15,
                    key="precision_decoder")
-    if data is not None:
+    if "bench" in steps and data is not None:
         rows = ["torch", "dali", "dali-cpudec", "dali-cache", "ceiling"]
         check.step("loader benchmark", lambda: benchmark(check, data, sizes, device, rows, "benchmark",
-                                                         check.out / "benchmark.png", check.left() - 5),
+                                                         check.out / "benchmark.png", check.left() - reserve("bench")),
                    min_s=30, key="benchmark")
+    if "compile" in steps:
         if not gpu:
             check.skip("compile row", "no GPU: inductor compiles for minutes on a CPU")
-        else:
+        elif data is not None:
             check.step("compile row", lambda: benchmark(check, data, sizes, device, ["ceiling-compile"],
                                                         "benchmark-compile", check.work / "compile.png",
                                                         check.left() - 2),
                        min_s=COMPILE_MIN_S, key="benchmark_compile")
+    elif not explicit:
+        check.skip("compile row", "not in the default steps: its compilation takes minutes a one-shot check "
+                                  "does not have; ask for it with --steps ...,compile")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,10 @@ def gpu_here() -> bool:
 
 
 GPU_HERE = gpu_here()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU_HERE, reason="needs a CUDA GPU that torch and DALI see")]
+# dali: these need DALI besides the GPU (the GPU check runs the GPU tests without DALI apart, before DALI
+# is there: tests/test_gpu_torch.py).
+pytestmark = [pytest.mark.gpu, pytest.mark.dali,
+              pytest.mark.skipif(not GPU_HERE, reason="needs a CUDA GPU that torch and DALI see")]
 GPU = torch.device("cuda", 0)
 # Probabilities of one model under predict's autocast (bf16, or fp16 on GPUs without native bf16),
 # computed in two batch arrangements: cuDNN picks its kernels per shape, each layer's output is rounded
@@ -77,6 +80,7 @@ def test_gpu_fp16_output(small_synth):
     assert x.is_cuda and x.dtype == torch.float16
 
 
+@pytest.mark.slow  # starts dalipipe processes (CUDA contexts, cuDNN autotuning, checkpoints)
 def test_gpu_train_and_predict_end_to_end(small_synth, tmp_path):
     from tests.test_cli import assert_same_predictions, dalipipe
 
@@ -149,26 +153,7 @@ def test_gpu_decode_cache_serves_epoch_2_from_memory(small_synth, tmp_path, cach
         assert (second - inverted).abs().max().item() < 1e-3 and not torch.equal(second, first)
 
 
-def test_gpu_staged_snapshot_holds_the_state_of_the_hand_off_while_kernels_change_it():
-    """The host copy is queued on the training stream without a sync: later kernels that change the
-    tensors in place (an optimizer step) must not reach the copy, and the buffers are pinned and reused."""
-    from dalipipe.snapshot import HostStaging
-
-    weights = torch.randn(4096, 1024, device=GPU)
-    step = torch.zeros((), device=GPU)
-    expected = weights.cpu()
-    staging = HostStaging()
-    snap = staging.stage({"w": weights, "step": step, "history": [1]})
-    for _ in range(20):  # queued right behind the copy, on the same stream
-        weights.mul_(1.5).add_(1.0)
-        step += 1
-    saved = snap.state()
-    assert torch.equal(saved["w"], expected) and saved["step"].item() == 0 and saved["w"].is_pinned()
-    first = saved["w"].data_ptr()
-    again = staging.stage({"w": weights, "step": step, "history": [1, 2]}).state()
-    assert again["w"].data_ptr() == first and torch.equal(again["w"], weights.cpu()) and again["step"].item() == 20
-
-
+@pytest.mark.slow  # starts dalipipe processes (CUDA contexts, cuDNN autotuning, checkpoints)
 def test_gpu_recipe_options_train_and_tta_equals_plain_predictions_of_flipped_copies(small_synth, tmp_path):
     """--ema, the cosine schedule, class weights and --tta-val on the device; then predict --tta, on a GPU
     one forward pass of each batch's 4n views, against the mean of plain predictions of the test images

@@ -18,9 +18,10 @@ from tests.test_gpu import GPU_HERE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-# The check's own `pytest -m gpu` step, narrowed (pytest reads PYTEST_ADDOPTS) to one GPU test that builds
-# a DALI GPU pipeline: it passes where torch and DALI see a GPU and skips elsewhere, in seconds either way.
-# The whole GPU suite is the outer run's, not to be run a second time inside this one.
+# The check's own GPU test steps, narrowed (pytest reads PYTEST_ADDOPTS) to one GPU test that builds a DALI
+# GPU pipeline: it passes where torch and DALI see a GPU and skips elsewhere, in seconds either way (the
+# step without DALI then selects nothing). The whole GPU suite is the outer run's, not to be run a second
+# time inside this one.
 ONE_GPU_TEST = "test_gpu_fp16_output"
 
 
@@ -44,17 +45,20 @@ def test_gpu_check_quick_on_the_cpu_writes_a_complete_report(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     steps = {s["step"]: s for s in report["steps"]}
-    assert list(steps) == ["environment", "gpu tests", "synthetic data", "small data", "reference recipe",
-                           "exact resume", "fp16 and --decoder cpu", "loader benchmark", "compile row"]
+    assert list(steps) == ["environment", "synthetic data", "small data", "torch: ceiling and GPU tests without DALI",
+                           "DALI smoke", "GPU tests with DALI", "reference recipe", "exact resume",
+                           "fp16 and --decoder cpu", "loader benchmark", "compile row"]
     assert all(s["status"] == "ok" for name, s in steps.items() if name != "compile row"), report["steps"]
-    assert steps["compile row"]["status"] == "skipped" and "no GPU" in steps["compile row"]["error"]
+    assert steps["compile row"]["status"] == "skipped" and "not in the default steps" in steps["compile row"]["error"]
     env = report["environment"]
     assert env["device"] == "cpu" and env["torch"] and env["gpu"] is None
     # The GPU test runs on a machine with a GPU and skips on one without, and fails on neither.
     ran, not_ran = ("passed", "skipped") if GPU_HERE else ("skipped", "passed")
     counts = report["gpu_tests"]["counts"]
     assert counts.get(ran) == 1 and not counts.get(not_ran) and not counts.get("failed"), counts
-    assert not report["gpu_tests"]["failed"]
+    assert not report["gpu_tests"]["failed"] and report["gpu_tests"]["marks"] == "gpu and dali and not slow"
+    assert report["torch"]["gpu_tests"]["counts"] == {}  # the one test narrowed to needs DALI
+    assert report["torch"]["ceiling"]["images_per_s"] > 0 and report["smoke"]["ok"]
     bench = report["benchmark"]
     for key in ("torch_load_images_per_s", "dali_load_images_per_s", "dali_train_images_per_s",
                 "ceiling_train_images_per_s"):
@@ -66,19 +70,22 @@ def test_gpu_check_quick_on_the_cpu_writes_a_complete_report(tmp_path):
     assert 0 <= rec["test_balanced_accuracy"] <= 1
     resume = report["exact_resume"]  # on the CPU: bit for bit
     assert resume["same_samples_same_order"] and resume["max_loss_rel_diff"] == 0.0
-    assert resume["max_weight_abs_diff"] == 0.0 and resume["resumed_from"] == {"epoch": 2, "steps": 2}
+    assert resume["max_weight_abs_diff"] == 0.0 and resume["resumed_from"] == {"epoch": 1, "steps": 2}
+    assert resume["epochs_compared"] == 3  # killed in the first epoch of three
     paths = report["precision_decoder"]
     assert paths["decoder"] == "cpu" and paths["fp16_on_cpu"].startswith("exit 2: Error: --precision fp16")
-    assert len(report["verdict"]) == 3 and all(v["met"] is None for v in report["verdict"])  # not a GPU
+    smoke_line, *targets = report["verdict"]
+    assert smoke_line["met"] is True and len(targets) == 3 and all(v["met"] is None for v in targets)  # not a GPU
     md = (out / "report.md").read_text()
     assert "no GPU (cpu)" in md and "None GiB" not in md
-    for heading in ("## Steps", "## GPU tests", "## Loader benchmark", "## Reference recipe", "## Exact resume",
-                    "## Verdict"):
+    for heading in ("## Steps", "## GPU tests with DALI", "## GPU tests without DALI", "## DALI smoke",
+                    "## Model-only training-step ceiling", "## Loader benchmark", "## Reference recipe",
+                    "## Exact resume", "## Verdict"):
         assert heading in md
     # Only the report's few small files: runs, data and checkpoints went to the temporary work folder,
     # which is gone.
     assert sorted(p.name for p in out.iterdir()) == ["benchmark.json", "benchmark.png", "gpu_check.log",
-                                                     "report.json", "report.md"]
+                                                     "gpu_tests.txt", "report.json", "report.md", "torch_tests.txt"]
     assert all(p.stat().st_size < 1_000_000 for p in out.iterdir())
     assert "work:" not in r.stdout.splitlines()[-1]
 
@@ -103,7 +110,7 @@ def test_the_report_is_on_disk_after_every_step_even_when_the_check_is_killed(tm
         os.killpg(proc.pid, signal.SIGKILL)  # as a time limit or a native crash would: no chance to clean up
         proc.wait()
     report = json.loads((out / "report.json").read_text())
-    assert [s["step"] for s in report["steps"]][:3] == ["environment", "gpu tests", "synthetic data"]
+    assert [s["step"] for s in report["steps"]][:3] == ["environment", "synthetic data", "small data"]
     assert report["environment"]["device"] == "cpu"
     assert "## Steps" in (out / "report.md").read_text()
 

@@ -1,0 +1,121 @@
+"""The GPU check's parts that decide what a one-shot run on a GPU machine brings back, on the CPU: steps
+run apart against one --work, the DALI smoke's failure path, GPU tests cut by their timeout keeping the
+outcomes written so far, and timeouts bounded by the budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_gpu_check import SCRIPT, gpu_check_module
+
+
+def run_check(*args, env=None):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", *map(str, args)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def steps_of(out: Path) -> dict:
+    return {s["step"]: s for s in json.loads((out / "report.json").read_text())["steps"]}
+
+
+def test_steps_run_apart_and_a_later_default_call_carries_the_torch_step_over(tmp_path):
+    work = tmp_path / "work"
+    run_check("--steps", "env,data", "--out", tmp_path / "one", "--work", work)
+    assert list(steps_of(tmp_path / "one")) == ["environment", "synthetic data", "small data"]
+    env = json.loads((tmp_path / "one" / "report.json").read_text())["environment"]
+    assert env["pytest"] and env["pandas"] and env["tests_package"] == str(Path(SCRIPT).parents[1] / "tests")
+    assert (work / "synthetic-120-32" / "y_test.csv").exists()
+
+    run_check("--steps", "torch", "--out", tmp_path / "two", "--work", work)
+    steps = steps_of(tmp_path / "two")
+    assert list(steps) == ["environment", "torch: ceiling and GPU tests without DALI"]  # no data: not needed
+    assert all(s["status"] == "ok" for s in steps.values()), steps
+    torch_part = json.loads((tmp_path / "two" / "report.json").read_text())["torch"]
+    assert torch_part["ceiling"]["images_per_s"] > 0 and torch_part["ceiling"]["image_size"] == 32
+    # Only the GPU tests without DALI were selected (all skip here: no GPU).
+    outcomes = torch_part["gpu_tests"]["outcomes"]
+    assert outcomes and all("test_gpu.py" not in name for name in outcomes)
+    assert (tmp_path / "two" / "torch_tests.txt").exists()
+
+    # A call without --steps (the last part of the same shot) does not do the torch step again: it carries
+    # the earlier result over.
+    gc = gpu_check_module()
+    (tmp_path / "four").mkdir()
+    check = gc.Check(tmp_path / "four", work, 60, {"quick": True, "budget_s": 60})
+    gc.run_steps(check, gc.Sizes.pick(True), "cpu", ("env", "torch"), explicit=False)
+    (skipped,) = [s for s in check.steps if s["step"].startswith("torch")]
+    assert skipped["status"] == "skipped" and "done by an earlier call" in skipped["error"]
+    assert check.report["torch"] == torch_part
+
+
+def test_without_dali_the_smoke_fails_in_one_line_and_the_dali_steps_are_skipped(tmp_path):
+    """`import nvidia.dali` made to fail (a package `nvidia` without DALI, first on the path), as on a GPU
+    machine where DALI is missing or its CUDA does not load."""
+    shim = tmp_path / "shim" / "nvidia"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "shim"), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "report"
+    run_check("--steps", "env,smoke,recipe,bench", "--out", out, env=env)
+    steps = steps_of(out)
+    assert steps["DALI smoke"]["status"] == "failed" and "No module named 'nvidia.dali'" in steps["DALI smoke"]["error"]
+    for name in ("recipe", "bench"):
+        assert steps[name]["status"] == "skipped" and steps[name]["error"].startswith("DALI smoke failed"), steps
+    report = json.loads((out / "report.json").read_text())
+    (line,) = [v for v in report["verdict"] if v["target"].startswith("DALI's pipeline")]
+    assert line["met"] is False and "nvidia.dali" in line["measured"]
+    assert any("ModuleNotFoundError" in ln for ln in report["smoke"]["stderr_tail"])  # the exact error
+
+
+def test_gpu_tests_cut_by_their_timeout_keep_every_outcome_written_so_far(tmp_path, monkeypatch):
+    """Two tests: the first passes, the second hangs. The timeout is made to fall once the second has
+    started (a stand-in for communicate's timeout: deterministic, not a race against the clock)."""
+    gc = gpu_check_module()
+    tests = tmp_path / "t"
+    tests.mkdir()
+    started = tmp_path / "second-started"
+    (tests / "test_two.py").write_text(
+        "import pathlib, time\n\n"
+        "def test_first():\n    assert True\n\n"
+        f"def test_second():\n    pathlib.Path({str(started)!r}).write_text('x')\n    time.sleep(600)\n")
+    real = subprocess.Popen.communicate
+    calls = []
+
+    def communicate(self, input=None, timeout=None):
+        if timeout is not None and not calls:
+            calls.append(timeout)
+            deadline = time.monotonic() + 300
+            while not started.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return real(self, input, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", communicate)
+    (tmp_path / "out").mkdir()
+    check = gc.Check(tmp_path / "out", tmp_path, 300, {})
+    with pytest.raises(gc.StepFailed) as e:
+        gc.gpu_tests(check, "not nothing", "tests.txt", 100, paths=(str(tests),))
+    result = e.value.partial
+    assert result["cut"] and result["failed"] == []
+    ((name, outcome),) = result["outcomes"].items()  # the hanging test has no outcome
+    assert name.endswith("test_two.py::test_first") and outcome == "PASSED"
+    assert "test_first PASSED" in (tmp_path / "out" / "tests.txt").read_text()  # the file came back too
+
+
+def test_a_step_timeout_never_runs_past_the_budget(tmp_path):
+    gc = gpu_check_module()
+    (tmp_path / "out").mkdir()
+    check = gc.Check(tmp_path / "out", tmp_path, budget_s=3, report={})
+    with pytest.raises(gc.StepTimeout) as e:
+        check.run([sys.executable, "-c", "import time; time.sleep(120)"], timeout=90)
+    assert "ran past its 3 s" in str(e.value) or "ran past its 2 s" in str(e.value), str(e.value)
+    assert e.value.process.returncode < 0  # killed, what it wrote kept
