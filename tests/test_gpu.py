@@ -12,7 +12,7 @@ from dalipipe.config import AugmentSpec, LoaderSettings
 from dalipipe.data import build_index, channel_stats, inspect_images
 from dalipipe.loaders import make_loader
 from tests.test_loaders import RAW, _coded_dataset, _codes, decoder_outputs
-from tests.test_tta_and_ensembles import FLIPS, flipped_copy, probs_of
+from tests.test_tta_and_ensembles import tta_and_plain_predictions
 
 
 def gpu_here() -> bool:
@@ -168,15 +168,7 @@ def test_gpu_recipe_options_train_and_tta_equals_plain_predictions_of_flipped_co
              "--batch-size", "32", "--device", "gpu", "--ema", "0.99", "--schedule", "cosine",
              "--class-weights", "balanced", "--tta-val")
     assert checkpoint.load(run / "best.pt")["ema"]["updates"] > 0
-    opts = ["--device", "gpu", "--probs"]
-    plain = []
-    for name, flip in FLIPS.items():
-        flipped_copy(d / "images_test", tmp_path / name, flip)
-        dalipipe("predict", run, tmp_path / name, "--out", tmp_path / f"{name}.csv", *opts)
-        plain.append(probs_of(tmp_path / f"{name}.csv"))
-    dalipipe("predict", run, d / "images_test", "--out", tmp_path / "tta.csv", "--tta", *opts)
-    tta = probs_of(tmp_path / "tta.csv")
-    assert all(p.index.equals(tta.index) and list(p.columns) == list(tta.columns) for p in plain)
+    tta, plain = tta_and_plain_predictions(run, d / "images_test", tmp_path, ["--device", "gpu", "--probs"])
     mean = sum(p.to_numpy() for p in plain) / len(plain)
     error = np.abs(tta.to_numpy() - mean).max()
     assert error < HALF_PRECISION_PROBABILITY_TOLERANCE, error

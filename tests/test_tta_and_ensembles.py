@@ -47,17 +47,24 @@ def flipped_copy(src, dst, flip) -> None:
 FLIPS = {"none": lambda a: a, "h": lambda a: a[:, ::-1], "v": lambda a: a[::-1, :], "hv": lambda a: a[::-1, ::-1]}
 
 
+def tta_and_plain_predictions(run, images, tmp_path, opts) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """predict --tta's probabilities, and the plain predictions of the images flipped on disk (each view)."""
+    plain = []
+    for name, flip in FLIPS.items():
+        flipped_copy(images, tmp_path / name, flip)
+        dalipipe("predict", run, tmp_path / name, "--out", tmp_path / f"{name}.csv", *opts)
+        plain.append(probs_of(tmp_path / f"{name}.csv"))
+    dalipipe("predict", run, images, "--out", tmp_path / "tta.csv", "--tta", *opts)
+    tta = probs_of(tmp_path / "tta.csv")
+    assert all(p.index.equals(tta.index) and list(p.columns) == list(tta.columns) for p in plain)
+    return tta, plain
+
+
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_tta_equals_the_mean_of_plain_predictions_of_flipped_images(small_synth, fold_runs, tmp_path, loader):
     run = fold_runs / "fold2"  # trained with --ema: predict uses the average
     opts = ["--loader", loader, "--device", "cpu", "--workers", "2", "--probs"]
-    plain = []
-    for name, flip in FLIPS.items():
-        flipped_copy(small_synth / "images_test", tmp_path / name, flip)
-        dalipipe("predict", run, tmp_path / name, "--out", tmp_path / f"{name}.csv", *opts)
-        plain.append(probs_of(tmp_path / f"{name}.csv"))
-    dalipipe("predict", run, small_synth / "images_test", "--out", tmp_path / "tta.csv", "--tta", *opts)
-    tta = probs_of(tmp_path / "tta.csv")
+    tta, plain = tta_and_plain_predictions(run, small_synth / "images_test", tmp_path, opts)
     mean = sum(p.to_numpy() for p in plain) / 4
     assert np.abs(tta.to_numpy() - mean).max() < 1e-5
     # Not a vacuous check: the model tells the flipped copies apart.
