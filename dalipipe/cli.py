@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -28,6 +29,9 @@ def cache_option(default: bool | None):
 
 # ctx.meta key: a function that says, when Ctrl-C stops the command, what is on disk and what to do next.
 ON_INTERRUPT = "dalipipe.on_interrupt"
+# Set to 1 by a script that runs dalipipe and says itself what comes after a Ctrl-C (make demo): the
+# command then stops with exit 130 and no line of its own, which would point the user elsewhere.
+NO_INTERRUPT_HINT = "DALIPIPE_NO_INTERRUPT_HINT"
 
 
 def on_interrupt(text) -> None:
@@ -55,7 +59,8 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             # What is true at this moment, as the command in progress knows it (ctx.meta is shared with it).
             hint = ctx.meta.get(ON_INTERRUPT)
-            click.echo("\ninterrupted" + (f": {hint()}" if hint else ""), err=True)
+            if os.environ.get(NO_INTERRUPT_HINT) != "1":
+                click.echo("\ninterrupted" + (f": {hint()}" if hint else ""), err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise

@@ -90,6 +90,7 @@ def test_ctrl_c_stops_the_demo_in_one_line_and_the_next_demo_goes_on_from_there(
     lines = [ln for ln in stderr.splitlines() if ln.strip() and "\r" not in ln]
     run = next((root / "runs").iterdir())
     assert lines[-1].startswith("demo interrupted") and f"runs/{run.name}" in lines[-1], stderr
+    assert not [ln for ln in lines if ln.startswith("interrupted")], stderr  # one line: the demo's, not dalipipe's
     assert "make demo" in lines[-1] and "resumes" in lines[-1]
     assert not (run / "submission.csv").exists()
 
