@@ -8,6 +8,7 @@ last checkpoint left it, then predicts and scores.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from dalipipe.cli import NO_INTERRUPT_HINT
-from dalipipe.constants import CKPT_LAST, EXIT_INTERRUPTED, METRICS_FILE
+from dalipipe.constants import CKPT_LAST, CONFIG_FILE, EXIT_INTERRUPTED, METRICS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMISSION = "submission.csv"
@@ -40,16 +41,25 @@ def run(*args: str) -> None:
 
 
 def plan(runs: Path) -> tuple[Path, str]:
-    """The demo's run folder and what to do there: "resume" the latest demo run if it has a checkpoint
-    and no predictions yet, "train" again in it if it was stopped before its first checkpoint, else
-    "train" a new run. Folder names sort by their start time."""
+    """The demo's run folder and what to do there: "predict" with the latest demo run if it trained all
+    its epochs but wrote no predictions yet, "resume" it if it has a checkpoint, "train" again in it if it
+    was stopped before its first checkpoint, else "train" a new run. Folder names sort by their start time."""
     latest = max((p for p in runs.glob("demo-*") if p.is_dir()), default=None)
     if latest is not None and not (latest / SUBMISSION).exists():
         if (latest / CKPT_LAST).exists():
-            return latest, "resume"
+            return latest, "predict" if trained_to_the_end(latest) else "resume"
         if not (latest / METRICS_FILE).exists():
             return latest, "train"
     return runs / time.strftime("demo-%Y%m%d-%H%M%S"), "train"
+
+
+def trained_to_the_end(run_dir: Path) -> bool:
+    """Every epoch of its config in metrics.jsonl (written after each epoch's checkpoint)."""
+    try:
+        epochs = json.loads((run_dir / CONFIG_FILE).read_text())["epochs"]
+        return len((run_dir / METRICS_FILE).read_text().splitlines()) >= epochs
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def train_options() -> list[str]:
@@ -74,6 +84,8 @@ def demo(root: Path) -> None:
     if action == "resume":
         print(f"Continuing the unfinished demo run {run_dir.relative_to(root)} with its own settings.")
         run("train", "--resume", str(run_dir))
+    elif action == "predict":
+        print(f"The demo run {run_dir.relative_to(root)} has trained all its epochs: on to its predictions.")
     else:
         opts = train_options()
         run("train", str(data / "images_train"), str(data / "y_train.csv"), "--out", str(run_dir), *opts)
@@ -93,8 +105,9 @@ def main(root: Path = ROOT) -> None:
     except KeyboardInterrupt:
         run_dir, action = plan(root / "runs")  # what the next demo will do
         name = run_dir.relative_to(root)
-        what = (f"resumes {name} from its last checkpoint, then predicts and scores" if action == "resume" else
-                f"trains {name} again from the start" if run_dir.exists() else "starts a new run")
+        what = {"resume": f"resumes {name} from its last checkpoint, then predicts and scores",
+                "predict": f"predicts with {name} and scores"}.get(action) or (
+            f"trains {name} again from the start" if run_dir.exists() else "starts a new run")
         print(f"\ndemo interrupted; run `make demo` again: it {what}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
 

@@ -32,7 +32,12 @@ def test_the_demo_continues_its_latest_run_unless_that_one_is_done(tmp_path):
     (runs / "mine").mkdir()  # not the demo's
     assert demo.plan(runs) == (latest, "train")  # stopped before its first checkpoint: trained again there
     (latest / "last.pt").write_bytes(b"")
-    assert demo.plan(runs) == (latest, "resume")  # stopped in training or before its predictions
+    assert demo.plan(runs) == (latest, "resume")  # stopped in training
+    (latest / "config.json").write_text('{"epochs": 2}')
+    (latest / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert demo.plan(runs) == (latest, "resume")  # one epoch of two
+    (latest / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    assert demo.plan(runs) == (latest, "predict")  # trained, stopped before its predictions
     (latest / "submission.csv").write_text("file_id,cell_line\n")
     new, action = demo.plan(runs)  # done: the next demo is a new run
     assert action == "train" and new not in (old, latest) and new.parent == runs
@@ -91,12 +96,14 @@ def test_ctrl_c_stops_the_demo_in_one_line_and_the_next_demo_goes_on_from_there(
     run = next((root / "runs").iterdir())
     assert lines[-1].startswith("demo interrupted") and f"runs/{run.name}" in lines[-1], stderr
     assert not [ln for ln in lines if ln.startswith("interrupted")], stderr  # one line: the demo's, not dalipipe's
-    assert "make demo" in lines[-1] and "resumes" in lines[-1]
+    # Stopped in its predictions, after the whole training: the next demo predicts and scores.
+    assert "make demo" in lines[-1] and "predicts with" in lines[-1]
     assert not (run / "submission.csv").exists()
 
     image.unlink()
     shutil.copy(small_synth / "images_test" / image.name, image)
     r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"$ dalipipe train --resume {run}" in r.stdout and "balanced accuracy" in r.stdout, r.stdout
+    assert "has trained all its epochs" in r.stdout and "$ dalipipe train" not in r.stdout, r.stdout
+    assert f"$ dalipipe predict {run}" in r.stdout and "balanced accuracy" in r.stdout, r.stdout
     assert [p.name for p in (root / "runs").iterdir()] == [run.name] and (run / "submission.csv").is_file()
