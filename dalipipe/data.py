@@ -152,10 +152,10 @@ def read_ids(csv_path: str | Path, what: str, columns: tuple[str, ...] = ("file_
     out = read_csv_columns(csv_path, columns, what)
     first_line: dict[int, int] = {}
     for fid, line in zip(out["file_id"], out["csv_line"]):
-        try:
-            n = int(fid)
-        except ValueError:
-            raise DataError(f"{csv_path}:{line}: file_id '{fid}' is not an integer") from None
+        # Digits only: int() would also take '+1', '1_000' and other spellings no file name has.
+        if not re.fullmatch(r"[0-9]+", fid):
+            raise DataError(f"{csv_path}:{line}: file_id '{fid}' is not an integer")
+        n = int(fid)
         if n in first_line:
             raise DataError(f"{csv_path}:{line}: duplicate file_id {n} (first on line {first_line[n]})")
         first_line[n] = line

@@ -64,6 +64,8 @@ def test_images_without_label_warn_and_are_dropped(synth_copy, caplog):
         ("id,label\n1,RT4\n", "no 'file_id' or 'cell_line' column .* got 'id,label'"),
         ("file_id,label\n1,RT4\n", "no 'cell_line' column"),
         ("file_id,cell_line\n1,RT4\nabc,RT4\n", r":3: file_id 'abc' is not an integer"),
+        ("file_id,cell_line\n1,RT4\n+2,RT4\n", r":3: file_id '\+2' is not an integer"),
+        ("file_id,cell_line\n1_000,RT4\n", r":2: file_id '1_000' is not an integer"),
         ("file_id,cell_line\n1,RT4\n2,HeLa\n1,HeLa\n", r":4: duplicate file_id 1 \(first on line 2\)"),
         ("file_id,cell_line\n1,RT4\n2,\n", r":3: empty cell_line"),
         ('file_id,cell_line\n1,"RT4\n', "malformed CSV"),
