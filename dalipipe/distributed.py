@@ -23,6 +23,11 @@ class World:
         return self.rank == 0
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it, before any process group exists (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init(device_name: str) -> World:
     """Read torchrun's environment; NCCL on GPUs, gloo on the CPU."""
     size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from dalipipe import atomic, checkpoint
+from dalipipe import atomic, checkpoint, distributed
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
@@ -73,11 +73,20 @@ def repair_run_dir(out: Path, state: dict) -> None:
         tmp.unlink()
     best = out / CKPT_BEST
     # (A mid-epoch last.pt was written after its epoch's best copy had been made: nothing to repair.)
-    if not state.get("partial") and state["val_balanced_accuracy"] >= state["best_score"] and (
+    if not state.get("partial") and last_epoch_was_best(state) and (
             not best.exists() or checkpoint.load(best)["epoch"] != state["epoch"]):
         checkpoint.copy(out / CKPT_LAST, best)
     lines = metrics_text(state["history"])
     atomic.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
+
+
+def last_epoch_was_best(state: dict) -> bool:
+    """Whether a checkpoint's epoch is the run's best, by the training loop's rule (a tie is not a new best):
+    the best epoch is recorded with its confusion matrix. (Checkpoints of an older dalipipe: by score.)"""
+    best = state.get("best_confusion")
+    if best is not None:
+        return best["epoch"] == state["epoch"]
+    return state["val_balanced_accuracy"] >= state["best_score"]
 
 
 def resume_point(state: dict) -> str:
@@ -140,7 +149,7 @@ def fit_to_device(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     if "precision" not in given and cfg.precision in ("bf16", "fp16") and kind != "cuda":
         dropped.append(f"--precision {cfg.precision}")
         changes["precision"] = "auto"
-    if dropped:
+    if dropped and distributed.launched_rank() == 0:  # one voice under torchrun
         log.warning(f"warning: this run was started with {' and '.join(dropped)}, which need"
                     f"{'s' if len(dropped) == 1 else ''} {'a GPU' if kind != 'cuda' else '--loader dali and --decoder mixed'}; "
                     f"resumed on {kind} (--loader {cfg.loader}, --decoder {cfg.decoder}) without "

@@ -19,7 +19,9 @@ the torch step done before with this --work and carries its result into its repo
 (one batch through a mixed decoder and a GPU warp_affine) runs before every step that needs DALI: when
 DALI does not import or the smoke fails, those steps are skipped with one verdict line, the exact error
 in the report. The compile row runs only when asked (--steps ...,compile): its compilation takes
-minutes that a one-shot check does not have.
+minutes that a check within one budget does not have.
+
+Exit status: 0 when every step that ran passed, 1 when one failed (the report says what each found).
 
 DIR receives only a few small files (report.md, report.json, gpu_check.log, gpu_tests.txt,
 torch_tests.txt, benchmark.json, benchmark.png, benchmark-compile.json); data, run folders and checkpoints
@@ -56,19 +58,26 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 TARGET_RECIPE_S = 120.0          # the reference recipe's training, all included, on one H100
 TARGET_DALI_OF_CEILING = 0.95    # DALI's training images/s against the no-loading ceiling
 TARGET_DALI_OVER_TORCH = 5.0     # DALI's loading images/s against the torch loader at equal workers
-# The whole check's budget when --budget-s is not given: a GPU machine lent for one shot has about 420 s
-# for it; without a GPU (the quick run of the test suite) 300.
+# The whole check's budget when --budget-s is not given: 420 s on a GPU (a rented GPU's time is dear, and
+# a rerun pays the start-up again); without a GPU (the quick run of the test suite) 300.
 BUDGET_GPU_S = 420.0
 BUDGET_CPU_S = 300.0
 # Steps, in the order they run. The default is all but the compile row (see the module's docstring).
 STEPS = ("env", "data", "torch", "smoke", "tests", "recipe", "resume", "paths", "bench", "compile")
 DEFAULT_STEPS = STEPS[:-1]
 NEEDS_DALI = frozenset({"tests", "recipe", "resume", "paths", "bench", "compile"})
-# Seconds kept back, when a step starts, for the selected steps after it (what each needs at least).
-RESERVE_S = {"tests": 40.0, "recipe": 60.0, "resume": 75.0, "paths": 30.0, "bench": 60.0, "compile": 0.0}
+# What the report calls each step.
+TITLES = {"env": "environment", "data": "synthetic data", "torch": "torch: ceiling and GPU tests without DALI",
+          "smoke": "DALI smoke", "tests": "GPU tests with DALI", "recipe": "reference recipe",
+          "resume": "exact resume", "paths": "fp16 and --decoder cpu", "bench": "loader benchmark",
+          "compile": "compile row"}
+COMPILE_MIN_S = 60.0             # below this, the compile row cannot finish its compilation: skipped
+# Seconds kept back, while a step runs, for the selected steps after it (what each needs at least): every
+# child process's timeout is bounded by what is left minus this.
+RESERVE_S = {"data": 20.0, "torch": 30.0, "smoke": 10.0, "tests": 40.0, "recipe": 60.0, "resume": 75.0,
+             "paths": 30.0, "bench": 60.0, "compile": COMPILE_MIN_S}
 PREDICT_RESERVE_S = 40.0         # predict of the test set, after the recipe's training
 GPU_TESTS_MAX_S = 150.0          # the GPU tests' own timeout at most (they need 30-60 s without the slow ones)
-COMPILE_MIN_S = 60.0             # below this, the compile row cannot finish its compilation: skipped
 # The model-only ceiling of the torch step: warm-up steps (cuDNN autotuning, allocator), then timed steps.
 CEILING_WARMUP_STEPS, CEILING_STEPS = 10, 40
 # pytest's selections: the torch step runs the GPU tests that need no DALI; the tests step the others. The
@@ -76,6 +85,9 @@ CEILING_WARMUP_STEPS, CEILING_STEPS = 10, 40
 # stay out of the check, whose recipe, exact-resume and fp16 steps already train and predict on the GPU.
 TORCH_TESTS = "gpu and not dali and not slow"
 DALI_TESTS = "gpu and dali and not slow"
+# Collecting a module imports it, deselected or not: the DALI GPU tests' module asks DALI for a GPU at
+# import, which must not decide the tests that exist to run without DALI.
+TORCH_TESTS_IGNORE = ("--ignore", "tests/test_gpu.py")
 # Exact resume on a GPU: the same samples in the same order, losses equal within this relative difference
 # (cuDNN's autotuner may pick other algorithms in the resumed process and some backward kernels add with
 # atomics in any order, so the last bits differ and drift; on the CPU the run is bit-exact).
@@ -131,6 +143,7 @@ class Check:
         self.out, self.work, self.t0, self.budget_s = out, work, time.perf_counter(), budget_s
         self.report = report
         self.steps: list[dict] = []
+        self.keep = 0.0  # seconds kept back for the steps after the current one (run_steps sets it)
         self.log = open(out / "gpu_check.log", "a")
 
     def left(self) -> float:
@@ -185,13 +198,16 @@ class Check:
 
     def run(self, cmd: list, timeout: float, env: dict | None = None,
             stdout_file: Path | None = None) -> subprocess.CompletedProcess:
-        """cmd in a process group of its own, stopped at `timeout` or at the end of the budget, whichever
-        comes first. stdout_file: its output goes there as it is written (what it wrote before a timeout
-        stays), and the result's stdout is read back from it."""
+        """cmd in a process group of its own, stopped at `timeout` or when only the time kept back for the
+        later steps is left, whichever comes first (where that would leave under 10 s, the step, earlier and
+        so worth more, may use the later steps' time up to the budget's end). stdout_file: its output goes
+        there as it is written (what it wrote before a timeout stays), and the result's stdout is read back
+        from it."""
         from dalipipe.child_processes import die_with_parent
 
         cmd = [str(c) for c in cmd]
-        timeout = max(1.0, min(timeout, self.left()))
+        avail = self.left() - self.keep
+        timeout = max(1.0, min(timeout, avail if avail >= 10 else self.left()))
         self.log.write(f"$ {' '.join(cmd)}  (timeout {timeout:.0f} s)\n")
         self.log.flush()
         sink = open(stdout_file, "w") if stdout_file else subprocess.PIPE
@@ -298,7 +314,8 @@ def _tests_package() -> str | None:
 _OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", flags=re.M)
 
 
-def gpu_tests(check: Check, marks: str, out_name: str, timeout: float, paths: tuple[str, ...] = ("tests",)) -> dict:
+def gpu_tests(check: Check, marks: str, out_name: str, timeout: float, paths: tuple[str, ...] = ("tests",),
+              extra: tuple[str, ...] = ()) -> dict:
     """`pytest -m MARKS -v` with its output written to DIR/out_name as each test ends, so that a step cut by
     its timeout still reports every test that finished, by name (the tests import pytest for their marks
     and fixtures: it must be installed)."""
@@ -306,7 +323,7 @@ def gpu_tests(check: Check, marks: str, out_name: str, timeout: float, paths: tu
         import pytest  # noqa: F401
     except ImportError:
         raise RuntimeError("pytest is not installed here (pip install pytest): the GPU tests need it") from None
-    cmd = [sys.executable, "-m", "pytest", "-m", marks, "-v", "-rfEs", "-p", "no:cacheprovider", *paths]
+    cmd = [sys.executable, "-m", "pytest", "-m", marks, "-v", "-rfEs", "-p", "no:cacheprovider", *extra, *paths]
     env = check.env(PYTHONUNBUFFERED="1")
     cut = None
     try:
@@ -394,8 +411,8 @@ def torch_step(check: Check, sizes: Sizes, device: str) -> dict:
     out: dict = {}
     failures = []
     for key, run in (("ceiling", lambda: model_ceiling(check, sizes, device)),
-                     ("gpu_tests", lambda: gpu_tests(check, TORCH_TESTS, "torch_tests.txt",
-                                                     min(60.0, check.left() - 5)))):
+                     ("gpu_tests", lambda: gpu_tests(check, TORCH_TESTS, "torch_tests.txt", 60.0,
+                                                     extra=TORCH_TESTS_IGNORE))):
         try:
             out[key] = run()
         except Exception as e:  # the other half may still tell us something
@@ -488,7 +505,8 @@ def recipe(check: Check, data: Path, sizes: Sizes, device: str, reserve_s: float
     process with its own timeout; the projection when the budget stopped it. reserve_s: kept for the steps
     after it."""
     run = Path(tempfile.mkdtemp(prefix="recipe-", dir=check.work))
-    limit_s = max(10.0, check.left() - PREDICT_RESERVE_S - reserve_s)
+    # The child's time limit; past it the child still finishes its step, saves, and predicts (30 s of margin).
+    limit_s = max(10.0, check.left() - reserve_s - PREDICT_RESERVE_S - 30)
     job = {"data": str(data), "run": str(run), "sizes": asdict(sizes), "device": device, "limit_s": limit_s,
            "result": str(run / "recipe.json")}
     job_file = check.work / "recipe-job.json"
@@ -605,7 +623,9 @@ def exact_resume(check: Check, data: Path, device: str, gpu: bool) -> dict:
     # The killed process ended inside epoch 1 (a rank logs its samples at an epoch's end): the resumed one
     # logs epoch 1 from the step after the checkpoint on, then the later epochs whole.
     resumed = b.get(1, [])
-    same_samples = (len(resumed) > 0 and a.get(1, [])[-len(resumed):] == resumed
+    skipped = saved["partial"]["steps"] * PATHS.batch_size  # the steps before the checkpoint: not trained again
+    same_samples = (len(resumed) > 0 and len(a.get(1, [])) - len(resumed) == skipped
+                    and a.get(1, [])[-len(resumed):] == resumed
                     and all(a.get(e) == b.get(e) for e in range(2, RESUME_EPOCHS + 1)))
     metrics = [[json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()] for path in (twin, run)]
     diffs = [abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(*metrics) for k in ("train_loss", "val_loss")]
@@ -799,6 +819,10 @@ def main(out_dir, budget_s, device, quick, work_dir, steps_text, child):
     check.say("\n" + markdown(json.loads((out / "report.json").read_text())))
     check.say(f"report: {out / 'report.md'}, {out / 'report.json'}; log: {out / 'gpu_check.log'}"
               + (f"; work: {work}" if work_dir else ""))
+    failed = [s["step"] for s in check.steps if s["status"] == "failed"]
+    if failed:  # the report says what each found; a script sees at once that something did not pass
+        check.say(f"failed: {', '.join(failed)}")
+        sys.exit(1)
 
 
 def parse_steps(text: str | None) -> tuple[str, ...]:
@@ -815,63 +839,67 @@ def parse_steps(text: str | None) -> tuple[str, ...]:
 def run_steps(check: Check, sizes: Sizes, device: str, steps: tuple[str, ...], explicit: bool) -> None:
     def reserve(after: str) -> float:
         """What the selected steps after this one need at least."""
-        return sum(RESERVE_S.get(name, 0.0) for name in steps[steps.index(after) + 1:])
+        later = STEPS[STEPS.index(after) + 1:]
+        return sum(RESERVE_S.get(name, 0.0) for name in later if name in steps)
 
+    def step(name: str, fn, **kw):
+        check.keep = reserve(name)
+        return check.step(TITLES[name], fn, **kw)
+
+    # What a torch step's result was measured on: carried over only to a call on the same.
+    measured_on = {"device": device, "quick": sizes == Sizes.pick(True), "sizes": asdict(sizes)}
     done_file = check.work / "torch-step.json"
-    env = check.step("environment", lambda: environment(device), min_s=0, key="environment")
+    env = step("env", lambda: environment(device), min_s=0, key="environment")
     gpu = bool(env and env["gpu"])
     data = small = None
     if "data" in steps or any(name in steps for name in ("recipe", "resume", "paths", "bench", "compile")):
+        check.keep = reserve("data")
         data = check.step("synthetic data", lambda: synthetic_data(check.work, sizes))
         small = check.step("small data", lambda: synthetic_data(check.work, PATHS), min_s=2)
     if "torch" in steps:
-        if not explicit and done_file.exists():
+        earlier = json.loads(done_file.read_text()) if done_file.exists() else None
+        if not explicit and earlier and earlier.get("measured_on") == measured_on:
             # Done by an earlier call with this --work (its report came back with it): carried over.
-            check.report["torch"] = json.loads(done_file.read_text())
-            check.skip("torch: ceiling and GPU tests without DALI", f"done by an earlier call with this --work "
-                       f"(result carried over from {done_file.name})")
+            check.report["torch"] = earlier["result"]
+            check.skip(TITLES["torch"], "done by an earlier call with this --work (result carried over from "
+                                        f"{done_file.name}; its test log is in that call's --out)")
         else:
-            result = check.step("torch: ceiling and GPU tests without DALI", lambda: torch_step(check, sizes, device),
-                                min_s=20, key="torch")
+            result = step("torch", lambda: torch_step(check, sizes, device), min_s=20, key="torch")
             if result is not None and check.steps[-1]["status"] == "ok":
-                done_file.write_text(json.dumps(result))
+                done_file.write_text(json.dumps({"measured_on": measured_on, "result": result}))
     if not NEEDS_DALI.intersection(steps) and "smoke" not in steps:
         return
-    check.step("DALI smoke", lambda: dali_smoke(check, device), min_s=10, key="smoke")
+    step("smoke", lambda: dali_smoke(check, device), min_s=10, key="smoke")
     if check.steps[-1]["status"] != "ok":
         why = f"DALI smoke {check.steps[-1]['status']}: {(check.steps[-1]['error'] or '').splitlines()[0]}"
         for name in steps:
             if name in NEEDS_DALI:
-                check.skip(name, why)
+                check.skip(TITLES[name], why)
         return
     if "tests" in steps:
-        check.step("GPU tests with DALI", lambda: gpu_tests(
-            check, DALI_TESTS, "gpu_tests.txt", min(GPU_TESTS_MAX_S, max(30.0, check.left() - reserve("tests")))),
-            min_s=30, key="gpu_tests")
+        step("tests", lambda: gpu_tests(check, DALI_TESTS, "gpu_tests.txt", GPU_TESTS_MAX_S), min_s=30,
+             key="gpu_tests")
     if "recipe" in steps and data is not None:
-        check.step("reference recipe", lambda: recipe(check, data, sizes, device, reserve("recipe")),
-                   min_s=30 + PREDICT_RESERVE_S, key="recipe")
+        step("recipe", lambda: recipe(check, data, sizes, device, reserve("recipe")),
+             min_s=30 + PREDICT_RESERVE_S, key="recipe")
     if "resume" in steps and small is not None:
-        check.step("exact resume", lambda: exact_resume(check, small, device, gpu), min_s=30, key="exact_resume")
+        step("resume", lambda: exact_resume(check, small, device, gpu), min_s=30, key="exact_resume")
     if "paths" in steps and small is not None:
-        check.step("fp16 and --decoder cpu", lambda: precision_and_decoder(check, small, device, gpu), min_s=15,
-                   key="precision_decoder")
+        step("paths", lambda: precision_and_decoder(check, small, device, gpu), min_s=15, key="precision_decoder")
     if "bench" in steps and data is not None:
         rows = ["torch", "dali", "dali-cpudec", "dali-cache", "ceiling"]
-        check.step("loader benchmark", lambda: benchmark(check, data, sizes, device, rows, "benchmark",
-                                                         check.out / "benchmark.png", check.left() - reserve("bench")),
-                   min_s=30, key="benchmark")
+        step("bench", lambda: benchmark(check, data, sizes, device, rows, "benchmark", check.out / "benchmark.png",
+                                        check.left() - reserve("bench")), min_s=30, key="benchmark")
     if "compile" in steps:
         if not gpu:
-            check.skip("compile row", "no GPU: inductor compiles for minutes on a CPU")
+            check.skip(TITLES["compile"], "no GPU: inductor compiles for minutes on a CPU")
         elif data is not None:
-            check.step("compile row", lambda: benchmark(check, data, sizes, device, ["ceiling-compile"],
-                                                        "benchmark-compile", check.work / "compile.png",
-                                                        check.left() - 2),
-                       min_s=COMPILE_MIN_S, key="benchmark_compile")
+            step("compile", lambda: benchmark(check, data, sizes, device, ["ceiling-compile"], "benchmark-compile",
+                                              check.work / "compile.png", check.left() - 2),
+                 min_s=COMPILE_MIN_S, key="benchmark_compile")
     elif not explicit:
-        check.skip("compile row", "not in the default steps: its compilation takes minutes a one-shot check "
-                                  "does not have; ask for it with --steps ...,compile")
+        check.skip(TITLES["compile"], "not in the default steps: its compilation takes minutes that a check "
+                                      "within one budget does not have; ask for it with --steps ...,compile")
 
 
 if __name__ == "__main__":

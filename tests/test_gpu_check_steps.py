@@ -1,4 +1,4 @@
-"""The GPU check's parts that decide what a one-shot run on a GPU machine brings back, on the CPU: steps
+"""The GPU check's parts that decide what a single timed run on a GPU machine brings back, on the CPU: steps
 run apart against one --work, the DALI smoke's failure path, GPU tests cut by their timeout keeping the
 outcomes written so far, and timeouts bounded by the budget."""
 
@@ -16,10 +16,10 @@ import pytest
 from tests.test_gpu_check import SCRIPT, gpu_check_module
 
 
-def run_check(*args, env=None):
+def run_check(*args, env=None, status=0):
     r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", *map(str, args)],
                        capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == status, r.stderr[-3000:]
     return r
 
 
@@ -46,8 +46,7 @@ def test_steps_run_apart_and_a_later_default_call_carries_the_torch_step_over(tm
     assert outcomes and all("test_gpu.py" not in name for name in outcomes)
     assert (tmp_path / "two" / "torch_tests.txt").exists()
 
-    # A call without --steps (the last part of the same shot) does not do the torch step again: it carries
-    # the earlier result over.
+    # A later call without --steps does not do the torch step again: it carries the earlier result over.
     gc = gpu_check_module()
     (tmp_path / "four").mkdir()
     check = gc.Check(tmp_path / "four", work, 60, {"quick": True, "budget_s": 60})
@@ -65,10 +64,11 @@ def test_without_dali_the_smoke_fails_in_one_line_and_the_dali_steps_are_skipped
     (shim / "__init__.py").write_text("")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "shim"), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "report"
-    run_check("--steps", "env,smoke,recipe,bench", "--out", out, env=env)
+    r = run_check("--steps", "env,smoke,recipe,bench", "--out", out, env=env, status=1)  # a step failed
+    assert r.stdout.strip().splitlines()[-1] == "failed: DALI smoke"
     steps = steps_of(out)
     assert steps["DALI smoke"]["status"] == "failed" and "No module named 'nvidia.dali'" in steps["DALI smoke"]["error"]
-    for name in ("recipe", "bench"):
+    for name in ("reference recipe", "loader benchmark"):
         assert steps[name]["status"] == "skipped" and steps[name]["error"].startswith("DALI smoke failed"), steps
     report = json.loads((out / "report.json").read_text())
     (line,) = [v for v in report["verdict"] if v["target"].startswith("DALI's pipeline")]

@@ -30,13 +30,14 @@ def given_by(*args) -> dict:
     seen = {}
 
     def capture(resume_dir, given, images_dir, labels_csv, out_dir):
-        seen.update(given)
+        seen["given"] = given
         raise SystemExit(0)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_dir, "resume_config", capture)
-        CliRunner().invoke(cli.cli, ["train", "--resume", "somewhere", *args], catch_exceptions=False)
-    return seen
+        r = CliRunner().invoke(cli.cli, ["train", "--resume", "somewhere", *args], catch_exceptions=False)
+    assert "given" in seen, r.output  # the command line was accepted and reached the resume
+    return seen["given"]
 
 
 def test_every_on_off_option_has_both_spellings_and_not_given_means_none():
@@ -67,12 +68,16 @@ def test_a_gpu_run_resumed_on_the_cpu_drops_what_the_cpu_cannot_do(tmp_path, cap
     assert len(lines) == 1 and "--decode-cache and --precision bf16" in lines[0] and "cpu" in lines[0], lines
 
 
-def test_a_resume_with_another_loader_drops_the_decode_cache(tmp_path, caplog):
-    run = saved_run(tmp_path / "run", decode_cache=True, device="cpu")
+@pytest.mark.parametrize("change", [["--loader", "torch"], ["--decoder", "cpu"]])
+def test_a_gpu_resume_with_another_loader_or_decoder_drops_the_decode_cache(tmp_path, caplog, monkeypatch, change):
+    """On a GPU (a stand-in: the device is only named here) the cache still needs DALI's mixed decoder."""
+    monkeypatch.setattr(run_dir.dev, "resolve", lambda name, local_rank=0: torch.device("cuda", 0))
+    run = saved_run(tmp_path / "run", decode_cache=True, precision="bf16")
     with caplog.at_level(logging.WARNING, logger="dalipipe"):
-        cfg = run_dir.resume_config(run, given_by("--loader", "torch"), None, None, None)
-    assert cfg.decode_cache is False and cfg.loader == "torch"
-    assert ["--decode-cache" in r.getMessage() for r in caplog.records] == [True]
+        cfg = run_dir.resume_config(run, given_by(*change), None, None, None)
+    assert cfg.decode_cache is False and cfg.precision == "bf16"  # bf16 is a GPU's: kept
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "--decode-cache" in line and "--loader dali and --decoder mixed" in line and "bf16" not in line
 
 
 def test_a_gpu_only_option_given_again_on_the_cpu_is_still_refused(tmp_path):
@@ -89,3 +94,23 @@ def test_a_gpu_resume_keeps_the_gpu_settings(tmp_path):
     run = saved_run(tmp_path / "run", decode_cache=True, precision="bf16")
     cfg = run_dir.resume_config(run, given_by("--device", "gpu"), None, None, None)
     assert cfg.decode_cache is True and cfg.precision == "bf16"
+
+
+def test_only_rank_0_says_what_a_resume_dropped(tmp_path, caplog, monkeypatch):
+    run = saved_run(tmp_path / "run", decode_cache=True)
+    monkeypatch.setenv("RANK", "1")
+    with caplog.at_level(logging.WARNING, logger="dalipipe"):
+        cfg = run_dir.resume_config(run, given_by("--device", "cpu"), None, None, None)
+    assert cfg.decode_cache is False and not caplog.records
+
+
+@pytest.mark.parametrize("epoch, best_epoch, score, best, expected", [
+    (2, 2, 0.8, 0.8, True),   # this epoch set the best
+    (2, 1, 0.8, 0.8, False),  # a tie with epoch 1: not a new best (the loop's rule), best.pt stays epoch 1's
+    (2, 1, 0.7, 0.8, False),
+    (2, None, 0.8, 0.8, True),  # a checkpoint of an older dalipipe: by score
+])
+def test_the_repair_after_a_kill_follows_the_loops_best_epoch(epoch, best_epoch, score, best, expected):
+    state = {"epoch": epoch, "val_balanced_accuracy": score, "best_score": best,
+             "best_confusion": None if best_epoch is None else {"epoch": best_epoch}}
+    assert run_dir.last_epoch_was_best(state) is expected
