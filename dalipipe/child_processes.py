@@ -9,9 +9,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 
 def ignore_interrupts() -> None:
-    """Ctrl-C reaches every process of the terminal's group; the main process ends the command with one
-    line, and its workers must not each print a KeyboardInterrupt traceback."""
+    """Ctrl-C (and a SIGTERM sent to the whole group) reaches every process of the group; the main process
+    ends the command with one line, and its workers must not each print a traceback or die under it before
+    its last writes (they die with it: die_with_parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def die_with_parent() -> None:

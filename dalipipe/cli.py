@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import click
 
 from dalipipe.config import TrainConfig
-from dalipipe.constants import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TIME_LIMIT, EXIT_USER
+from dalipipe.constants import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_TIME_LIMIT, EXIT_USER
 from dalipipe.errors import DataError
 
 _DEFAULTS = TrainConfig(images_dir="", labels_csv="", out_dir="")
@@ -50,18 +51,29 @@ class UserError(click.ClickException):
     exit_code = EXIT_USER
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `docker stop`, a scheduler's notice before a pre-emption): the command stops as
+    Ctrl-C stops it (pending writes finished, a line saying what is on disk), with exit status 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DataError as e:
             raise UserError(str(e)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             # What is true at this moment, as the command in progress knows it (ctx.meta is shared with it).
             hint = ctx.meta.get(ON_INTERRUPT)
+            terminated = isinstance(e, Terminated)
             if os.environ.get(NO_INTERRUPT_HINT) != "1":
-                click.echo("\ninterrupted" + (f": {hint()}" if hint else ""), err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+                click.echo(("\nstopped by SIGTERM" if terminated else "\ninterrupted") + (f": {hint()}" if hint else ""),
+                           err=True)
+            ctx.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as e:
@@ -80,6 +92,7 @@ def cli() -> None:
     # dalipipe's INFO lines are for the user; matplotlib's (such as building its font cache on a first run,
     # which would print mid-epoch) are not.
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 @cli.command()
@@ -288,4 +301,20 @@ def score(submission_csv, answers_csv):
 
 
 def main() -> None:
-    cli(prog_name="dalipipe")
+    try:
+        code = cli.main(prog_name="dalipipe", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # a bare `dalipipe`: its help, as asked
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        code = 0
+    except click.UsageError as e:
+        # One line, as every other bad input: click's own form puts a usage and a hint line before it.
+        where = e.ctx.command_path if e.ctx else "dalipipe"
+        click.echo(f"Error: {e.format_message()} (see: {where} --help)", err=True)
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)  # (non-standalone click returns a command's own value)

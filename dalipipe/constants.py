@@ -51,11 +51,12 @@ LOCK_FILE = ".dalipipe.lock"
 
 # Exit statuses of the CLI: bad input or options (one-line error), a dalipipe bug (traceback), a run
 # stopped by --time-limit with a checkpoint to resume from (EX_TEMPFAIL: "try again later", so that a job
-# script can requeue it), and Ctrl-C.
+# script can requeue it), Ctrl-C, and SIGTERM.
 EXIT_USER = 2
 EXIT_INTERNAL = 3
 EXIT_TIME_LIMIT = 75
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15), stopped as Ctrl-C stops a command
 
 # The smallest training batch: BatchNorm in training mode needs more than one value per channel. A
 # last batch smaller than this is dropped, on every rank alike (see loader_rules.train_plan).

@@ -58,11 +58,30 @@ def locked(folder: str | Path) -> Iterator[None]:
             fcntl.lockf(f, fcntl.LOCK_UN)
 
 
-def check_run_dir(out: Path, resume: bool) -> None:
+def held_by_another_run(folder: Path) -> bool:
+    """Whether another process holds the folder's run lock. Only where this process does not hold it: a
+    POSIX lock is the process's, and closing any descriptor of the file would release it."""
+    if not (folder / LOCK_FILE).exists():
+        return False
+    with open(folder / LOCK_FILE, "a") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            return True
+        fcntl.lockf(f, fcntl.LOCK_UN)
+    return False
+
+
+def check_run_dir(out: Path, resume: bool, holding_lock: bool = False) -> None:
     has_run = (out / CKPT_LAST).exists() or (out / METRICS_FILE).exists()
     if has_run and not resume:
         raise DataError(f"{out}: already holds a run; continue it with --resume {out} or choose another --out")
     if resume and not (out / CKPT_LAST).exists():
+        if not holding_lock and held_by_another_run(out):
+            raise DataError(f"{out}: another dalipipe train is running in this folder and has not saved its first "
+                            "checkpoint yet; wait for it to end, then resume")
         raise DataError(f"{out}: no {CKPT_LAST} to resume from")
 
 
@@ -119,7 +138,11 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
                         "drop --out (or give the same folder)")
     check_run_dir(run, resume=True)
     # The time limit was the earlier command's (its job's slot): this one has its own, or none.
-    cfg = dataclasses.replace(TrainConfig.from_dict(checkpoint.load(run / CKPT_LAST)["config"]), time_limit_minutes=None)
+    state = checkpoint.load(run / CKPT_LAST)
+    cfg = dataclasses.replace(TrainConfig.from_dict(state["config"]), time_limit_minutes=None)
+    if given.get("epochs", cfg.epochs) < state["epoch"]:  # the run's config would then say less than it did
+        raise DataError(f"--resume {run} --epochs {given['epochs']}: the run has trained {state['epoch']} epochs "
+                        "already; give more to train more")
     fixed = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE}
     current = {**dataclasses.asdict(cfg), "image_size": cfg.augment.image_size}
     for name, value in fixed.items():

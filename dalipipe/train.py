@@ -76,11 +76,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     run_dir.check_run_dir(out, resume)
     world = distributed.init(cfg.device)
     try:
+        train_setup.check_options(cfg, world)  # before the run folder is made: a refused run leaves none
         if not world.is_main:
             return _train(cfg, resume, world)
         atomic.ensure_writable(out, "run")  # before the long data check, not after it
         with run_dir.locked(out):
-            run_dir.check_run_dir(out, resume)  # again: another run may have started in the meantime
+            # again: another run may have started in the meantime
+            run_dir.check_run_dir(out, resume, holding_lock=True)
             return _train(cfg, resume, world)
     finally:
         distributed.shutdown(world)

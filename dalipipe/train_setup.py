@@ -36,6 +36,8 @@ def prepare_data(cfg: TrainConfig, world: distributed.World):
     index = build_index(cfg.images_dir, cfg.labels_csv)
     labels = LabelMap.from_labels(index["cell_line"])
     if cfg.subset is not None:
+        if cfg.subset > len(index) and world.is_main:
+            log.info(f"--subset {cfg.subset}: {cfg.labels_csv} labels {len(index)} samples; using all of them")
         index = stratified_subset(index, cfg.subset, cfg.seed, val_fraction=cfg.val_fraction)
     # Before the long image check: the split must be possible and give every process a training step.
     train_plan(len(split(cfg, index)[0]), cfg.batch_size, world.size)
@@ -135,15 +137,22 @@ class Setup:
             loader.close()
 
 
+def check_options(cfg: TrainConfig, world: distributed.World) -> torch.device:
+    """The run's device, with the options that need a GPU (or a package) checked against it: refused in one
+    line before any work, and before the run folder is made."""
+    device = dev.resolve(cfg.device, world.local_rank)
+    dev.amp_dtype(device, cfg.precision)
+    cfg.check_device(device.type)
+    if cfg.tensorboard:
+        tensorboard_log.require()
+    return device
+
+
 def build(cfg: TrainConfig, resume: bool, world: distributed.World) -> Setup:
     """Check the data, then build (or restore) everything the loop needs, timing each part."""
     timings = {"data_check_s": 0.0, "model_build_s": 0.0, "loader_build_s": 0.0, "train_s": 0.0, "val_s": 0.0}
     out = Path(cfg.out_dir)
-    device = dev.resolve(cfg.device, world.local_rank)
-    dev.amp_dtype(device, cfg.precision)  # options that need a GPU: refused before any work
-    cfg.check_device(device.type)
-    if cfg.tensorboard:
-        tensorboard_log.require()
+    device = check_options(cfg, world)
     torch.manual_seed(cfg.seed + world.rank)
     state = checkpoint.load(out / CKPT_LAST) if resume else None
     if state is not None and world.is_main:

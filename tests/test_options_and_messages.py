@@ -259,3 +259,65 @@ def test_tqdm_disable_silences_the_bars_a_command_shows(small_synth, tmp_path):
     for bar in ("checking images", "epoch 1/1:"):
         assert bar in shown.stderr and bar not in quiet.stderr, bar
     assert "epoch 1/1  train loss" in quiet.stdout  # the epoch's line is not a bar: it stays
+
+
+def test_a_subset_larger_than_the_labelled_set_says_it_uses_all(small_synth, caplog):
+    from dalipipe.config import TrainConfig
+    from dalipipe.train_setup import prepare_data
+
+    cfg = TrainConfig(images_dir=str(small_synth / "images_train"), labels_csv=str(small_synth / "y_train.csv"),
+                      out_dir="", subset=500)
+    with caplog.at_level(logging.INFO, logger="dalipipe"):
+        train, val, *_ = prepare_data(cfg, World())[1:]
+    assert len(train) + len(val) == 240
+    assert [r.getMessage() for r in caplog.records if "--subset" in r.getMessage()] == [
+        f"--subset 500: {cfg.labels_csv} labels 240 samples; using all of them"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "imgs", "labels.csv"], "IMAGES_DIR, LABELS_CSV and --out RUN_DIR are required"),
+    (["train", "--epochs", "abc"], "Invalid value for '--epochs': 'abc' is not a valid integer"),
+    (["train", "--loader", "foo"], "Invalid value for '--loader'"),
+    (["train", "--bogus"], "No such option '--bogus'"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_a_usage_error_is_one_line_naming_the_help_to_read(args, fragment):
+    r = dalipipe(*args, check=False)
+    assert_one_line_error(r, fragment, "--help)")
+    assert "Usage:" not in r.stderr and "Try " not in r.stderr
+
+
+def test_a_bare_dalipipe_prints_its_help():
+    r = dalipipe(check=False)
+    assert r.returncode == 0 and "Usage: dalipipe" in r.stdout and "train" in r.stdout
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_it_resumes(small_synth, tmp_path):
+    """`kill PID` (docker stop, a scheduler's notice) once the run has saved a checkpoint: one line saying
+    what is on disk, exit 143, no traceback, and the run resumes from there."""
+    import time
+
+    d, run = small_synth, tmp_path / "run"
+    args = [sys.executable, "-m", "dalipipe", "train", str(d / "images_train"), str(d / "y_train.csv"), "--out",
+            str(run), "--epochs", "40", "--image-size", "16", "--batch-size", "32", "--device", "cpu",
+            "--checkpoint-every", "1"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.terminate()  # SIGTERM to the main process only, as `kill PID`
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
+    assert f"continue with: dalipipe train --resume {run}" in line
+    # The resumed run starts from the checkpoint (a time limit stops it again at its first step).
+    r = subprocess.run([sys.executable, "-m", "dalipipe", "train", "--resume", str(run), "--time-limit", "0.001"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 75 and "resumed " in r.stderr, r.stderr[-3000:]

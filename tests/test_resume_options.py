@@ -17,11 +17,11 @@ from dalipipe.errors import DataError
 ON_OFF = ("decode_cache", "compile", "check_cache", "tensorboard", "tta_val", "pretrained")
 
 
-def saved_run(folder, **settings) -> str:
-    """A run folder whose last.pt holds only what resume_config reads: the run's config."""
+def saved_run(folder, epochs_done: int = 1, **settings) -> str:
+    """A run folder whose last.pt holds only what resume_config reads: the run's config and progress."""
     folder.mkdir()
     cfg = TrainConfig(images_dir="/data/i", labels_csv="/data/y.csv", out_dir=str(folder), **settings)
-    checkpoint.write({"config": cfg.to_dict()}, folder / CKPT_LAST)
+    checkpoint.write({"config": cfg.to_dict(), "epoch": epochs_done}, folder / CKPT_LAST)
     return str(folder)
 
 
@@ -114,3 +114,32 @@ def test_the_repair_after_a_kill_follows_the_loops_best_epoch(epoch, best_epoch,
     state = {"epoch": epoch, "val_balanced_accuracy": score, "best_score": best,
              "best_confusion": None if best_epoch is None else {"epoch": best_epoch}}
     assert run_dir.last_epoch_was_best(state) is expected
+
+
+def test_a_resume_of_a_run_still_before_its_first_checkpoint_says_it_is_running(tmp_path):
+    """The run's lock held by another process (a train still in its first epoch, no last.pt yet)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from dalipipe import run_dir\n"
+        f"with run_dir.locked({str(folder)!r}):\n    print('held', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DataError, match="another dalipipe train is running in this folder"):
+            run_dir.check_run_dir(folder, resume=True)
+    finally:
+        holder.communicate("")
+    with pytest.raises(DataError, match="no last.pt to resume from"):  # nobody holds it now
+        run_dir.check_run_dir(folder, resume=True)
+
+
+def test_a_resume_may_not_ask_for_fewer_epochs_than_the_run_has_trained(tmp_path):
+    run = saved_run(tmp_path / "run", epochs_done=3, epochs=3)
+    with pytest.raises(DataError, match="--epochs 2: the run has trained 3 epochs already; give more"):
+        run_dir.resume_config(run, given_by("--epochs", "2"), None, None, None)
+    assert run_dir.resume_config(run, given_by("--epochs", "3"), None, None, None).epochs == 3  # nothing to do
+    assert run_dir.resume_config(run, given_by("--epochs", "5"), None, None, None).epochs == 5
