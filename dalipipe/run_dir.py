@@ -45,13 +45,9 @@ def locked(folder: str | Path) -> Iterator[None]:
     by seconds and would keep its folder locked against the resume."""
     folder = Path(folder)
     with open(folder / LOCK_FILE, "a") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
+        if not _try_lock(f):
             raise DataError(f"{folder}: another dalipipe train is running in this folder; wait for it to end "
-                            "or choose another --out") from None
+                            "or choose another --out")
         try:
             yield
         finally:
@@ -64,14 +60,21 @@ def held_by_another_run(folder: Path) -> bool:
     if not (folder / LOCK_FILE).exists():
         return False
     with open(folder / LOCK_FILE, "a") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
+        if not _try_lock(f):
             return True
         fcntl.lockf(f, fcntl.LOCK_UN)
     return False
+
+
+def _try_lock(f) -> bool:
+    """Take the run lock on the open lock file; False where another process holds it."""
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        return False
+    return True
 
 
 def check_run_dir(out: Path, resume: bool, holding_lock: bool = False) -> None:
