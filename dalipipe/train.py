@@ -27,6 +27,19 @@ from dalipipe.run_recorder import BestEpoch, RunRecorder
 log = logging.getLogger("dalipipe")
 
 
+def train_step(net, images: torch.Tensor, y: torch.Tensor, opt, scaler, device: torch.device, precision: str,
+               loss_fn) -> torch.Tensor:
+    """One optimizer step on one batch (forward under the run's autocast, backward through the gradient
+    scaler); the loss, still on the device."""
+    with dev.autocast(device, precision):
+        loss = loss_fn(net(images), y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss
+
+
 def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.device, desc: str, show: bool,
                 recipe: Recipe, first_global_step: int = 0, record: bool = False, start_step: int = 0,
                 loss_sum: torch.Tensor | None = None, seen: int = 0, on_step=None, precision: str = "auto",
@@ -49,12 +62,7 @@ def train_epoch(net, loader, y_train: torch.Tensor, opt, scaler, device: torch.d
             on_first_batch(images, y)
         images = dev.batch_layout(images, device)
         recipe.before_step(opt, first_global_step + step - 1)
-        with dev.autocast(device, precision):
-            loss = recipe.loss(net(images), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        loss = train_step(net, images, y, opt, scaler, device, precision, recipe.loss)
         recipe.after_step()
         loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
         seen += len(y)

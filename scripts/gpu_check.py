@@ -365,6 +365,7 @@ def _ceiling_child(job_file: Path) -> None:
     from dalipipe import device as dev
     from dalipipe.atomic import save_json
     from dalipipe.model import build_model
+    from dalipipe.train import train_step
     from dalipipe.train_setup import make_optimizer
 
     job = json.loads(Path(job_file).read_text())
@@ -379,13 +380,8 @@ def _ceiling_child(job_file: Path) -> None:
     y = torch.randint(0, job["classes"], (n,), device=device)
     build_s = time.perf_counter() - t
 
-    def step():
-        with dev.autocast(device):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    def step():  # the training loop's own step
+        train_step(model, x, y, opt, scaler, device, "auto", F.cross_entropy)
 
     model.train()
     for _ in range(CEILING_WARMUP_STEPS):
