@@ -13,6 +13,7 @@ from dalipipe.constants import MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, MODEL_NAME
 from dalipipe.errors import DataError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+HALF_PRECISIONS = ("bf16", "fp16")  # forced half precision: a GPU's only
 SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
 

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from dalipipe.config import HALF_PRECISIONS
 from dalipipe.errors import DataError
 
 
@@ -46,7 +47,7 @@ def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | No
     """The autocast dtype of --precision on this device; None: plain fp32.
     auto: bf16 on GPUs with native bf16, fp16 (with a gradient scaler) on older ones, fp32 on the CPU."""
     if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
+        if precision in HALF_PRECISIONS:
             raise DataError(f"--precision {precision} needs a CUDA GPU; on the CPU training runs in fp32 "
                             "(--precision auto or fp32)")
         return None

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from dalipipe import atomic, checkpoint, distributed
 from dalipipe import device as dev
-from dalipipe.config import AugmentSpec, TrainConfig
+from dalipipe.config import HALF_PRECISIONS, AugmentSpec, TrainConfig
 from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
 from dalipipe.run_recorder import metrics_text
@@ -172,7 +172,7 @@ def fit_to_device(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     if "decode_cache" not in given and cfg.decode_cache and not cfg.decode_cache_applies(kind):
         dropped.append("--decode-cache")
         changes["decode_cache"] = False
-    if "precision" not in given and cfg.precision in ("bf16", "fp16") and kind != "cuda":
+    if "precision" not in given and cfg.precision in HALF_PRECISIONS and kind != "cuda":
         dropped.append(f"--precision {cfg.precision}")
         changes["precision"] = "auto"
     if dropped and distributed.launched_rank() == 0:  # one voice under torchrun

@@ -84,26 +84,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     run_dir.check_run_dir(out, resume)
     world = distributed.init(cfg.device)
     try:
-        train_setup.check_options(cfg, world)  # before the run folder is made: a refused run leaves none
+        device = train_setup.check_options(cfg, world)  # before the run folder is made: a refused run leaves none
         if not world.is_main:
-            return _train(cfg, resume, world)
+            return _train(cfg, resume, world, device)
         atomic.ensure_writable(out, "run")  # before the long data check, not after it
         with run_dir.locked(out):
             # again: another run may have started in the meantime
             run_dir.check_run_dir(out, resume, holding_lock=True)
-            return _train(cfg, resume, world)
+            return _train(cfg, resume, world, device)
     finally:
         distributed.shutdown(world)
 
 
-def _train(cfg: TrainConfig, resume: bool, world: distributed.World) -> dict:
+def _train(cfg: TrainConfig, resume: bool, world: distributed.World, device: torch.device) -> dict:
     if not world.is_main:  # one voice: rank 0 reports, the others only fail
         log.setLevel(logging.ERROR)
     t_start = time.perf_counter()
     out = Path(cfg.out_dir)
     # Made before the model and loaders: its worker process is forked from a process without CUDA.
     with RunRecorder(out, world.is_main, lambda: run_dir.interrupt_hint(out)) as recorder:
-        run = train_setup.build(cfg, resume, world)
+        run = train_setup.build(cfg, resume, world, device)
         if cfg.tensorboard:
             recorder.start_tensorboard(run.progress.history, resumed=resume, best=run.progress.best_confusion,
                                        class_names=list(run.labels.names))

@@ -148,11 +148,11 @@ def check_options(cfg: TrainConfig, world: distributed.World) -> torch.device:
     return device
 
 
-def build(cfg: TrainConfig, resume: bool, world: distributed.World) -> Setup:
-    """Check the data, then build (or restore) everything the loop needs, timing each part."""
+def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torch.device) -> Setup:
+    """Check the data, then build (or restore) everything the loop needs, timing each part. device: what
+    check_options returned, the options checked against it."""
     timings = {"data_check_s": 0.0, "model_build_s": 0.0, "loader_build_s": 0.0, "train_s": 0.0, "val_s": 0.0}
     out = Path(cfg.out_dir)
-    device = check_options(cfg, world)
     torch.manual_seed(cfg.seed + world.rank)
     state = checkpoint.load(out / CKPT_LAST) if resume else None
     if state is not None and world.is_main:
