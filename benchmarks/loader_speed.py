@@ -60,7 +60,8 @@ def ensure_data(data: str | None) -> Path:
     if data:
         return Path(data)
     from dalipipe.check_cache import cache_dir
-    from dalipipe.synthetic import SynthSpec, generate
+    from dalipipe.settings import SynthSpec
+    from dalipipe.synthetic import generate
 
     path = cache_dir() / "bench-synthetic-v1"
     if not (path / "y_train.csv").exists():

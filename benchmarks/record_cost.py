@@ -111,7 +111,8 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     from dalipipe.atomic import save_json
-    from dalipipe.synthetic import SynthSpec, generate
+    from dalipipe.settings import SynthSpec
+    from dalipipe.synthetic import generate
 
     delays = args.fsync_delay or [0.0, 0.1]
     rows = []

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import unicodedata
 
-from dalipipe.config import TrainConfig
 from dalipipe.constants import CHANNELS
 from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, stratified_split
+from dalipipe.settings import CheckSettings
 
 
 def display_width(text: str) -> int:
@@ -14,9 +14,10 @@ def display_width(text: str) -> int:
     return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
-def summarize(images_dir: str, labels_csv: str | None, cfg: TrainConfig | None = None) -> list[str]:
+def summarize(cfg: CheckSettings) -> list[str]:
     """Lines to print; raises DataError (the same one-line errors as train and predict) on the first problem."""
-    index = inspect_images(build_index(images_dir, labels_csv), cache=cfg.check_cache if cfg else True)
+    images_dir, labels_csv = cfg.images_dir, cfg.labels_csv
+    index = inspect_images(build_index(images_dir, labels_csv), cache=cfg.check_cache)
     sizes = (index["width"].astype(str) + "x" + index["height"].astype(str)).value_counts()
     size_text = ", ".join(f"{s} ({n})" for s, n in sizes.head(5).items()) + (
         f" and {len(sizes) - 5} other sizes" if len(sizes) > 5 else "")
@@ -24,7 +25,6 @@ def summarize(images_dir: str, labels_csv: str | None, cfg: TrainConfig | None =
     if labels_csv is None:
         norm = channel_stats(index)
     else:
-        cfg = cfg or TrainConfig(images_dir=images_dir, labels_csv=labels_csv, out_dir="")
         names = LabelMap.from_labels(index["cell_line"]).names
         counts = index["cell_line"].value_counts()
         width = max(display_width(n) for n in names)

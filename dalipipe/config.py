@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from dalipipe.constants import MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, MODEL_NAME
+from dalipipe import options
+from dalipipe.constants import MAX_DEFAULT_WORKERS, MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, MODEL_NAME
 from dalipipe.errors import DataError
+from dalipipe.options import opt
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-HALF_PRECISIONS = ("bf16", "fp16")  # forced half precision: a GPU's only
-SCHEDULES = ("constant", "cosine")
-CLASS_WEIGHTS = ("none", "balanced")
-
+# The choices of each option, as types: the table (options.py) reads them from the fields.
 LoaderKind = Literal["dali", "torch"]
 DeviceName = Literal["auto", "gpu", "cpu"]
+DecoderPlacement = Literal["mixed", "cpu"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Schedule = Literal["constant", "cosine"]
+ClassWeights = Literal["none", "balanced"]
+LOADER_KINDS: tuple[str, ...] = get_args(LoaderKind)
+DECODERS: tuple[str, ...] = get_args(DecoderPlacement)
+HALF_PRECISIONS = ("bf16", "fp16")  # forced half precision: a GPU's only
 
 
 def image_size_error(size: int) -> str:
@@ -34,7 +39,8 @@ class AugmentSpec:
     Evaluation: bilinear resize to image_size. Both end with per-channel normalization.
     """
 
-    image_size: int = 224
+    image_size: int = opt(224, "Side of the square model input, in pixels.", low=MIN_IMAGE_SIZE,
+                          why=f"for {MODEL_NAME}")
     crop_area: tuple[float, float] = (0.7, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     max_rotation: float = 45.0
@@ -64,9 +70,6 @@ class Normalization:
     std: tuple[float, float, float]
 
 
-DecoderPlacement = Literal["mixed", "cpu"]
-
-
 @dataclass(frozen=True)
 class LoaderSettings:
     """How a loader delivers its batches (what it delivers is the AugmentSpec's business)."""
@@ -92,106 +95,117 @@ class LoaderSettings:
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in ("dali", "torch"):
-            raise DataError(f"--loader must be dali or torch, got '{self.kind}'")
-        if self.decoder not in ("mixed", "cpu"):
-            raise DataError(f"--decoder must be mixed or cpu, got '{self.decoder}'")
+        if self.kind not in LOADER_KINDS:
+            raise DataError(f"--loader must be {' or '.join(LOADER_KINDS)}, got '{self.kind}'")
+        if self.decoder not in DECODERS:
+            raise DataError(f"--decoder must be {' or '.join(DECODERS)}, got '{self.decoder}'")
         if self.batch_size < 1:
             raise DataError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:
             raise DataError(f"--workers must be at least 1, got {self.workers}")
 
 
+# Help texts that several commands share.
+LOADER_HELP = "dali: NVIDIA DALI (decoding and augmentation on the GPU where there is one); torch: PIL and a DataLoader."
+DEVICE_HELP = "auto: the GPU when torch sees one, else the CPU; gpu: fail without one."
+WORKERS_HELP = "Loader threads (DALI) or processes (torch)."
+WORKERS_DEFAULT = f"the cores divided among the processes, at most {MAX_DEFAULT_WORKERS}"
+CACHE_HELP = "--cache: trust the checks remembered for unchanged files; --no-cache: check every image again."
+AS_REFERENCE = "off, as the reference"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything `dalipipe train` needs; saved inside every checkpoint and as config.json."""
+    """Everything `dalipipe train` needs; saved inside every checkpoint and as config.json. Each option is
+    declared here once (options.opt): its flag, default, bounds, help, and whether a resume may change it."""
 
     images_dir: str
     labels_csv: str
     out_dir: str
-    epochs: int = 30
-    batch_size: int = 64
+    epochs: int = opt(30, "Passes over the training split.", low=1, resume=True)
+    batch_size: int = opt(64, "Per process.", low=MIN_TRAIN_BATCH,
+                          why="for training (BatchNorm learns nothing from one sample)")
     # None: 7e-5 (the reference, for pretrained weights) with --weights, 1e-3 from scratch; filled in at
     # creation, so that config.json and checkpoints record the rate used.
-    lr: float | None = None
-    weight_decay: float = 1e-6
-    val_fraction: float = 0.3
-    seed: int = 42
-    loader: LoaderKind = "dali"
-    device: DeviceName = "auto"
-    # Loader threads (DALI) or processes (torch) per training process; None: the cores divided among
-    # this machine's processes, at most 8.
-    workers: int | None = None
-    weights: str | None = None
-    pretrained: bool = False
-    # Use exactly this many of the labelled samples (stratified, before the split); None: all of them.
-    subset: int | None = None
-    decoder: DecoderPlacement = "mixed"
-    # DALI on a GPU: keep the decoded images in GPU memory (DALI's decoder cache), so that from the
-    # second epoch on no PNG is decoded; needs --loader dali --decoder mixed and a GPU.
-    decode_cache: bool = False
-    # Remember the data check of unchanged files between runs (check_cache); False: check every file.
-    check_cache: bool = True
-    # Mixed precision on a GPU: "auto" = bf16 where the GPU has native bf16, else fp16 with a gradient
-    # scaler; "bf16", "fp16" force one (GPU only); "fp32" none. The CPU always runs fp32.
-    precision: str = "auto"
+    lr: float | None = opt(None, "Adam's learning rate.", low=0, low_open=True,
+                           default_text="7e-5 with --weights/--pretrained, 1e-3 from scratch")
+    weight_decay: float = opt(1e-6, "Adam's L2 penalty.", low=0)
+    val_fraction: float = opt(0.3, "Share of the labelled samples held out for validation (stratified).",
+                              low=0, low_open=True, high=1, high_open=True)
+    seed: int = opt(42, "Seeds the split, the shuffling and the augmentation.")
+    loader: LoaderKind = opt("dali", LOADER_HELP, resume=True)
+    device: DeviceName = opt("auto", DEVICE_HELP, resume=True)
+    # Loader threads (DALI) or processes (torch) per training process; None: loader_rules.default_workers().
+    workers: int | None = opt(None, WORKERS_HELP, low=1, resume=True, default_text=WORKERS_DEFAULT)
+    decoder: DecoderPlacement = opt(
+        "mixed", "DALI on a GPU: a mixed decoder per channel, or one CPU pool and one copy per batch.", resume=True)
+    # DALI's decoder cache: needs --loader dali --decoder mixed and a GPU (decode_cache_applies).
+    decode_cache: bool = opt(
+        False, "DALI on a GPU (--decoder mixed): keep the decoded images in GPU memory, so that from the second "
+        "epoch on no PNG is decoded (cached as RGB: about 390 MB for the challenge's training set).",
+        resume=True, gpu_values=(True,), default_text="off, until measured")
+    # "auto" = bf16 where the GPU has native bf16, else fp16 with a gradient scaler; the CPU always runs fp32.
+    precision: Precision = opt(
+        "auto", "Mixed precision on a GPU: auto = bf16 where the GPU has native bf16, else fp16 with a gradient "
+        "scaler; bf16 and fp16 need a GPU; fp32 turns it off. The CPU runs fp32.", resume=True,
+        gpu_values=HALF_PRECISIONS)
     # Run the training steps through torch.compile (compiles first: pays off only over enough steps).
-    compile: bool = False
-    # Mid-epoch checkpoints (exact resume): every this many training steps, and/or every this many
-    # minutes (the default keeps short runs free of them). None: off.
-    checkpoint_every: int | None = None
-    checkpoint_minutes: float | None = 5.0
-    # Stop once this many minutes have passed (a job's time slot): at the next training step, with a
-    # checkpoint there from which --resume goes on exactly; None: no limit. A property of one command:
-    # a resume does not inherit it (run_dir.resume_config).
-    time_limit_minutes: float | None = None
-    # TensorBoard event files in RUN/tensorboard (needs the tensorboard package).
-    tensorboard: bool = False
+    compile: bool = opt(False, "Run the training steps through torch.compile (compiles first; off until a GPU "
+                        "measurement shows it pays).", resume=True)
+    # Remember the data check of unchanged files between runs (check_cache); False: check every file.
+    check_cache: bool = opt(True, CACHE_HELP, flag="cache", resume=True)
+    weights: str | None = opt(None, "Local ImageNet weights for efficientnet-b1.", path="existing file")
+    pretrained: bool = opt(False, "Download ImageNet weights (needs internet).")
+    # Use exactly this many of the labelled samples (stratified, before the split); None: all of them.
+    subset: int | None = opt(None, "Use this many labelled samples, in the classes' proportions (at least one "
+                             "of each class).", low=2, default_text="all")
+    # Mid-epoch checkpoints (exact resume); the default minutes keep short runs free of them.
+    checkpoint_every: int | None = opt(None, "Also save last.pt every N training steps (exact resume "
+                                       "mid-epoch).", low=1, resume=True, metavar="N")
+    checkpoint_minutes: float | None = opt(5.0, "Also save last.pt mid-epoch every M minutes: a kill costs at "
+                                           "most that.", low=0, low_open=True, resume=True, metavar="M")
+    # A property of one command (a job's time slot): a resume does not inherit it (run_dir.resume_config).
+    time_limit_minutes: float | None = opt(
+        None, "Minutes; then stop at the next step with a checkpoint there (resume later with --resume).",
+        flag="time-limit", low=0, low_open=True, resume=True, metavar="MINUTES")
+    tensorboard: bool = opt(False, "Also write TensorBoard event files to RUN_DIR/tensorboard (needs: pip install "
+                            "'dalipipe[tensorboard]'); view them with: tensorboard --logdir RUN_DIR/tensorboard.",
+                            resume=True)
     # Beyond the reference recipe; each default leaves it as it was (see recipe.py and ema.py).
-    # An exponential moving average of the weights with this decay (validation, best.pt and predict use it).
-    ema: float | None = None
-    # "balanced": cross-entropy weighted by the inverse class frequency of the training split.
-    class_weights: str = "none"
-    # Per-step learning rate: "constant" or "cosine" (to 0 at the last step), after a linear warm-up.
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
+    ema: float | None = opt(
+        None, "Keep an exponential moving average of the weights (e.g. 0.999; its decay warms up over the first "
+        "steps) and validate, save as best.pt and predict with it. Costs one multi-tensor update of a model copy "
+        "per step (about 2 ms on a CPU core) and the copy's memory (26 MB).", low=0, low_open=True, high=1,
+        high_open=True, why="(e.g. 0.999)", metavar="DECAY", default_text=AS_REFERENCE, section="beyond")
+    class_weights: ClassWeights = opt(
+        "none", "balanced: weight the cross-entropy by the inverse class frequency of the training split, so that "
+        "every class counts equally (the challenge's balanced accuracy does). Free.",
+        default_text="none, as the reference", section="beyond")
+    schedule: Schedule = opt("constant", "Learning rate per step: constant, or a cosine from --lr down to 0 at the "
+                             "last epoch. Free.", default_text="constant, as the reference", section="beyond")
+    warmup_epochs: float = opt(0.0, "Raise the learning rate linearly from near 0 to --lr over this many epochs "
+                               "first. Free.", default_text="0, as the reference", section="beyond")
+    label_smoothing: float = opt(0.0, "Cross-entropy against targets with EPS spread over all classes. Free.",
+                                 low=0, high=1, high_open=True, metavar="EPS", default_text="0, as the reference",
+                                 section="beyond")
     # Stratified k-fold: fold `fold` (1..folds) of `folds` is the validation split (replaces val_fraction).
-    folds: int | None = None
-    fold: int | None = None
-    # Validation averages the probabilities over the four flips (as predict --tta): about 4x its compute.
-    tta_val: bool = False
+    folds: int | None = opt(
+        None, "Stratified K-fold split (seeded by --seed: the same folds for the same data and scikit-learn "
+        "release) instead of --val-fraction; give --fold too. Costs K runs for an ensemble.", low=2, metavar="K",
+        default_text=AS_REFERENCE, section="beyond")
+    fold: int | None = opt(None, "With --folds K: fold I (1 to K) is the validation split, the rest is trained "
+                           "on.", metavar="I", default_text="none", section="beyond")
+    tta_val: bool = opt(False, "Validate with the probabilities averaged over the four flips, as predict --tta "
+                        "(about 4x validation's compute).", default_text=AS_REFERENCE, section="beyond")
     augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def __post_init__(self) -> None:
-        checks = [(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-                  (self.batch_size >= MIN_TRAIN_BATCH,
-                   f"--batch-size must be at least {MIN_TRAIN_BATCH} for training (BatchNorm learns nothing from "
-                   f"one sample), got {self.batch_size}"),
-                  (self.augment.image_size >= MIN_IMAGE_SIZE, image_size_error(self.augment.image_size)),
-                  (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
-                  (self.weight_decay >= 0, f"--weight-decay must be non-negative, got {self.weight_decay}"),
-                  (0 < self.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {self.val_fraction}"),
-                  (self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
-                  (self.checkpoint_every is None or self.checkpoint_every >= 1,
-                   f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"),
-                  (self.checkpoint_minutes is None or self.checkpoint_minutes > 0,
-                   f"--checkpoint-minutes must be positive, got {self.checkpoint_minutes}"),
-                  (self.time_limit_minutes is None or self.time_limit_minutes > 0,
-                   f"--time-limit must be positive, got {self.time_limit_minutes}"),
-                  (self.precision in PRECISIONS,
-                   f"--precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'"),
-                  (self.subset is None or self.subset >= 2, f"--subset must be at least 2, got {self.subset}"),
-                  (not (self.weights and self.pretrained), "--weights and --pretrained exclude each other"),
-                  (self.ema is None or 0 < self.ema < 1, f"--ema must be between 0 and 1 (e.g. 0.999), got {self.ema}"),
-                  (self.class_weights in CLASS_WEIGHTS,
-                   f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got '{self.class_weights}'"),
-                  (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'"),
+        options.check(self)  # each option's own bounds and choices, from the table
+        # What no single option can say alone.
+        checks = [(not (self.weights and self.pretrained), "--weights and --pretrained exclude each other"),
                   (0 <= self.warmup_epochs < self.epochs,
                    f"--warmup-epochs must be at least 0 and less than --epochs ({self.epochs}), got {self.warmup_epochs:g}"),
-                  (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing:g}"),
                   ((self.folds is None) == (self.fold is None), "--folds K and --fold I go together"),
-                  (self.folds is None or self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
                   (self.folds is None or self.fold is None or 1 <= self.fold <= self.folds,
                    f"--fold must be between 1 and --folds ({self.folds}), got {self.fold}")]
         for ok, message in checks:
@@ -221,6 +235,12 @@ class TrainConfig:
         """DALI's decoder cache lives in GPU memory and belongs to its mixed decoder."""
         return device_type == "cuda" and self.loader == "dali" and self.decoder == "mixed"
 
+    def gpu_setting_applies(self, name: str, device_type: str) -> bool:
+        """Whether this run's value of a GPU-only option (the table's gpu_values) can apply on the device."""
+        if name == "decode_cache":
+            return self.decode_cache_applies(device_type)
+        return device_type == "cuda"
+
     def check_device(self, device_type: str) -> None:
         """The options that need a GPU, against the device this run got (before any long work)."""
         if self.decode_cache and not self.decode_cache_applies(device_type):
@@ -232,3 +252,18 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return 7e-5 if (self.weights or self.pretrained) else 1e-3
+
+
+TRAIN_OPTIONS = options.table(TrainConfig)
+# What a resumed run may change; every other setting must equal the run's (given again or not).
+RESUME_MAY_CHANGE = tuple(o.name for o in TRAIN_OPTIONS if o.spec.resume)
+
+
+def spelling(name: str) -> str:
+    """The command-line spelling of a TrainConfig option (--[no-]x for the on/off ones)."""
+    return next(o.spelling for o in TRAIN_OPTIONS if o.name == name)
+
+
+def may_change_text() -> str:
+    """The options a resume may change, as the --resume help and the README say it."""
+    return options.spoken_list([spelling(k) for k in RESUME_MAY_CHANGE])

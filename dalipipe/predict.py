@@ -17,6 +17,7 @@ from dalipipe.errors import DataError
 from dalipipe.inference import prediction_frame, probabilities, scores_by_position
 from dalipipe.loaders import make_loader
 from dalipipe.model import build_model
+from dalipipe.settings import PredictSettings
 
 log = logging.getLogger("dalipipe")
 
@@ -63,36 +64,36 @@ def inference_weights(ck: dict) -> dict:
     return ck["ema"]["model"] if ck.get("ema") else ck["model"]
 
 
-def predict(ckpt_paths: str | list[str], images_dir: str, out_csv: str, ids_csv: str | None = None,
-            probs: bool = False, loader: str = "dali", device: str = "auto", batch_size: int = 64,
-            workers: int | None = None, force: bool = False, cache: bool = True, tta: bool = False) -> pd.DataFrame:
+def predict(settings: PredictSettings) -> pd.DataFrame:
     """One model's predictions, or with several checkpoints their ensemble's: the mean of their
     probabilities (each with its own image size and normalization, from its checkpoint)."""
     from tqdm.auto import tqdm
 
-    settings = LoaderSettings(kind=loader, batch_size=batch_size, workers=workers)  # options checked first
-    out = Path(out_csv)
+    s = settings
+    images_dir, ids_csv, force = s.images_dir, s.ids_csv, s.force
+    loading = LoaderSettings(kind=s.loader, batch_size=s.batch_size, workers=s.workers)
+    out = Path(s.out_csv)
     atomic.refuse_existing(out, force)
     atomic.ensure_writable(out.parent, "predictions")  # before inference, not after it
-    cks = load_models([ckpt_paths] if isinstance(ckpt_paths, (str, Path)) else list(ckpt_paths))
+    cks = load_models(list(s.checkpoints))
     names = list(cks[0][1]["class_names"])
     index = scan_images(images_dir, skip_incomplete=True)
     if ids_csv:
         index = select_ids(index, ids_csv, images_dir)
     for _, ck in cks:
         warn_seen_samples(index, ck, images_dir)
-    index = inspect_images(index, cache=cache)
-    torch_device = dev.resolve(device)
+    index = inspect_images(index, cache=s.check_cache)
+    torch_device = dev.resolve(s.device)
     dev.configure(torch_device)  # cuDNN autotuning and TF32, as in training
     total = np.zeros((len(index), len(names)))
     for k, (path, ck) in enumerate(cks):
         desc = "predicting" + (f" ({k + 1}/{len(cks)} {path.parent.name}/{path.name})" if len(cks) > 1 else "")
-        pos, scores = model_scores(ck, index, settings, torch_device, tta,
+        pos, scores = model_scores(ck, index, loading, torch_device, s.tta,
                                    progress=lambda it, desc=desc: tqdm(it, desc=desc, unit="batch", leave=False))
         if len(pos) != len(index):
             raise RuntimeError(f"loader returned {len(pos)} of {len(index)} samples; please report this as a bug")
         total += probabilities(scores)  # positions come back sorted: 0..n-1 for every model
-    sub = prediction_frame(index["file_id"].to_numpy(), total / len(cks), names, probs)
+    sub = prediction_frame(index["file_id"].to_numpy(), total / len(cks), names, s.probs)
     if not ids_csv:
         sub = sub.sort_values("file_id").reset_index(drop=True)
     atomic.write_output(out, lambda tmp: sub.to_csv(tmp, index=False), force)

@@ -16,11 +16,11 @@ import torch
 from dalipipe import atomic, plots
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-from dalipipe.constants import MIN_TRAIN_BATCH
 from dalipipe.data import build_index, channel_stats, inspect_images
 from dalipipe.errors import DataError
 from dalipipe.loaders import make_loader
 from dalipipe.pngio import read_gray
+from dalipipe.settings import PreviewSettings
 
 # What each stored channel holds (the file name's colour is not the colour it is drawn in).
 CHANNEL_MEANING = {"blue": "nucleus", "red": "microtubules", "yellow": "ER"}
@@ -65,25 +65,24 @@ def loader_images(kind: str, samples: pd.DataFrame, spec: AugmentSpec, norm: Nor
     return out
 
 
-def preview(images_dir: str, labels_csv: str, out: str, loader: str = "both", n: int = 16, augment: bool = True,
-            seed: int = 0, device: str = "auto", image_size: int = AugmentSpec().image_size,
-            workers: int | None = None, force: bool = False, cache: bool = True) -> dict:
-    """Write the picture to `out`; return what it shows: the samples' file ids, each loader's images and,
-    with both loaders, the largest difference between them in gray levels."""
-    out_path = Path(out)
-    if n < MIN_TRAIN_BATCH:  # a training loader (--augment) drops a smaller batch
-        raise DataError(f"--n must be at least {MIN_TRAIN_BATCH}, got {n}")
+def preview(settings: PreviewSettings) -> dict:
+    """Write the picture to settings.out_png; return what it shows: the samples' file ids, each loader's
+    images and, with both loaders, the largest difference between them in gray levels."""
+    s = settings
+    images_dir, loader, n, augment, seed, image_size, force = (s.images_dir, s.loader, s.n, s.augment, s.seed,
+                                                              s.image_size, s.force)
+    out_path = Path(s.out_png)
     atomic.refuse_existing(out_path, force)
     atomic.ensure_writable(out_path.parent, "preview")
     spec = AugmentSpec(image_size=image_size)
     # Every image checked as `train` checks it (remembered for unchanged files: a second preview is quick),
     # and normalized with the statistics a run would use.
-    index = inspect_images(build_index(images_dir, labels_csv), cache=cache)
+    index = inspect_images(build_index(images_dir, s.labels_csv), cache=s.check_cache)
     norm = channel_stats(index)
     samples = pick_samples(index, n, seed)
-    torch_device = dev.resolve(device)
+    torch_device = dev.resolve(s.device)
     kinds = ["dali", "torch"] if loader == "both" else [loader]
-    delivered = {k: loader_images(k, samples, spec, norm, augment, torch_device, seed, workers) for k in kinds}
+    delivered = {k: loader_images(k, samples, spec, norm, augment, torch_device, seed, s.workers) for k in kinds}
     difference = None  # augmented, the two loaders draw differently: nothing to compare
     if len(kinds) == 2 and not augment:
         difference = int(np.abs(delivered["dali"].astype(int) - delivered["torch"].astype(int)).max())

@@ -14,28 +14,13 @@ from typing import Any, Iterator
 
 from dalipipe import atomic, checkpoint, distributed
 from dalipipe import device as dev
-from dalipipe.config import HALF_PRECISIONS, AugmentSpec, TrainConfig
+from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig, may_change_text
+from dalipipe.config import spelling as option
 from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
 from dalipipe.run_recorder import metrics_text
 
 log = logging.getLogger("dalipipe")
-
-# What a resumed run may change; every other setting must equal the run's (given again or not).
-RESUME_MAY_CHANGE = ("epochs", "device", "loader", "workers", "time_limit_minutes", "decoder", "decode_cache",
-                     "precision", "compile", "check_cache", "checkpoint_every", "checkpoint_minutes",
-                     "tensorboard")
-
-
-_FLAGS = {"time_limit_minutes": "time-limit", "check_cache": "cache"}
-_ON_OFF = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, bool)}
-
-
-def option(name: str) -> str:
-    """The command-line spelling of a TrainConfig field: --[no-]x for the on/off ones."""
-    flag = _FLAGS.get(name, name.replace("_", "-"))
-    return f"--[no-]{flag}" if name in _ON_OFF else f"--{flag}"
-
 
 @contextlib.contextmanager
 def locked(folder: str | Path) -> Iterator[None]:
@@ -153,7 +138,7 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
             value = str(Path(value).resolve())
         if not _same(current[name], value):
             raise DataError(f"--resume {run}: {option(name)} is {current[name]} in the run, got {value}; "
-                            f"only {', '.join(option(k) for k in RESUME_MAY_CHANGE)} may change")
+                            f"only {may_change_text().replace('`', '')} may change")
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     # Moved data: new paths are accepted; training checks that classes and split are the run's.
     if images_dir:
@@ -165,16 +150,17 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
 
 def fit_to_device(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
     """A run resumed on another device (or loader, or decoder) keeps only the settings of its own that
-    this command can honour: the run's GPU-only ones are dropped, with one line saying so. Given again
-    in this command, they are checked as for a new run (a one-line error where they cannot apply)."""
+    this command can honour: the run's GPU-only ones (the table's gpu_values) are dropped, back to their
+    defaults, with one line saying so. Given again in this command, they are checked as for a new run (a
+    one-line error where they cannot apply)."""
     kind = dev.resolve(cfg.device).type
     dropped, changes = [], {}
-    if "decode_cache" not in given and cfg.decode_cache and not cfg.decode_cache_applies(kind):
-        dropped.append("--decode-cache")
-        changes["decode_cache"] = False
-    if "precision" not in given and cfg.precision in HALF_PRECISIONS and kind != "cuda":
-        dropped.append(f"--precision {cfg.precision}")
-        changes["precision"] = "auto"
+    for o in TRAIN_OPTIONS:
+        value = getattr(cfg, o.name, None)
+        if o.name in given or value not in o.spec.gpu_values or cfg.gpu_setting_applies(o.name, kind):
+            continue
+        dropped.append(o.flag if o.type is bool else f"{o.flag} {value}")
+        changes[o.name] = o.default
     if dropped and distributed.launched_rank() == 0:  # one voice under torchrun
         log.warning(f"warning: this run was started with {' and '.join(dropped)}, which need"
                     f"{'s' if len(dropped) == 1 else ''} {'a GPU' if kind != 'cuda' else '--loader dali and --decoder mixed'}; "

@@ -468,7 +468,8 @@ def _smoke_child(job_file: Path) -> None:
 
 
 def synthetic_data(work: Path, sizes: Sizes) -> Path:
-    from dalipipe.synthetic import SynthSpec, generate
+    from dalipipe.settings import SynthSpec
+    from dalipipe.synthetic import generate
 
     path = work / f"synthetic-{sizes.n_train}-{sizes.synth_size}"
     if not (path / "y_test.csv").exists():

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dalipipe import checkpoint
-from dalipipe.synthetic import SynthSpec, generate
+from dalipipe.settings import SynthSpec
+from dalipipe.synthetic import generate
 from tests.conftest import pngsuite
 
 

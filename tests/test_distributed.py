@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from dalipipe import checkpoint
-from dalipipe.synthetic import SynthSpec, generate
+from dalipipe.settings import SynthSpec
+from dalipipe.synthetic import generate
 from tests.test_cli import dalipipe
 
 

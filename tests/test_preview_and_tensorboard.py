@@ -15,6 +15,7 @@ from dalipipe import plots, tensorboard_log
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.errors import DataError
 from dalipipe.preview import preview
+from dalipipe.settings import PreviewSettings
 from dalipipe.train import train
 from tests.conftest import pngsuite
 from tests.test_cli import assert_one_line_error, dalipipe
@@ -37,8 +38,8 @@ def expected_size(rows, cols):
 @pytest.mark.parametrize("loader, columns", [("dali", 4), ("torch", 4), ("both", 5)])
 def test_preview_draws_a_row_per_sample_and_a_column_per_channel_and_loader(small_synth, tmp_path, loader, columns):
     d = small_synth
-    shown = preview(str(d / "images_train"), str(d / "y_train.csv"), str(tmp_path / "p.png"), loader=loader, n=5,
-                    image_size=32, device="cpu")
+    shown = preview(PreviewSettings(str(d / "images_train"), str(d / "y_train.csv"), out_png=str(tmp_path / "p.png"), loader=loader, n=5,
+                    image_size=32, device="cpu"))
     assert shown["samples"] == 5 and len(set(shown["file_ids"])) == 5
     image = picture(tmp_path / "p.png")
     assert image.shape[:2] == expected_size(5, columns)
@@ -49,13 +50,13 @@ def test_preview_draws_a_row_per_sample_and_a_column_per_channel_and_loader(smal
 
 def test_without_augmentation_both_loaders_draw_the_same_images(small_synth, tmp_path):
     d = small_synth
-    shown = preview(str(d / "images_train"), str(d / "y_train.csv"), str(tmp_path / "p.png"), loader="both", n=6,
-                    augment=False, image_size=48, device="cpu")
+    shown = preview(PreviewSettings(str(d / "images_train"), str(d / "y_train.csv"), out_png=str(tmp_path / "p.png"), loader="both", n=6,
+                    augment=False, image_size=48, device="cpu"))
     dali, torch_ = (shown["images"][k].astype(int) for k in ("dali", "torch"))
     assert np.abs(dali - torch_).max() <= 1 and shown["max_difference"] <= 1
     # Augmented, the two draw their own crops: the picture says nothing about their agreement.
-    shown = preview(str(d / "images_train"), str(d / "y_train.csv"), str(tmp_path / "p.png"), loader="both", n=6,
-                    image_size=48, device="cpu", force=True)
+    shown = preview(PreviewSettings(str(d / "images_train"), str(d / "y_train.csv"), out_png=str(tmp_path / "p.png"), loader="both", n=6,
+                    image_size=48, device="cpu", force=True))
     assert shown["max_difference"] is None
 
 
@@ -83,8 +84,8 @@ def test_a_preview_that_another_command_wrote_meanwhile_is_left_alone(small_synt
 
     monkeypatch.setattr(plots, "preview_png", meanwhile)
     with pytest.raises(DataError, match=r"p\.png: exists; choose another --out or pass --force"):
-        preview(str(small_synth / "images_train"), str(small_synth / "y_train.csv"), str(out), loader="torch", n=2,
-                image_size=16, device="cpu")
+        preview(PreviewSettings(str(small_synth / "images_train"), str(small_synth / "y_train.csv"), out_png=str(out), loader="torch", n=2,
+                image_size=16, device="cpu"))
     assert out.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["p.png"]
 
 def test_tensorboard_without_its_package_is_refused_before_any_work(tmp_path, monkeypatch):

@@ -1,0 +1,109 @@
+"""Typed settings of the commands other than `train` (whose settings are config.TrainConfig): each option
+declared once, on its field (options.opt), with its default read from the one place that defines it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dalipipe import options
+from dalipipe.config import (AS_REFERENCE, CACHE_HELP, DEVICE_HELP, LOADER_HELP, WORKERS_DEFAULT, WORKERS_HELP,
+                             AugmentSpec, DeviceName, LoaderKind, TrainConfig)
+from dalipipe.constants import MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, REAL_CLASS_COUNTS, REAL_IMAGE_SIZE, REAL_N_TEST, REAL_N_TRAIN
+from dalipipe.errors import DataError
+from dalipipe.options import opt
+
+
+def like(cls: type, name: str, help: str) -> Any:
+    """An option that is another settings' option (its default and bounds) under a help text of its own."""
+    o = options.find(cls, name)
+    return dataclasses.field(default=o.default, metadata={options._SPEC: dataclasses.replace(o.spec, help=help)})
+
+
+def _workers() -> Any:
+    return opt(None, WORKERS_HELP, low=1, default_text=WORKERS_DEFAULT)
+
+
+def _cache() -> Any:
+    return opt(True, CACHE_HELP, flag="cache")
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """`dalipipe predict`: one checkpoint (or run) or several (an ensemble) over IMAGES_DIR."""
+
+    checkpoints: tuple[str, ...]
+    images_dir: str
+    out_csv: str = opt(None, "Submission CSV to write.", flag="out", required=True, path="file")
+    ids_csv: str | None = opt(None, "CSV whose file_id column restricts and orders the output.", flag="ids",
+                                path="file")
+    probs: bool = opt(False, "Add one probability column per class.")
+    loader: LoaderKind = opt("dali", LOADER_HELP + " Both give the same predictions.")
+    device: DeviceName = opt("auto", DEVICE_HELP)
+    batch_size: int = opt(64, "Samples per inference batch (memory and speed).", low=1)
+    workers: int | None = _workers()
+    tta: bool = opt(False, "Average each image's probabilities over it and its horizontal, vertical and double "
+                    "flips (4x the compute of a plain prediction).", default_text=AS_REFERENCE)
+    force: bool = opt(False, "Replace --out if it exists.", switch=True)
+    check_cache: bool = _cache()
+
+    def __post_init__(self) -> None:
+        options.check(self)
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    """`dalipipe preview`: what the loaders hand the model for a few samples, beside the stored channels."""
+
+    images_dir: str
+    labels_csv: str
+    out_png: str = opt("preview.png", "The picture to write.", flag="out", path="file")
+    loader: Literal["dali", "torch", "both"] = opt("both", "Whose output to show; both: side by side.")
+    # A training loader (--augment) drops a batch smaller than MIN_TRAIN_BATCH.
+    n: int = opt(16, "Samples (rows), drawn in the classes' proportions.", low=MIN_TRAIN_BATCH)
+    augment: bool = opt(True, "The training augmentation (random crop, rotation, flips), or the evaluation resize "
+                        "only (the two loaders then agree: the title says by how much).")
+    # The loaders take any size: no model here, so not the model's minimum.
+    image_size: int = opt(options.find(AugmentSpec, "image_size").default, "Side of the model input, in pixels.",
+                          low=1)
+    seed: int = opt(0, "Seeds the samples drawn and the augmentation.")
+    device: DeviceName = opt("auto", DEVICE_HELP)
+    workers: int | None = _workers()
+    force: bool = opt(False, "Replace --out if it exists.", switch=True)
+    check_cache: bool = _cache()
+
+    def __post_init__(self) -> None:
+        options.check(self)
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """`dalipipe check`: the data check of a run, and the split it would make."""
+
+    images_dir: str
+    labels_csv: str | None = None
+    val_fraction: float = like(TrainConfig, "val_fraction", "As for train: the share held out for validation, "
+                               "for the split shown.")
+    seed: int = like(TrainConfig, "seed", "As for train: the seed of the split shown.")
+    check_cache: bool = _cache()
+
+    def __post_init__(self) -> None:
+        options.check(self)
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """`dalipipe synth`: a synthetic data set in the challenge's layout (the real one's sizes by default)."""
+
+    n_train: int = opt(REAL_N_TRAIN, "Training samples.")
+    n_test: int = opt(REAL_N_TEST, "Test samples.", low=0)
+    n_classes: int = opt(len(REAL_CLASS_COUNTS), "Number of cell lines.", flag="classes", low=2)
+    # Trainable: efficientnet-b1's smallest input.
+    image_size: int = opt(REAL_IMAGE_SIZE, "Image side in pixels.", flag="size", low=MIN_IMAGE_SIZE)
+    seed: int = opt(0, "Seeds the images and the labels drawn.")
+
+    def __post_init__(self) -> None:
+        options.check(self)
+        if self.n_train < 2 * self.n_classes:  # a stratified split needs two of each class
+            raise DataError(f"--n-train must be at least 2 per class ({2 * self.n_classes}), got {self.n_train}")

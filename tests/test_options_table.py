@@ -1,0 +1,136 @@
+"""The options table (options.py) is the one declaration of every option: the CLI, the checks, the resume
+rules and the README's lists all follow it, and building the CLI loads nothing heavy."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dalipipe import checkpoint, cli, options, run_dir
+from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig, may_change_text
+from dalipipe.constants import CKPT_LAST
+from dalipipe.errors import DataError
+from dalipipe.settings import CheckSettings, PredictSettings, PreviewSettings, SynthSpec
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+COMMANDS = {"train": TrainConfig, "predict": PredictSettings, "preview": PreviewSettings, "check": CheckSettings,
+            "synth": SynthSpec}
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("command, settings", COMMANDS.items())
+def test_every_option_of_the_table_is_a_click_option_of_its_command(command, settings):
+    params = {p.name: p for p in cli.cli.commands[command].params}
+    for o in options.table(settings):
+        p = params[o.name]
+        assert o.flag in p.opts, (o.name, p.opts)
+        if o.on_off:
+            assert p.secondary_opts == [f"--no-{o.flag[2:]}"], o.name
+        if o.choices:
+            assert tuple(p.type.choices) == o.choices, o.name
+        # train's options are "not given" unless given (a resume keeps the run's); the others' defaults are
+        # the settings' own
+        assert p.default == (None if command == "train" else o.default), o.name
+        assert o.spec.help in p.help and f"[default: {o.default_shown()}]" in p.help or o.spec.switch or o.spec.required
+
+
+def test_the_readme_lists_the_train_options_and_the_resume_rule_of_the_table():
+    text = words(README.read_text())
+    for section in ("reference", "beyond"):
+        listed = options.listing(TrainConfig, section)
+        assert f"`{listed}`" in text, f"README.md: the {section} options should read `{listed}`"
+    assert f"settings: {may_change_text()} may change" in text, may_change_text()
+
+
+def test_the_readme_names_no_train_option_the_table_lacks():
+    flags = {o.flag for o in TRAIN_OPTIONS} | {"--out", "--resume", "--help"}
+    listing = re.search(r"Options: (`--epochs .*?)\(`dalipipe train --help`", words(README.read_text())).group(1)
+    named = set(re.findall(r"--(?:\[no-\])?([a-z][a-z-]*)", listing))
+    assert {f"--{n}" for n in named} <= flags, named
+
+
+def alternative(o: options.Option):
+    """A valid value of the option other than its default."""
+    if o.choices:
+        return next(c for c in o.choices if c != o.default)
+    if o.type is bool:
+        return not o.default
+    return {"lr": 0.01, "val_fraction": 0.25, "weight_decay": 0.001, "ema": 0.99, "warmup_epochs": 1.0,
+            "label_smoothing": 0.1, "image_size": 32, "subset": 10}.get(o.name, 3)
+
+
+FIXED = [o for o in TRAIN_OPTIONS if o.name not in RESUME_MAY_CHANGE and o.spec.path is None
+         and o.name not in ("folds", "fold", "pretrained")]  # pairs and downloads: below
+
+
+@pytest.mark.parametrize("o", FIXED, ids=[o.name for o in FIXED])
+def test_a_resume_refuses_a_new_value_of_every_option_the_table_keeps_fixed(tmp_path, o):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = TrainConfig(images_dir="/d/i", labels_csv="/d/y.csv", out_dir=str(run))
+    checkpoint.write({"config": cfg.to_dict(), "epoch": 1}, run / CKPT_LAST)
+    with pytest.raises(DataError, match=f"{re.escape(o.spelling)} is .* in the run, got"):
+        run_dir.resume_config(str(run), {o.name: alternative(o)}, None, None, None)
+    # the run's own value again is accepted
+    own = cfg.augment.image_size if o.name == "image_size" else getattr(cfg, o.name)
+    assert run_dir.resume_config(str(run), {o.name: own}, None, None, None) == dataclasses.replace(
+        cfg, out_dir=str(run.resolve()))
+
+
+def test_the_resume_rule_covers_the_fold_pair_and_the_weights(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = TrainConfig(images_dir="/d/i", labels_csv="/d/y.csv", out_dir=str(run), folds=5, fold=2)
+    checkpoint.write({"config": cfg.to_dict(), "epoch": 1}, run / CKPT_LAST)
+    with pytest.raises(DataError, match="--fold is 2 in the run, got 3"):
+        run_dir.resume_config(str(run), {"folds": 5, "fold": 3}, None, None, None)
+    with pytest.raises(DataError, match="--weights is None in the run"):
+        run_dir.resume_config(str(run), {"weights": str(tmp_path / "w.pth")}, None, None, None)
+
+
+def test_every_bound_of_the_table_is_refused_in_one_line_naming_the_option():
+    bounded = [o for o in TRAIN_OPTIONS if o.spec.low is not None]
+    assert len(bounded) >= 10  # the table carries the bounds (not a hand-written check per option)
+    for o in bounded:
+        below = o.type(o.spec.low if o.spec.low_open else o.spec.low - 1)
+        kw = {"augment": AugmentSpec(image_size=below)} if o.path == ("augment", "image_size") else {o.name: below}
+        with pytest.raises(DataError, match=f"^{re.escape(o.flag)} must be"):
+            TrainConfig("", "", "", **kw)
+
+
+def test_building_the_cli_and_its_help_loads_no_torch_and_check_and_synth_need_none(tmp_path):
+    """In a process of its own (pytest has torch loaded): the help of every command, then synth and check
+    over what synth made, and then none of torch, DALI or scikit-learn is loaded, except scikit-learn by
+    check's split, which it uses."""
+    code = f"""
+import sys
+from click.testing import CliRunner
+from dalipipe.cli import cli
+heavy = ("torch", "nvidia.dali", "sklearn")
+for command in ({', '.join(repr(c) for c in COMMANDS)}):
+    r = CliRunner().invoke(cli, [command, "--help"])
+    assert r.exit_code == 0, r.output
+assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]
+r = CliRunner().invoke(cli, ["synth", {str(tmp_path / 'd')!r}, "--n-train", "12", "--n-test", "2", "--classes", "2",
+                             "--size", "16"])
+assert r.exit_code == 0, r.output
+r = CliRunner().invoke(cli, ["check", {str(tmp_path / 'd' / 'images_train')!r}, "--no-cache"])
+assert r.exit_code == 0 and "no problems found" in r.output, r.output
+assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]
+r = CliRunner().invoke(cli, ["check", {str(tmp_path / 'd' / 'images_train')!r}, {str(tmp_path / 'd' / 'y_train.csv')!r},
+                             "--no-cache"])
+assert r.exit_code == 0 and "a run would train on" in r.output, r.output
+assert not [m for m in ("torch", "nvidia.dali") if m in sys.modules]
+print("light")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "light" in r.stdout, r.stderr[-3000:]
