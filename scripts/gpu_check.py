@@ -567,6 +567,7 @@ def _recipe_child(job_file: Path) -> None:
     from dalipipe.atomic import save_json
     from dalipipe.config import AugmentSpec, TrainConfig
     from dalipipe.predict import predict, score
+    from dalipipe.settings import PredictSettings
     from dalipipe.train import train
 
     job = json.loads(Path(job_file).read_text())
@@ -584,7 +585,8 @@ def _recipe_child(job_file: Path) -> None:
     if result["history"]:  # a run stopped before its first epoch's end has no best.pt to predict with
         t = time.perf_counter()
         sub = run / "submission.csv"
-        predict(str(run), str(data / "images_test"), str(sub), device=job["device"], batch_size=sizes.batch_size)
+        predict(PredictSettings(checkpoints=(str(run),), images_dir=str(data / "images_test"), out_csv=str(sub),
+                                device=job["device"], batch_size=sizes.batch_size))
         result["predict_s"] = time.perf_counter() - t
         result["test_balanced_accuracy"] = score(str(sub), str(data / "y_test.csv"))
         save_json(result, job["result"])
