@@ -17,7 +17,6 @@ from dalipipe import atomic, plots
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.data import build_index, channel_stats, inspect_images
-from dalipipe.errors import DataError
 from dalipipe.loaders import make_loader
 from dalipipe.pngio import read_gray
 from dalipipe.settings import PreviewSettings
