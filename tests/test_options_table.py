@@ -112,6 +112,7 @@ def test_building_the_cli_and_its_help_loads_no_torch_and_check_and_synth_need_n
     check's split, which it uses."""
     code = f"""
 import sys
+from click.testing import CliRunner
 from dalipipe.cli import cli
 heavy = ("torch", "nvidia.dali", "sklearn")
 for command in ({', '.join(repr(c) for c in COMMANDS)}):
