@@ -210,7 +210,7 @@ def score(submission_csv, answers_csv):
     Every id of ANSWERS_CSV needs a prediction (a missing one is an error naming it); predictions for ids
     that are not in ANSWERS_CSV are ignored with a warning that counts them. Other columns of either file
     (a submission's probabilities) are ignored."""
-    from dalipipe.predict import score as run
+    from dalipipe.score import score as run
 
     click.echo(f"balanced accuracy {run(submission_csv, answers_csv):.4f}")
 

@@ -12,7 +12,7 @@ import torch
 from dalipipe import atomic, checkpoint
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-from dalipipe.data import inspect_images, read_ids, read_labels, scan_images
+from dalipipe.data import inspect_images, read_ids, scan_images
 from dalipipe.errors import DataError
 from dalipipe.inference import prediction_frame, probabilities, scores_by_position
 from dalipipe.loaders import make_loader
@@ -113,28 +113,3 @@ def model_scores(ck: dict, index: pd.DataFrame, settings: LoaderSettings, device
         return scores_by_position(model, data, device, progress=progress, tta=tta)
     finally:
         data.close()
-
-
-def score(submission_csv: str, answers_csv: str) -> float:
-    """Balanced accuracy of a submission against a labels file, both read by the rules of training
-    (names stripped, ids integers, no duplicates); every answer needs a prediction of a known class."""
-    from sklearn.metrics import balanced_accuracy_score
-
-    truth = read_labels(answers_csv, what="answers file")
-    sub = read_labels(submission_csv, what="submission")
-    classes = set(truth["cell_line"])
-    unknown = ~sub["cell_line"].isin(classes)
-    if unknown.any():
-        row = sub[unknown].iloc[0]
-        raise DataError(f"{submission_csv}:{row.csv_line}: predicted class '{row.cell_line}' is not a class of "
-                        f"{answers_csv} ({', '.join(sorted(classes))})")
-    merged = truth.merge(sub[["file_id", "cell_line"]], on="file_id", how="left", suffixes=("", "_pred"))
-    missing = merged["cell_line_pred"].isna()
-    if missing.any():
-        row = merged[missing].iloc[0]
-        raise DataError(f"{answers_csv}:{row.csv_line}: no prediction for file_id {row.file_id} in {submission_csv} "
-                        f"({int(missing.sum())} in all)")
-    extra = len(set(sub["file_id"]) - set(truth["file_id"]))
-    if extra:
-        log.warning(f"warning: {extra} prediction(s) in {submission_csv} for ids not in {answers_csv}; ignored")
-    return float(balanced_accuracy_score(merged["cell_line"], merged["cell_line_pred"]))

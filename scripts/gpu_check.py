@@ -566,7 +566,8 @@ def _recipe_child(job_file: Path) -> None:
 
     from dalipipe.atomic import save_json
     from dalipipe.config import AugmentSpec, TrainConfig
-    from dalipipe.predict import predict, score
+    from dalipipe.predict import predict
+    from dalipipe.score import score
     from dalipipe.settings import PredictSettings
     from dalipipe.train import train
 

@@ -107,9 +107,9 @@ def test_every_bound_of_the_table_is_refused_in_one_line_naming_the_option():
 
 
 def test_building_the_cli_and_its_help_loads_no_torch_and_check_and_synth_need_none(tmp_path):
-    """In a process of its own (pytest has torch loaded): the help of every command, then synth and check
-    over what synth made, and then none of torch, DALI or scikit-learn is loaded, except scikit-learn by
-    check's split, which it uses."""
+    """In a process of its own (pytest has torch loaded): the help of every command, then synth, check and
+    score over what synth made, and then none of torch, DALI or scikit-learn is loaded, except scikit-learn
+    by check's split and score's balanced accuracy, which use it."""
     code = f"""
 import sys
 from click.testing import CliRunner
@@ -128,6 +128,9 @@ assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys
 r = CliRunner().invoke(cli, ["check", {str(tmp_path / 'd' / 'images_train')!r}, {str(tmp_path / 'd' / 'y_train.csv')!r},
                              "--no-cache"])
 assert r.exit_code == 0 and "a run would train on" in r.output, r.output
+assert not [m for m in ("torch", "nvidia.dali") if m in sys.modules]
+r = CliRunner().invoke(cli, ["score", {str(tmp_path / 'd' / 'y_train.csv')!r}, {str(tmp_path / 'd' / 'y_train.csv')!r}])
+assert r.exit_code == 0 and "balanced accuracy 1.0000" in r.output, r.output
 assert not [m for m in ("torch", "nvidia.dali") if m in sys.modules]
 print("light")
 """
