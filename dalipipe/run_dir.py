@@ -98,7 +98,7 @@ def repair_run_dir(out: Path, saved: SavedRun) -> None:
     # (A mid-epoch last.pt was written after its epoch's best.pt had been made: nothing to repair.)
     if saved.partial_steps is None and saved.progress.last_epoch_was_best() and (
             not best.exists() or ModelCard.read(best).epoch != saved.card.epoch):
-        checkpoint.copy(out / CKPT_LAST, best)
+        checkpoint.link_or_copy(out / CKPT_LAST, best)
     lines = metrics_text(saved.progress.history)
     atomic.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
 

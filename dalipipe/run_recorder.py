@@ -168,8 +168,9 @@ class RunRecorder:
                 saved = snapshot.state()
                 # last first, then best: a kill between the two is repaired on resume (run_dir.repair_run_dir).
                 self._file(self.out / CKPT_LAST, lambda tmp: _save(saved, tmp, kill))
-                if best:
-                    self._file(self.out / CKPT_BEST, lambda tmp: _save(saved, tmp, False))
+                if best:  # the same file, not a second copy of it (the next last.pt is a new file)
+                    with self._writing(self.out / CKPT_BEST):
+                        checkpoint.link_or_copy(self.out / CKPT_LAST, self.out / CKPT_BEST)
             finally:
                 self.checkpoint_done.set()
 

@@ -3,6 +3,7 @@ the state written being the state handed over, and a failed write ending the run
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -94,6 +95,37 @@ def test_best_pt_is_written_from_the_same_snapshot(tmp_path):
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
 
 
+def test_best_pt_is_last_pt_itself_until_a_later_last_pt_replaces_it(tmp_path):
+    model, _ = small_state()
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    with recorder(tmp_path) as rec:
+        rec.checkpoint({"model": model.state_dict(), "epoch": 3}, best=True)
+        rec.wait()
+        assert os.stat(best).st_ino == os.stat(last).st_ino  # one file, written once
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        rec.checkpoint({"model": model.state_dict(), "epoch": 4})  # not a best
+    assert os.stat(best).st_ino != os.stat(last).st_ino
+    kept, latest = checkpoint.load(best), checkpoint.load(last)
+    assert kept["epoch"] == 3 and latest["epoch"] == 4
+    assert not torch.equal(kept["model"]["0.weight"], latest["model"]["0.weight"])
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_where_hard_links_are_refused_best_pt_is_a_copy(tmp_path, monkeypatch):
+    def refused(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refused)
+    model, _ = small_state()
+    with recorder(tmp_path) as rec:
+        rec.checkpoint({"model": model.state_dict(), "epoch": 3}, best=True)
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    assert os.stat(best).st_ino != os.stat(last).st_ino
+    assert best.read_bytes() == last.read_bytes()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_a_failed_background_write_stops_the_run_at_the_next_hand_off(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -158,6 +190,9 @@ def test_a_normal_end_leaves_last_pt_equal_to_the_final_state(small_synth, tmp_p
     saved = SavedRun.read(tmp_path / "run" / "last.pt")
     assert saved.progress.epochs_done == 2 and saved.progress.history == result.history
     assert final.keys() == saved.model.keys() and all(torch.equal(final[k], saved.model[k]) for k in final)
+    # best.pt is last.pt's file when the last epoch was the best, else an earlier epoch's
+    same = os.stat(tmp_path / "run" / "best.pt").st_ino == os.stat(tmp_path / "run" / "last.pt").st_ino
+    assert same == saved.progress.last_epoch_was_best()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln) for ln in lines] == result.history
     assert not list((tmp_path / "run").glob(".*.tmp"))
