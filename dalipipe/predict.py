@@ -101,7 +101,7 @@ def model_scores(card: ModelCard, index: pd.DataFrame, settings: LoaderSettings,
     model = build_model(len(card.class_names))
     model.load_state_dict(card.weights)
     model = dev.place_model(model, device)
-    data = make_loader(index, np.arange(len(index)), spec, card.norm, False, device, settings)
+    data = make_loader(index, np.arange(len(index)), spec, card.norm, train=False, device=device, settings=settings)
     try:
         return scores_by_position(model, data, device, progress=progress, tta=tta)
     finally:

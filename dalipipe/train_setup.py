@@ -169,15 +169,18 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
     # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
     # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
     cache_mb = decode_cache_mb(pd.concat([train_df, val_df])) if cfg.decode_cache else 0
-    train_loader = make_loader(train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
-                               dataclasses.replace(cfg.loader_settings(True, world.rank, world.size, cache_mb),
-                                                   seed=loader_seed, checkpointing=True),
+    train_loader = make_loader(train_df, np.arange(len(train_df)), cfg.augment, norm, train=True, device=device,
+                               settings=dataclasses.replace(
+                                   cfg.loader_settings(train=True, shard_id=world.rank, num_shards=world.size,
+                                                       decode_cache_mb=cache_mb),
+                                   seed=loader_seed, checkpointing=True),
                                state=loader_state)
-    val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
-                             cfg.loader_settings(False, world.rank, world.size, cache_mb))
+    val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, train=False, device=device,
+                             settings=cfg.loader_settings(train=False, shard_id=world.rank, num_shards=world.size,
+                                                          decode_cache_mb=cache_mb))
     timings["loader_build_s"] = time.perf_counter() - t0
-    recipe = Recipe(cfg, model, train_df["y"].to_numpy(), len(labels.names), len(train_loader), device,
-                    saved.ema if saved else None)
+    recipe = Recipe(cfg, model, train_df["y"].to_numpy(), n_classes=len(labels.names),
+                    steps_per_epoch=len(train_loader), device=device, saved=saved.ema if saved else None)
     state = RunState(model=model, optimizer=opt, scaler=scaler, ema=recipe.ema,
                      class_weights=None if recipe.class_weights is None else recipe.class_weights.tolist(),
                      progress=progress, class_names=tuple(labels.names), norm=norm,
@@ -193,7 +196,8 @@ def _model(cfg: TrainConfig, saved: SavedRun | None, n_classes: int, device: tor
            world: distributed.World) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the model, what the training steps run): resumed weights or new ones, on the device, under DDP
     with several processes, through torch.compile when asked."""
-    model = build_model(n_classes, None if saved else cfg.weights, False if saved else cfg.pretrained)
+    model = build_model(n_classes, weights=None if saved else cfg.weights,
+                        pretrained=False if saved else cfg.pretrained)
     if saved:
         model.load_state_dict(saved.model)
     model = dev.place_model(model, device)
