@@ -66,13 +66,13 @@ def one_run(data: Path, work: Path, name: str, subset: int, epochs: int) -> dict
     t = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t
-    steps = result["timings"]["train_s"] + result["timings"]["val_s"]
-    scores = [h["val_balanced_accuracy"] for h in result["history"]]
+    steps = result.timings["train_s"] + result.timings["val_s"]
+    scores = [h["val_balanced_accuracy"] for h in result.history]
     improved = sum(s > max(scores[:i], default=-1.0) for i, s in enumerate(scores))
     # Measured inside each epoch: its wall time after the steps and validation (what the loop itself waits
     # for at the epoch's end), without the machine's drift between two runs that the slope also holds.
-    in_loop = [w - h["epoch_seconds"] for w, h in zip(result["epoch_walls"], result["history"])]
-    return {"wall_s": wall, "steps_s": steps, "steps_per_epoch": result["steps_per_epoch"], "improved": improved,
+    in_loop = [w - h["epoch_seconds"] for w, h in zip(result.epoch_walls, result.history)]
+    return {"wall_s": wall, "steps_s": steps, "steps_per_epoch": result.steps_per_epoch, "improved": improved,
             "in_loop_s": statistics.mean(in_loop)}
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,28 @@ def write(obj: dict[str, Any], path: str | Path) -> None:
 
 def copy(src: str | Path, dst: str | Path) -> None:
     write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """dst as the same file as src (a hard link: a checkpoint is written and fsynced once, not twice), or a
+    copy where the file system has no hard links. The link is made under a temporary name and renamed over
+    dst, so that a kill leaves the old dst or the new. src stays dst's bytes until dst is replaced: the
+    next write of src is a new file renamed over src's name (atomic.write_atomic), not a write into it."""
+    src, dst = Path(src), Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    os.unlink(tmp)  # only the name was wanted: os.link makes it
+    try:
+        os.link(src, tmp)
+    except OSError:  # EPERM, EXDEV, ENOTSUP, EMLINK...: no hard link here
+        copy(src, dst)
+        return
+    try:
+        os.replace(tmp, dst)
+    finally:
+        # (rename leaves both names where they already are the same file)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def resolve(path: str | Path) -> Path:

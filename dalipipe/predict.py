@@ -11,12 +11,13 @@ import torch
 
 from dalipipe import atomic, checkpoint
 from dalipipe import device as dev
-from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
+from dalipipe.config import AugmentSpec, LoaderSettings
 from dalipipe.data import inspect_images, read_ids, scan_images
 from dalipipe.errors import DataError
 from dalipipe.inference import prediction_frame, probabilities, scores_by_position
 from dalipipe.loaders import make_loader
 from dalipipe.model import build_model
+from dalipipe.run_state import ModelCard
 from dalipipe.settings import PredictSettings
 
 log = logging.getLogger("dalipipe")
@@ -35,33 +36,27 @@ def select_ids(index: pd.DataFrame, ids_csv: str | Path, images_dir: str | Path)
     return by_id.loc[ids["file_id"].to_numpy()].reset_index()
 
 
-def warn_seen_samples(index: pd.DataFrame, ck: dict, images_dir: str | Path) -> None:
+def warn_seen_samples(index: pd.DataFrame, card: ModelCard, images_dir: str | Path) -> None:
     """One warning when samples to predict carry ids of the model's own training or validation split: a
     score on them says how well it remembers, not how well it predicts."""
-    split = ck.get("split") or {}
     ids = set(index["file_id"].tolist())
-    trained = len(ids & set(split.get("train_ids", [])))
-    validated = len(ids & set(split.get("val_ids", [])))
+    trained = len(ids & set(card.split.train_ids)) if card.split else 0
+    validated = len(ids & set(card.split.val_ids)) if card.split else 0
     if trained or validated:
         log.warning(f"warning: {trained} of the {len(index)} samples in {images_dir} have the ids of this model's "
                     f"training split and {validated} those of its validation split; scoring predictions on them "
                     "overstates its accuracy")
 
 
-def load_models(paths: list[str]) -> list[tuple[Path, dict]]:
+def load_models(paths: list[str]) -> list[tuple[Path, ModelCard]]:
     """Every checkpoint (a run's best), refused before any work unless all have the same classes."""
-    cks = [(checkpoint.resolve(p), checkpoint.load(p)) for p in paths]
-    first_path, first = cks[0]
-    for path, ck in cks[1:]:
-        if list(ck["class_names"]) != list(first["class_names"]):
-            raise DataError(f"{path}: its classes ({', '.join(ck['class_names'])}) differ from those of {first_path} "
-                            f"({', '.join(first['class_names'])}); an ensemble averages models of the same classes")
-    return cks
-
-
-def inference_weights(ck: dict) -> dict:
-    """The weights to predict with: the weight average of a run trained with --ema, else the model's."""
-    return ck["ema"]["model"] if ck.get("ema") else ck["model"]
+    cards = [(checkpoint.resolve(p), ModelCard.read(p)) for p in paths]
+    first_path, first = cards[0]
+    for path, card in cards[1:]:
+        if card.class_names != first.class_names:
+            raise DataError(f"{path}: its classes ({', '.join(card.class_names)}) differ from those of {first_path} "
+                            f"({', '.join(first.class_names)}); an ensemble averages models of the same classes")
+    return cards
 
 
 def predict(settings: PredictSettings) -> pd.DataFrame:
@@ -76,19 +71,19 @@ def predict(settings: PredictSettings) -> pd.DataFrame:
     atomic.refuse_existing(out, force)
     atomic.ensure_writable(out.parent, "predictions")  # before inference, not after it
     cks = load_models(list(s.checkpoints))
-    names = list(cks[0][1]["class_names"])
+    names = list(cks[0][1].class_names)
     index = scan_images(images_dir, skip_incomplete=True)
     if ids_csv:
         index = select_ids(index, ids_csv, images_dir)
-    for _, ck in cks:
-        warn_seen_samples(index, ck, images_dir)
+    for _, card in cks:
+        warn_seen_samples(index, card, images_dir)
     index = inspect_images(index, cache=s.check_cache)
     torch_device = dev.resolve(s.device)
     dev.configure(torch_device)  # cuDNN autotuning and TF32, as in training
     total = np.zeros((len(index), len(names)))
-    for k, (path, ck) in enumerate(cks):
+    for k, (path, card) in enumerate(cks):
         desc = "predicting" + (f" ({k + 1}/{len(cks)} {path.parent.name}/{path.name})" if len(cks) > 1 else "")
-        pos, scores = model_scores(ck, index, loading, torch_device, s.tta,
+        pos, scores = model_scores(card, index, loading, torch_device, s.tta,
                                    progress=lambda it, desc=desc: tqdm(it, desc=desc, unit="batch", leave=False))
         if len(pos) != len(index):
             raise RuntimeError(f"loader returned {len(pos)} of {len(index)} samples; please report this as a bug")
@@ -100,15 +95,14 @@ def predict(settings: PredictSettings) -> pd.DataFrame:
     return sub
 
 
-def model_scores(ck: dict, index: pd.DataFrame, settings: LoaderSettings, device: torch.device, tta: bool,
+def model_scores(card: ModelCard, index: pd.DataFrame, settings: LoaderSettings, device: torch.device, tta: bool,
                  progress) -> tuple[np.ndarray, np.ndarray]:
     """(positions, scores) of one checkpoint's model over the index, with its own evaluation preprocessing."""
-    spec = AugmentSpec(image_size=int(ck["image_size"]))
-    norm = Normalization(tuple(ck["mean"]), tuple(ck["std"]))
-    model = build_model(len(ck["class_names"]))
-    model.load_state_dict(inference_weights(ck))
+    spec = AugmentSpec(image_size=card.image_size)
+    model = build_model(len(card.class_names))
+    model.load_state_dict(card.weights)
     model = dev.place_model(model, device)
-    data = make_loader(index, np.arange(len(index)), spec, norm, False, device, settings)
+    data = make_loader(index, np.arange(len(index)), spec, card.norm, train=False, device=device, settings=settings)
     try:
         return scores_by_position(model, data, device, progress=progress, tta=tta)
     finally:

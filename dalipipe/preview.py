@@ -17,6 +17,7 @@ from dalipipe import atomic, plots
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.data import build_index, channel_stats, inspect_images
+from dalipipe.display import display_images
 from dalipipe.loaders import make_loader
 from dalipipe.pngio import read_gray
 from dalipipe.settings import PreviewSettings
@@ -24,15 +25,6 @@ from dalipipe.settings import PreviewSettings
 # What each stored channel holds (the file name's colour is not the colour it is drawn in).
 CHANNEL_MEANING = {"blue": "nucleus", "red": "microtubules", "yellow": "ER"}
 STORED_ORDER = ("blue", "red", "yellow")
-
-
-def display_images(images: torch.Tensor, norm: Normalization) -> np.ndarray:
-    """Normalized (N, 3, H, W) images, on any device and in any float dtype -> uint8 (N, H, W, 3) for display:
-    the normalization undone, values clipped to 0-255."""
-    x = images.detach().float().cpu()
-    mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
-    std = torch.tensor(norm.std).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def pick_samples(index: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:

@@ -88,7 +88,3 @@ class Recipe:
     def eval_model(self, model: nn.Module) -> nn.Module:
         """What validation, best.pt and predict use: the average with --ema, else the model itself."""
         return self.ema.module if self.ema is not None else model
-
-    def checkpoint_state(self) -> dict:
-        return {"ema": None if self.ema is None else self.ema.state_dict(),
-                "class_weights": None if self.class_weights is None else self.class_weights.tolist()}

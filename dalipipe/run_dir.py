@@ -19,6 +19,7 @@ from dalipipe.config import spelling as option
 from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
 from dalipipe.run_recorder import metrics_text
+from dalipipe.run_state import ModelCard, SavedRun
 
 log = logging.getLogger("dalipipe")
 
@@ -73,34 +74,25 @@ def check_run_dir(out: Path, resume: bool, holding_lock: bool = False) -> None:
         raise DataError(f"{out}: no {CKPT_LAST} to resume from")
 
 
-def repair_run_dir(out: Path, state: dict) -> None:
-    """After a kill: drop temporary files, make best.pt match last.pt when the last epoch was the best,
-    and rewrite the metrics file from the checkpoint's history (a kill can fall between the two)."""
+def repair_run_dir(out: Path, saved: SavedRun) -> None:
+    """After a kill: drop temporary files, make best.pt last.pt when the last epoch was the best, and
+    rewrite the metrics file from the checkpoint's history (a kill can fall between the two)."""
     for tmp in out.glob(".*.tmp"):
         tmp.unlink()
     best = out / CKPT_BEST
-    # (A mid-epoch last.pt was written after its epoch's best copy had been made: nothing to repair.)
-    if not state.get("partial") and last_epoch_was_best(state) and (
-            not best.exists() or checkpoint.load(best)["epoch"] != state["epoch"]):
-        checkpoint.copy(out / CKPT_LAST, best)
-    lines = metrics_text(state["history"])
+    # (A mid-epoch last.pt was written after its epoch's best.pt had been made: nothing to repair.)
+    if saved.partial_steps is None and saved.progress.last_epoch_was_best() and (
+            not best.exists() or ModelCard.read(best).epoch != saved.card.epoch):
+        checkpoint.link_or_copy(out / CKPT_LAST, best)
+    lines = metrics_text(saved.progress.history)
     atomic.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
 
 
-def last_epoch_was_best(state: dict) -> bool:
-    """Whether a checkpoint's epoch is the run's best, by the training loop's rule (a tie is not a new best):
-    the best epoch is recorded with its confusion matrix. (Checkpoints of an older dalipipe: by score.)"""
-    best = state.get("best_confusion")
-    if best is not None:
-        return best["epoch"] == state["epoch"]
-    return state["val_balanced_accuracy"] >= state["best_score"]
-
-
-def resume_point(state: dict) -> str:
+def resume_point(card: ModelCard) -> str:
     """Where a checkpoint resumes, in the words of the progress bar (epochs and steps from 1)."""
-    if state.get("partial"):
-        return f"resumed at epoch {state['epoch'] + 1}, after step {state['partial']['steps']}"
-    return f"resumed after epoch {state['epoch']}"
+    if card.partial_steps:
+        return f"resumed at epoch {card.epoch + 1}, after step {card.partial_steps}"
+    return f"resumed after epoch {card.epoch}"
 
 
 def interrupt_hint(out: Path) -> str:
@@ -126,10 +118,10 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
                         "drop --out (or give the same folder)")
     check_run_dir(run, resume=True)
     # The time limit was the earlier command's (its job's slot): this one has its own, or none.
-    state = checkpoint.load(run / CKPT_LAST)
-    cfg = dataclasses.replace(TrainConfig.from_dict(state["config"]), time_limit_minutes=None)
-    if given.get("epochs", cfg.epochs) < state["epoch"]:  # the run's config would then say less than it did
-        raise DataError(f"--resume {run} --epochs {given['epochs']}: the run has trained {state['epoch']} epochs "
+    card = ModelCard.read(run / CKPT_LAST)
+    cfg = dataclasses.replace(TrainConfig.from_dict(card.config), time_limit_minutes=None)
+    if given.get("epochs", cfg.epochs) < card.epoch:  # the run's config would then say less than it did
+        raise DataError(f"--resume {run} --epochs {given['epochs']}: the run has trained {card.epoch} epochs "
                         "already; give more to train more")
     fixed = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE}
     current = {**dataclasses.asdict(cfg), "image_size": cfg.augment.image_size}

@@ -37,8 +37,8 @@ import pandas as pd
 from dalipipe import checkpoint, plots, tensorboard_log
 from dalipipe.atomic import write_atomic, write_file
 from dalipipe.child_processes import worker_pool
-from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFUSION_PNG, CURVES_PNG, METRICS_FILE, TENSORBOARD_DIR,
-                                TRAIN_BATCH_PNG, VAL_PREDICTIONS)
+from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE,
+                                METRICS_FILE, TENSORBOARD_DIR, TRAIN_BATCH_PNG, VAL_PREDICTIONS)
 from dalipipe.errors import DataError
 from dalipipe.snapshot import HostStaging
 
@@ -57,6 +57,67 @@ class BestEpoch:
     confusion: np.ndarray
     class_names: list[str]
     title: str
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """What an epoch's end hands over to be written."""
+    row: dict  # its metrics
+    history: list[dict]  # every epoch's metrics so far (a copy: the loop appends)
+    best: BestEpoch | None  # when it is the best epoch so far
+
+
+@dataclass(frozen=True)
+class FirstBatch:
+    """The first training batch as the model receives it (uint8 RGB), for train_batch.png."""
+    pictures: np.ndarray
+    captions: list[str]
+    title: str
+
+
+# When a run file is written.
+AT_START, FIRST_BATCH, EPOCH_END, NEW_BEST = "once at start", "first batch", "every epoch end", "at a new best"
+# Where: drawn in the worker process (what holds the GIL: plots, pandas), or written by the writer thread.
+IN_WORKER, IN_WRITER = "worker process", "writer thread"
+
+
+def _write_text(text: str, path: str) -> None:
+    Path(path).write_text(text)
+
+
+def _write_json(obj: Any, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+@dataclass(frozen=True)
+class RunFile:
+    """One file of the run folder besides its checkpoints: render(*args(what), tmp_path) writes it, where
+    `what` is the hand-off of its moment (the run's config and class names; a FirstBatch; an EpochRecord)."""
+    name: str
+    when: str
+    where: str
+    render: Callable[..., None]
+    args: Callable[[Any], tuple]
+
+
+# Every run file but last.pt and best.pt (RunRecorder.checkpoint), in the order they are handed over at
+# their moment; an epoch's end first writes its checkpoint, then its files (the order a resume's repair
+# expects). A new run file is one entry here.
+RUN_FILES = (
+    RunFile(CONFIG_FILE, AT_START, IN_WRITER, _write_json, lambda start: (start[0],)),
+    RunFile(LABELS_FILE, AT_START, IN_WRITER, _write_json, lambda start: (start[1],)),
+    RunFile(TRAIN_BATCH_PNG, FIRST_BATCH, IN_WORKER, plots.batch_grid_png,
+            lambda b: (b.pictures, b.captions, b.title)),
+    RunFile(VAL_PREDICTIONS, NEW_BEST, IN_WORKER, _to_csv, lambda e: (e.best.predictions,)),
+    RunFile(CONFUSION_PNG, NEW_BEST, IN_WORKER, plots.confusion_png,
+            lambda e: (e.best.confusion, e.best.class_names, e.best.title)),
+    # The whole file again (one short line per epoch), to a temporary name and renamed, as every other
+    # file: an append in place would leave a torn last line after a kill in mid-write.
+    RunFile(METRICS_FILE, EPOCH_END, IN_WRITER, _write_text, lambda e: (metrics_text(e.history),)),
+    RunFile(CURVES_PNG, EPOCH_END, IN_WORKER, plots.learning_curves_png, lambda e: (e.history,)),
+)
 
 
 class RecordFailed(Exception):
@@ -107,41 +168,57 @@ class RunRecorder:
                 saved = snapshot.state()
                 # last first, then best: a kill between the two is repaired on resume (run_dir.repair_run_dir).
                 self._file(self.out / CKPT_LAST, lambda tmp: _save(saved, tmp, kill))
-                if best:
-                    self._file(self.out / CKPT_BEST, lambda tmp: _save(saved, tmp, False))
+                if best:  # the same file, not a second copy of it (the next last.pt is a new file)
+                    with self._writing(self.out / CKPT_BEST):
+                        checkpoint.link_or_copy(self.out / CKPT_LAST, self.out / CKPT_BEST)
             finally:
                 self.checkpoint_done.set()
 
         self.jobs.put(write)
 
-    def epoch_end(self, state: dict, row: dict, history: list[dict], best: BestEpoch | None) -> None:
-        """Everything an epoch's end writes, in the order a resume's repair expects."""
+    def run_start(self, config: dict, class_names: list[str]) -> None:
+        """The files of a run's start (its settings and classes), written before this returns."""
         if not self.active:
             return
-        self.checkpoint(state, best=best is not None)
-        if best is not None:
-            self._in_worker(self.out / VAL_PREDICTIONS, _to_csv, best.predictions)
-            self._in_worker(self.out / CONFUSION_PNG, plots.confusion_png, best.confusion, best.class_names,
-                            best.title)
-        # The whole file again (one short line per epoch), to a temporary name and renamed, as every other
-        # file: an append in place would leave a torn last line after a kill in mid-write.
-        text = metrics_text(history)
-        self.jobs.put(lambda: self._file(self.out / METRICS_FILE, lambda tmp: Path(tmp).write_text(text)))
-        self._in_worker(self.out / CURVES_PNG, plots.learning_curves_png, list(history))  # a copy: the loop appends
-        if self.tensorboard:
-            self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.epoch, row)
-            if best is not None:
-                self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.confusion, best.confusion,
-                                     best.class_names, best.title, row["epoch"])
+        self._write_now((config, class_names), AT_START)
 
-    def first_batch(self, pictures: np.ndarray, captions: list[str], title: str) -> None:
-        """The first training batch as the model receives it (uint8 RGB), for train_batch.png."""
+    def epoch_end(self, state: dict, record: EpochRecord) -> None:
+        """The checkpoint, then every file of an epoch's end (and of a new best)."""
         if not self.active:
             return
-        self._in_worker(self.out / TRAIN_BATCH_PNG, plots.batch_grid_png, pictures, captions, title)
+        self.checkpoint(state, best=record.best is not None)
+        self._hand_over(record, EPOCH_END, NEW_BEST if record.best is not None else None)
+        if self.tensorboard:
+            self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.epoch, record.row)
+            if record.best is not None:
+                best = record.best
+                self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.confusion, best.confusion,
+                                     best.class_names, best.title, record.row["epoch"])
+
+    def first_batch(self, batch: FirstBatch) -> None:
+        if not self.active:
+            return
+        self._hand_over(batch, FIRST_BATCH)
         if self.tensorboard:
             self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.image, "train/first_batch",
-                                 mosaic(pictures), tensorboard_log.FIRST_BATCH_STEP)
+                                 mosaic(batch.pictures), tensorboard_log.FIRST_BATCH_STEP)
+
+    def _hand_over(self, what: Any, *moments: str | None) -> None:
+        """Every run file of these moments, in RUN_FILES' order, to the writer thread or the worker."""
+        for f in RUN_FILES:
+            if f.when in moments:
+                args = f.args(what)
+                if f.where == IN_WORKER:
+                    self._in_worker(self.out / f.name, f.render, *args)
+                else:
+                    self.jobs.put(lambda f=f, args=args: self._file(self.out / f.name,
+                                                                    lambda tmp: f.render(*args, tmp)))
+
+    def _write_now(self, what: Any, moment: str) -> None:
+        for f in RUN_FILES:
+            if f.when == moment:
+                args = f.args(what)
+                write_atomic(self.out / f.name, lambda tmp: f.render(*args, tmp))
 
     def start_tensorboard(self, history: list[dict], resumed: bool, best: dict | None = None,
                           class_names: list[str] | None = None) -> None:

@@ -1,22 +1,22 @@
 """Everything a training run holds before its first step: the data checked and split, the model (new or
-resumed), optimizer, gradient scaler and loaders, and what a checkpoint of the run contains."""
+resumed), optimizer, gradient scaler and loaders, and the run's state (run_state.RunState)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from dalipipe import atomic, checkpoint, distributed, run_dir, tensorboard_log, train_state
+from dalipipe import distributed, run_dir, tensorboard_log, train_state
 from dalipipe import device as dev
-from dalipipe.config import Normalization, TrainConfig
-from dalipipe.constants import CKPT_LAST, CONFIG_FILE, LABELS_FILE, MODEL_NAME
+from dalipipe.config import TrainConfig
+from dalipipe.constants import CKPT_LAST
 from dalipipe.data import (LabelMap, build_index, channel_stats, inspect_images, kfold_split, stratified_split,
                            stratified_subset)
 from dalipipe.errors import DataError
@@ -24,7 +24,7 @@ from dalipipe.loader_rules import train_plan
 from dalipipe.loaders import decode_cache_mb, make_loader
 from dalipipe.model import build_model, compiled
 from dalipipe.recipe import Recipe
-from dalipipe.versions import versions
+from dalipipe.run_state import PartialEpoch, Progress, RankState, RunState, SavedRun, Split
 
 log = logging.getLogger("dalipipe")
 
@@ -82,18 +82,6 @@ def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
 
 
 @dataclass
-class Progress:
-    """How far the run has got: saved in every checkpoint, restored on resume."""
-    epochs_done: int = 0
-    best: float = -1.0
-    last_score: float = -1.0
-    history: list[dict] = field(default_factory=list)
-    # The best epoch's validation confusion matrix: {"epoch", "matrix" (rows: true class), "title"}. Saved, so
-    # that a resumed run's TensorBoard log (whose restart drops every earlier point) can show it again.
-    best_confusion: dict | None = None
-
-
-@dataclass
 class Setup:
     cfg: TrainConfig
     world: distributed.World
@@ -102,35 +90,19 @@ class Setup:
     labels: LabelMap
     train_df: pd.DataFrame
     val_df: pd.DataFrame
-    norm: Normalization
-    model: torch.nn.Module  # the weights saved and validated
+    state: RunState  # what each checkpoint saves: model, optimizer, scaler, weight average, progress...
     net: torch.nn.Module  # what the training steps run: the model, under DDP and/or torch.compile
-    opt: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     train_loader: object
     val_loader: object
     y_train: torch.Tensor  # labels by row position, on the device
     y_val: np.ndarray
     loader_key: str
-    progress: Progress
-    partial: dict | None  # a mid-epoch checkpoint's position, when resuming from one
-    mine: dict | None  # this rank's saved generators, loader position and partial-epoch sums
+    partial: PartialEpoch | None  # where a mid-epoch checkpoint resumes: the loop consumes it once
     timings: dict
     recipe: Recipe  # the loss, learning-rate schedule and weight average of each step
 
-    def checkpoint_state(self, ranks: list[dict], partial_steps: int | None) -> dict:
-        """Everything predict and an exact resume need; partial_steps: saved in the middle of an epoch."""
-        p, cfg = self.progress, self.cfg
-        return {"model_name": MODEL_NAME, "class_names": list(self.labels.names), "mean": list(self.norm.mean),
-                "std": list(self.norm.std), "image_size": cfg.augment.image_size, "config": cfg.to_dict(),
-                "epoch": p.epochs_done, "best_score": p.best, "history": p.history, "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                "split": {"train_ids": self.train_df.file_id.tolist(), "val_ids": self.val_df.file_id.tolist(),
-                          "folds": cfg.folds, "fold": cfg.fold},
-                **self.recipe.checkpoint_state(),
-                "val_balanced_accuracy": p.last_score, "best_confusion": p.best_confusion,
-                "versions": versions(), "ranks": ranks,
-                "partial": None if partial_steps is None else {"steps": partial_steps}}
+    def checkpoint(self, ranks: list[RankState], partial_steps: int | None = None) -> dict:
+        return self.state.to_checkpoint(ranks, partial_steps)
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -154,74 +126,80 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
     timings = {"data_check_s": 0.0, "model_build_s": 0.0, "loader_build_s": 0.0, "train_s": 0.0, "val_s": 0.0}
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed + world.rank)
-    state = checkpoint.load(out / CKPT_LAST) if resume else None
-    if state is not None and world.is_main:
-        run_dir.repair_run_dir(out, state)
+    saved = SavedRun.read(out / CKPT_LAST) if resume else None
+    if saved is not None and world.is_main:
+        run_dir.repair_run_dir(out, saved)
 
     t0 = time.perf_counter()
     labels, train_df, val_df, norm = prepare_data(cfg, world)
     timings["data_check_s"] = time.perf_counter() - t0
-    if state is not None:
-        if list(state["class_names"]) != list(labels.names) or state["split"]["val_ids"] != val_df.file_id.tolist():
+    if saved is not None:
+        card = saved.card
+        if list(card.class_names) != list(labels.names) or card.split.val_ids != val_df.file_id.tolist():
             raise DataError(f"{out}: the data or split differs from the run being resumed")
-        norm = Normalization(tuple(state["mean"]), tuple(state["std"]))
+        norm = card.norm
     lr = cfg.effective_lr()
     if world.is_main:
-        start = (run_dir.resume_point(state) if state else f"weights {cfg.weights}" if cfg.weights
+        start = (run_dir.resume_point(saved.card) if saved else f"weights {cfg.weights}" if cfg.weights
                  else "pretrained" if cfg.pretrained else "from scratch")
         log.info(f"{len(train_df)} training / {len(val_df)} validation samples, {len(labels.names)} classes; "
                  f"device {device}, loader {cfg.loader}, {world.size} process(es), lr {lr:g}, {start}")
 
     t0 = time.perf_counter()
-    model, net = _model(cfg, state, len(labels.names), device, world)
-    opt = make_optimizer(model, lr, cfg.weight_decay, device, state["optimizer"] if state else None)
+    model, net = _model(cfg, saved, len(labels.names), device, world)
+    opt = make_optimizer(model, lr, cfg.weight_decay, device, saved.optimizer if saved else None)
     scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device, cfg.precision))
     progress = Progress()
-    if state:
-        restore_scaler(scaler, state["scaler"])
-        progress = Progress(state["epoch"], state["best_score"], state["val_balanced_accuracy"], state["history"],
-                            state.get("best_confusion"))
+    partial_steps = None
+    if saved:
+        restore_scaler(scaler, saved.scaler)
+        progress, partial_steps = saved.progress, saved.partial_steps
     # This rank's generators and loader position as saved (restored here, after the model's random init).
-    partial = state.get("partial") if state else None
     key = train_state.loader_key(cfg.loader, cfg.decoder, device)
-    mine = train_state.restore(state.get("ranks") if state else None, partial, key, device, world, str(out))
+    mine = train_state.restore(saved.ranks if saved else None, partial_steps, key, device, world, str(out))
+    partial = None if partial_steps is None else PartialEpoch(
+        partial_steps, mine.loss_sum if mine else None, mine.seen if mine else 0)
     timings["model_build_s"] = time.perf_counter() - t0
-    if world.is_main:
-        atomic.save_json(cfg.to_dict(), out / CONFIG_FILE)
-        atomic.save_json(list(labels.names), out / LABELS_FILE)
 
     t0 = time.perf_counter()
     # A resumed run continues its loaders' saved sequence; without one (a run from an older dalipipe, or
     # another number of processes) it reseeds, so as not to replay epoch 0's order.
-    loader_state = mine["loader"] if mine else None
-    loader_seed = cfg.seed if (loader_state or not state) else cfg.seed + progress.epochs_done
+    loader_state = mine.loader if mine else None
+    loader_seed = cfg.seed if (loader_state or not saved) else cfg.seed + progress.epochs_done
     # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
     # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
     cache_mb = decode_cache_mb(pd.concat([train_df, val_df])) if cfg.decode_cache else 0
-    train_loader = make_loader(train_df, np.arange(len(train_df)), cfg.augment, norm, True, device,
-                               dataclasses.replace(cfg.loader_settings(True, world.rank, world.size, cache_mb),
-                                                   seed=loader_seed, checkpointing=True),
+    train_loader = make_loader(train_df, np.arange(len(train_df)), cfg.augment, norm, train=True, device=device,
+                               settings=dataclasses.replace(
+                                   cfg.loader_settings(train=True, shard_id=world.rank, num_shards=world.size,
+                                                       decode_cache_mb=cache_mb),
+                                   seed=loader_seed, checkpointing=True),
                                state=loader_state)
-    val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, False, device,
-                             cfg.loader_settings(False, world.rank, world.size, cache_mb))
+    val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, train=False, device=device,
+                             settings=cfg.loader_settings(train=False, shard_id=world.rank, num_shards=world.size,
+                                                          decode_cache_mb=cache_mb))
     timings["loader_build_s"] = time.perf_counter() - t0
-    recipe = Recipe(cfg, model, train_df["y"].to_numpy(), len(labels.names), len(train_loader), device,
-                    state.get("ema") if state else None)
+    recipe = Recipe(cfg, model, train_df["y"].to_numpy(), n_classes=len(labels.names),
+                    steps_per_epoch=len(train_loader), device=device, saved=saved.ema if saved else None)
+    state = RunState(model=model, optimizer=opt, scaler=scaler, ema=recipe.ema,
+                     class_weights=None if recipe.class_weights is None else recipe.class_weights.tolist(),
+                     progress=progress, class_names=tuple(labels.names), norm=norm,
+                     split=Split(train_df.file_id.tolist(), val_df.file_id.tolist(), cfg.folds, cfg.fold),
+                     config=cfg)
     return Setup(cfg=cfg, world=world, device=device, out=out, labels=labels, train_df=train_df, val_df=val_df,
-                 norm=norm, model=model, net=net, opt=opt, scaler=scaler, train_loader=train_loader,
-                 val_loader=val_loader,
+                 state=state, net=net, train_loader=train_loader, val_loader=val_loader,
                  y_train=torch.tensor(train_df["y"].to_numpy(), device=device),  # a copy: pandas' may be read-only
-                 y_val=val_df["y"].to_numpy(), loader_key=key, progress=progress, partial=partial, mine=mine,
-                 timings=timings, recipe=recipe)
+                 y_val=val_df["y"].to_numpy(), loader_key=key, partial=partial, timings=timings, recipe=recipe)
 
 
-def _model(cfg: TrainConfig, state: dict | None, n_classes: int, device: torch.device,
+def _model(cfg: TrainConfig, saved: SavedRun | None, n_classes: int, device: torch.device,
            world: distributed.World) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the model, what the training steps run): resumed weights or new ones, on the device, under DDP
     with several processes, through torch.compile when asked."""
-    model = build_model(n_classes, None if state else cfg.weights, False if state else cfg.pretrained)
-    if state:
-        model.load_state_dict(state["model"])
+    model = build_model(n_classes, weights=None if saved else cfg.weights,
+                        pretrained=False if saved else cfg.pretrained)
+    if saved:
+        model.load_state_dict(saved.model)
     model = dev.place_model(model, device)
     dev.configure(device)
     net = model

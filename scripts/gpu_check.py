@@ -577,13 +577,13 @@ def _recipe_child(job_file: Path) -> None:
                       epochs=sizes.epochs, batch_size=sizes.batch_size, device=job["device"],
                       augment=AugmentSpec(image_size=sizes.image_size), time_limit_minutes=job["limit_s"] / 60)
     t = time.perf_counter()
-    result = train(cfg)
-    result["train_wall_s"] = time.perf_counter() - t
+    trained = train(cfg)
+    result = {**trained.to_dict(), "train_wall_s": time.perf_counter() - t}
     if torch.cuda.is_available() and job["device"] != "cpu":
         # torch's allocator; DALI's own pools are apart (the benchmark's device column counts both)
         result["peak_device_memory_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
     save_json(result, job["result"])
-    if result["history"]:  # a run stopped before its first epoch's end has no best.pt to predict with
+    if trained.history:  # a run stopped before its first epoch's end has no best.pt to predict with
         t = time.perf_counter()
         sub = run / "submission.csv"
         predict(PredictSettings(checkpoints=(str(run),), images_dir=str(data / "images_test"), out_csv=str(sub),
@@ -605,7 +605,7 @@ def sample_log(folder: Path) -> dict[int, list[int]]:
 def exact_resume(check: Check, data: Path, device: str, gpu: bool) -> dict:
     """A run killed mid-epoch (SIGKILL) and resumed, against its uninterrupted twin: the same samples in the
     same order, and losses equal (bit for bit on the CPU; within GPU_RESUME_LOSS_RTOL on a GPU)."""
-    from dalipipe import checkpoint
+    from dalipipe.run_state import SavedRun
 
     base = [data / "images_train", data / "y_train.csv", *RESUME_OPTS, "--device", device]
     twin, run = check.work / "resume-twin", check.work / "resume-run"
@@ -617,22 +617,22 @@ def exact_resume(check: Check, data: Path, device: str, gpu: bool) -> dict:
                        DALIPIPE_SAMPLE_LOG=str(logs["run"]), DALIPIPE_KILL_AT_STEP=str(RESUME_KILL_AT))
     if r.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the run to be killed at step {RESUME_KILL_AT} ended with exit {r.returncode}")
-    saved = checkpoint.load(run / "last.pt")
+    saved = SavedRun.read(run / "last.pt")
     check.dalipipe("train", "--resume", run, timeout=RESUME_RUN_S, DALIPIPE_SAMPLE_LOG=str(logs["run"]))
     a, b = sample_log(logs["twin"]), sample_log(logs["run"])
     # The killed process ended inside epoch 1 (a rank logs its samples at an epoch's end): the resumed one
     # logs epoch 1 from the step after the checkpoint on, then the later epochs whole.
     resumed = b.get(1, [])
-    skipped = saved["partial"]["steps"] * PATHS.batch_size  # the steps before the checkpoint: not trained again
+    skipped = saved.partial_steps * PATHS.batch_size  # the steps before the checkpoint: not trained again
     same_samples = (len(resumed) > 0 and len(a.get(1, [])) - len(resumed) == skipped
                     and a.get(1, [])[-len(resumed):] == resumed
                     and all(a.get(e) == b.get(e) for e in range(2, RESUME_EPOCHS + 1)))
     metrics = [[json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()] for path in (twin, run)]
     diffs = [abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(*metrics) for k in ("train_loss", "val_loss")]
-    wa, wb = checkpoint.load(twin / "last.pt")["model"], checkpoint.load(run / "last.pt")["model"]
+    wa, wb = SavedRun.read(twin / "last.pt").model, SavedRun.read(run / "last.pt").model
     weights_diff = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa if wa[k].is_floating_point())
     rtol = GPU_RESUME_LOSS_RTOL if gpu else 0.0
-    out = {"killed_at_global_step": RESUME_KILL_AT, "resumed_from": {"epoch": saved["epoch"] + 1, **saved["partial"]},
+    out = {"killed_at_global_step": RESUME_KILL_AT, "resumed_from": {"epoch": saved.card.epoch + 1, "steps": saved.partial_steps},
            "same_samples_same_order": same_samples, "epochs_compared": len(diffs) // 2,
            "max_loss_rel_diff": max(diffs) if diffs else None, "loss_rtol": rtol,
            "max_weight_abs_diff": weights_diff}
@@ -644,7 +644,7 @@ def exact_resume(check: Check, data: Path, device: str, gpu: bool) -> dict:
 def precision_and_decoder(check: Check, data: Path, device: str, gpu: bool) -> dict:
     """One epoch through `train` with the fp16 + GradScaler path forced (--precision fp16; on the CPU,
     where fp16 is refused with a one-line error, fp32) and DALI decoding on the CPU (--decoder cpu)."""
-    from dalipipe import checkpoint
+    from dalipipe.run_state import SavedRun
 
     precision = "fp16" if gpu else "fp32"
     run = check.work / "fp16-cpudec"
@@ -652,10 +652,10 @@ def precision_and_decoder(check: Check, data: Path, device: str, gpu: bool) -> d
     check.dalipipe("train", data / "images_train", data / "y_train.csv", "--out", run, "--epochs", "1",
                    "--image-size", str(PATHS.image_size), "--batch-size", str(PATHS.batch_size), "--device", device,
                    "--precision", precision, "--decoder", "cpu", timeout=90)
-    ck = checkpoint.load(run / "last.pt")
-    row = ck["history"][0]
+    saved = SavedRun.read(run / "last.pt")
+    row = saved.progress.history[0]
     out = {"precision": precision, "decoder": "cpu", "train_loss": row["train_loss"], "val_loss": row["val_loss"],
-           "grad_scaler_scale": float(ck["scaler"]["scale"]) if ck["scaler"] else None}
+           "grad_scaler_scale": float(saved.scaler["scale"]) if saved.scaler else None}
     if not gpu:  # the option's promise on the CPU: a one-line error, exit 2
         r = check.dalipipe("train", data / "images_train", data / "y_train.csv", "--out", check.work / "fp16-cpu",
                            "--precision", "fp16", "--device", "cpu", timeout=60, check=False)

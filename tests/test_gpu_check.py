@@ -145,8 +145,8 @@ def test_projection_of_a_run_with_a_known_cost_per_epoch(small_synth, tmp_path, 
                       out_dir=str(tmp_path / "run"), epochs=2, batch_size=32, device="cpu", subset=96,
                       augment=AugmentSpec(image_size=16))
     result = train(cfg)
-    assert len(result["epoch_walls"]) == 2 and all(w > extra for w in result["epoch_walls"])
-    projected, _ = gpu_check_module().project_recipe(result["setup_s"], result["epoch_walls"], 10,
-                                                     result["steps_per_epoch"], 0, 0.0)
-    per_epoch_steps = min(h["epoch_seconds"] for h in result["history"])  # steps and validation, no records
-    assert projected >= result["setup_s"] + 10 * (per_epoch_steps + extra)
+    assert len(result.epoch_walls) == 2 and all(w > extra for w in result.epoch_walls)
+    projected, _ = gpu_check_module().project_recipe(result.setup_s, result.epoch_walls, 10,
+                                                     result.steps_per_epoch, 0, 0.0)
+    per_epoch_steps = min(h["epoch_seconds"] for h in result.history)  # steps and validation, no records
+    assert projected >= result.setup_s + 10 * (per_epoch_steps + extra)

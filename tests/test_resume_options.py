@@ -13,15 +13,22 @@ from dalipipe import checkpoint, cli, run_dir
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
 from dalipipe.errors import DataError
+from dalipipe.run_state import Progress
+from tests import checkpoint_layout
 
 ON_OFF = ("decode_cache", "compile", "check_cache", "tensorboard", "tta_val", "pretrained")
 
 
 def saved_run(folder, epochs_done: int = 1, **settings) -> str:
-    """A run folder whose last.pt holds only what resume_config reads: the run's config and progress."""
+    """A run folder whose last.pt is laid out as every checkpoint (placeholder weights); resume_config
+    reads the run's config and progress."""
     folder.mkdir()
     cfg = TrainConfig(images_dir="/data/i", labels_csv="/data/y.csv", out_dir=str(folder), **settings)
-    checkpoint.write({"config": cfg.to_dict(), "epoch": epochs_done}, folder / CKPT_LAST)
+    ck = checkpoint_layout.build(checkpoint_layout.pinned()["epoch_end"],
+                                 {("model",): {}, ("optimizer",): {}, ("scaler",): {}, ("ema",): None,
+                                  ("config",): cfg.to_dict(), ("epoch",): epochs_done})
+    ck.pop("format")  # checkpoint.write's
+    checkpoint.write(ck, folder / CKPT_LAST)
     return str(folder)
 
 
@@ -111,9 +118,9 @@ def test_only_rank_0_says_what_a_resume_dropped(tmp_path, caplog, monkeypatch):
     (2, None, 0.8, 0.8, True),  # a checkpoint of an older dalipipe: by score
 ])
 def test_the_repair_after_a_kill_follows_the_loops_best_epoch(epoch, best_epoch, score, best, expected):
-    state = {"epoch": epoch, "val_balanced_accuracy": score, "best_score": best,
-             "best_confusion": None if best_epoch is None else {"epoch": best_epoch}}
-    assert run_dir.last_epoch_was_best(state) is expected
+    progress = Progress(epochs_done=epoch, best=best, last_score=score,
+                        best_confusion=None if best_epoch is None else {"epoch": best_epoch})
+    assert progress.last_epoch_was_best() is expected
 
 
 def test_a_resume_of_a_run_still_before_its_first_checkpoint_says_it_is_running(tmp_path):

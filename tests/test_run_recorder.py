@@ -3,6 +3,7 @@ the state written being the state handed over, and a failed write ending the run
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,8 @@ import torch
 from dalipipe import checkpoint, train_setup
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.errors import DataError
-from dalipipe.run_recorder import KILL_IN_WRITE, RunRecorder
+from dalipipe.run_recorder import KILL_IN_WRITE, EpochRecord, RunRecorder
+from dalipipe.run_state import SavedRun
 from dalipipe.train import train
 from tests.test_cli import assert_one_line_error, dalipipe
 from tests.test_exact_resume import assert_twins
@@ -93,6 +95,37 @@ def test_best_pt_is_written_from_the_same_snapshot(tmp_path):
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
 
 
+def test_best_pt_is_last_pt_itself_until_a_later_last_pt_replaces_it(tmp_path):
+    model, _ = small_state()
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    with recorder(tmp_path) as rec:
+        rec.checkpoint({"model": model.state_dict(), "epoch": 3}, best=True)
+        rec.wait()
+        assert os.stat(best).st_ino == os.stat(last).st_ino  # one file, written once
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        rec.checkpoint({"model": model.state_dict(), "epoch": 4})  # not a best
+    assert os.stat(best).st_ino != os.stat(last).st_ino
+    kept, latest = checkpoint.load(best), checkpoint.load(last)
+    assert kept["epoch"] == 3 and latest["epoch"] == 4
+    assert not torch.equal(kept["model"]["0.weight"], latest["model"]["0.weight"])
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_where_hard_links_are_refused_best_pt_is_a_copy(tmp_path, monkeypatch):
+    def refused(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refused)
+    model, _ = small_state()
+    with recorder(tmp_path) as rec:
+        rec.checkpoint({"model": model.state_dict(), "epoch": 3}, best=True)
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    assert os.stat(best).st_ino != os.stat(last).st_ino
+    assert best.read_bytes() == last.read_bytes()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_a_failed_background_write_stops_the_run_at_the_next_hand_off(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -113,8 +146,8 @@ def test_a_failed_write_at_the_end_is_raised_by_close(tmp_path):
     out.mkdir()
     rec = recorder(out)
     shutil.rmtree(out)
-    rec.epoch_end({"epoch": 1}, {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_balanced_accuracy": 0.5},
-                  [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_balanced_accuracy": 0.5}], None)
+    row = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_balanced_accuracy": 0.5}
+    rec.epoch_end({"epoch": 1}, EpochRecord(row, [row], None))
     with pytest.raises(DataError, match="last.pt: cannot write it"):
         rec.close()
 
@@ -132,7 +165,7 @@ def test_a_bug_in_the_writer_is_raised_as_itself(tmp_path, monkeypatch):
 
 def test_a_bug_in_the_drawing_worker_is_raised_as_itself(tmp_path):
     rec = recorder(tmp_path)
-    rec.epoch_end({"epoch": 1}, {"epoch": 1}, [{"epoch": 1}], None)  # a history row without its losses
+    rec.epoch_end({"epoch": 1}, EpochRecord({"epoch": 1}, [{"epoch": 1}], None))  # a history row without its losses
     with pytest.raises(KeyError, match="train_loss"):
         rec.close()
 
@@ -140,7 +173,7 @@ def test_a_bug_in_the_drawing_worker_is_raised_as_itself(tmp_path):
 def test_an_inactive_recorder_writes_nothing_and_never_waits(tmp_path):
     rec = RunRecorder(tmp_path, active=False, interrupt_hint=lambda: "")
     rec.checkpoint({"epoch": 1})
-    rec.epoch_end({"epoch": 1}, {"epoch": 1}, [], None)
+    rec.epoch_end({"epoch": 1}, EpochRecord({"epoch": 1}, [], None))
     rec.close()
     assert list(tmp_path.iterdir()) == []
 
@@ -154,11 +187,14 @@ def test_a_normal_end_leaves_last_pt_equal_to_the_final_state(small_synth, tmp_p
                       augment=AugmentSpec(image_size=16))
     result = train(cfg)
     final = built[0].state_dict()
-    saved = checkpoint.load(tmp_path / "run" / "last.pt")
-    assert saved["epoch"] == 2 and saved["history"] == result["history"]
-    assert final.keys() == saved["model"].keys() and all(torch.equal(final[k], saved["model"][k]) for k in final)
+    saved = SavedRun.read(tmp_path / "run" / "last.pt")
+    assert saved.progress.epochs_done == 2 and saved.progress.history == result.history
+    assert final.keys() == saved.model.keys() and all(torch.equal(final[k], saved.model[k]) for k in final)
+    # best.pt is last.pt's file when the last epoch was the best, else an earlier epoch's
+    same = os.stat(tmp_path / "run" / "best.pt").st_ino == os.stat(tmp_path / "run" / "last.pt").st_ino
+    assert same == saved.progress.last_epoch_was_best()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(ln) for ln in lines] == result["history"]
+    assert [json.loads(ln) for ln in lines] == result.history
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
@@ -228,10 +264,10 @@ def test_metrics_jsonl_is_replaced_whole_at_each_epoch_never_appended_in_place(t
     name and renamed, as every other record (a new file each epoch, holding the whole history)."""
     rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.0, "val_balanced_accuracy": 0.5} for e in (1, 2)]
     rec = recorder(tmp_path)
-    rec.epoch_end({"epoch": 1}, rows[0], rows[:1], None)
+    rec.epoch_end({"epoch": 1}, EpochRecord(rows[0], rows[:1], None))
     rec.wait()
     first = (tmp_path / "metrics.jsonl").stat().st_ino
-    rec.epoch_end({"epoch": 2}, rows[1], rows, None)
+    rec.epoch_end({"epoch": 2}, EpochRecord(rows[1], rows, None))
     rec.close()
     assert (tmp_path / "metrics.jsonl").stat().st_ino != first  # renamed over, not opened for appending
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows

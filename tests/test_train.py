@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from dalipipe import checkpoint
+from dalipipe.run_state import SavedRun
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.train import train
 
@@ -17,16 +17,16 @@ def test_time_limit_stops_at_a_step_with_a_checkpoint_and_resume_finishes(small_
                       time_limit_minutes=1e-6)
     result = train(cfg)
     # 168 training samples, batch 32: 6 steps an epoch; the limit has passed at the first step.
-    assert result["stopped_early"] and result["epochs"] == 0 and result["partial_steps"] == 1
-    assert result["steps_per_epoch"] == 6
-    assert checkpoint.load(tmp_path / "run" / "last.pt")["partial"] == {"steps": 1}
-    t = result["timings"]
+    assert result.stopped_early and result.epochs == 0 and result.partial_steps == 1
+    assert result.steps_per_epoch == 6
+    assert SavedRun.read(tmp_path / "run" / "last.pt").partial_steps == 1
+    t = result.timings
     assert set(t) == {"data_check_s", "model_build_s", "loader_build_s", "train_s", "val_s", "record_wait_s",
                       "total_s"}
     assert all(v >= 0 for v in t.values()) and t["total_s"] >= t["train_s"] + t["val_s"]
 
     result = train(dataclasses.replace(cfg, time_limit_minutes=None), resume=True)
-    assert not result["stopped_early"] and result["epochs"] == 2
+    assert not result.stopped_early and result.epochs == 2
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 
@@ -37,17 +37,18 @@ def test_a_loader_state_for_another_loader_is_dropped_at_an_epoch_end_and_refuse
 
     from dalipipe.distributed import World
     from dalipipe.errors import DataError
+    from dalipipe.run_state import RankState
     from dalipipe.train_state import loader_key, restore
 
     cpu = torch.device("cpu")
-    saved = [{"rng_cpu": torch.get_rng_state(), "rng_cuda": None, "loader": {"epoch": 1, "done": 0},
-              "loader_key": loader_key("torch", "mixed", cpu), "loss_sum": None, "seen": 0}]
-    assert restore(saved, None, "torch", cpu, World(), "run")["loader"] == {"epoch": 1, "done": 0}
-    assert restore(saved, None, loader_key("dali", "mixed", cpu), cpu, World(), "run")["loader"] is None
+    saved = [RankState(rng_cpu=torch.get_rng_state(), rng_cuda=None, loader={"epoch": 1, "done": 0},
+                       loader_key=loader_key("torch", "mixed", cpu))]
+    assert restore(saved, None, "torch", cpu, World(), "run").loader == {"epoch": 1, "done": 0}
+    assert restore(saved, None, loader_key("dali", "mixed", cpu), cpu, World(), "run").loader is None
     with pytest.raises(DataError, match="same --loader"):
-        restore(saved, {"steps": 2}, loader_key("dali", "mixed", cpu), cpu, World(), "run")
+        restore(saved, 2, loader_key("dali", "mixed", cpu), cpu, World(), "run")
     with pytest.raises(DataError, match="with 1 process"):
-        restore(saved, {"steps": 2}, "torch", cpu, World(rank=0, size=2), "run")
+        restore(saved, 2, "torch", cpu, World(rank=0, size=2), "run")
     # On a GPU the DALI graph depends on the decoding; on the CPU it does not.
     assert loader_key("dali", "mixed", cpu) == loader_key("dali", "cpu", cpu)
     gpu = torch.device("cuda", 0)
