@@ -12,6 +12,7 @@ from dalipipe.constants import CKPT_LAST
 from dalipipe.distributed import World
 from dalipipe.model import build_model
 from dalipipe.run_state import ModelCard, SavedRun
+from dalipipe.settings import PredictSettings
 from dalipipe.train_setup import make_optimizer
 from tests import checkpoint_layout
 from tests.data.make_checkpoint_layout import layouts
@@ -54,8 +55,9 @@ def test_a_checkpoint_of_the_pinned_layout_predicts_with_its_weight_average(smal
     assert card.split.train_ids == [3, 4]
     (loaded_path, loaded), = predict.load_models([str(tmp_path / "run")])
     assert loaded_path == path and loaded.class_names == card.class_names
-    sub = predict.predict(str(path), str(small_synth / "images_test"), str(tmp_path / "sub.csv"), loader="torch",
-                          device="cpu", batch_size=32, workers=1)
+    sub = predict.predict(PredictSettings(checkpoints=(str(path),), images_dir=str(small_synth / "images_test"),
+                                          out_csv=str(tmp_path / "sub.csv"), loader="torch", device="cpu",
+                                          batch_size=32, workers=1))
     assert len(sub) == 60 and set(sub["cell_line"]) <= set(CLASSES)
 
 
