@@ -194,13 +194,13 @@ def test_training_split_one_more_than_a_multiple_of_the_batch(tmp_path):
 def test_internal_errors_are_reported_as_bugs_not_as_bad_input(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
-    import dalipipe.predict
+    import dalipipe.score
     from dalipipe.cli import cli
 
     def broken(*args):
         raise ValueError("Expected more than 1 value per channel when training")
 
-    monkeypatch.setattr(dalipipe.predict, "score", broken)
+    monkeypatch.setattr(dalipipe.score, "score", broken)
     (tmp_path / "a.csv").write_text("file_id,cell_line\n1,A\n")
     r = CliRunner().invoke(cli, ["score", str(tmp_path / "a.csv"), str(tmp_path / "a.csv")])
     assert r.exit_code == 3

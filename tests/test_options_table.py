@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from dalipipe import checkpoint, cli, options, run_dir
+from dalipipe import cli, options, run_dir
 from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig, may_change_text
-from dalipipe.constants import CKPT_LAST
 from dalipipe.errors import DataError
 from dalipipe.settings import CheckSettings, PredictSettings, PreviewSettings, SynthSpec
+from tests.test_resume_options import saved_run
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 COMMANDS = {"train": TrainConfig, "predict": PredictSettings, "preview": PreviewSettings, "check": CheckSettings,
@@ -73,10 +73,8 @@ FIXED = [o for o in TRAIN_OPTIONS if o.name not in RESUME_MAY_CHANGE and o.spec.
 
 @pytest.mark.parametrize("o", FIXED, ids=[o.name for o in FIXED])
 def test_a_resume_refuses_a_new_value_of_every_option_the_table_keeps_fixed(tmp_path, o):
-    run = tmp_path / "run"
-    run.mkdir()
-    cfg = TrainConfig(images_dir="/d/i", labels_csv="/d/y.csv", out_dir=str(run))
-    checkpoint.write({"config": cfg.to_dict(), "epoch": 1}, run / CKPT_LAST)
+    run = Path(saved_run(tmp_path / "run"))
+    cfg = TrainConfig(images_dir="/data/i", labels_csv="/data/y.csv", out_dir=str(run))
     with pytest.raises(DataError, match=f"{re.escape(o.spelling)} is .* in the run, got"):
         run_dir.resume_config(str(run), {o.name: alternative(o)}, None, None, None)
     # the run's own value again is accepted
@@ -86,10 +84,7 @@ def test_a_resume_refuses_a_new_value_of_every_option_the_table_keeps_fixed(tmp_
 
 
 def test_the_resume_rule_covers_the_fold_pair_and_the_weights(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    cfg = TrainConfig(images_dir="/d/i", labels_csv="/d/y.csv", out_dir=str(run), folds=5, fold=2)
-    checkpoint.write({"config": cfg.to_dict(), "epoch": 1}, run / CKPT_LAST)
+    run = saved_run(tmp_path / "run", folds=5, fold=2)
     with pytest.raises(DataError, match="--fold is 2 in the run, got 3"):
         run_dir.resume_config(str(run), {"folds": 5, "fold": 3}, None, None, None)
     with pytest.raises(DataError, match="--weights is None in the run"):
