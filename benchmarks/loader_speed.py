@@ -59,9 +59,9 @@ def ensure_data(data: str | None) -> Path:
     """The user's data, or a full-size synthetic set generated once into the cache."""
     if data:
         return Path(data)
-    from dalipipe.check_cache import cache_dir
+    from dalipipe.data.check_cache import cache_dir
     from dalipipe.settings import SynthSpec
-    from dalipipe.synthetic import generate
+    from dalipipe.data.synthetic import generate
 
     path = cache_dir() / "bench-synthetic-v1"
     if not (path / "y_train.csv").exists():
@@ -119,7 +119,7 @@ def measure_row(job: dict) -> dict:
 
     from dalipipe import device as dev
     from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-    from dalipipe.loaders import decode_cache_mb, make_loader
+    from dalipipe.loading.loaders import decode_cache_mb, make_loader
 
     index = pd.read_csv(job["index_csv"])
     norm = Normalization(tuple(job["mean"]), tuple(job["std"]))
@@ -129,8 +129,8 @@ def measure_row(job: dict) -> dict:
     build = "torch" if kind == "torch" else "dali"
     decoder = "cpu" if kind == "dali-cpudec" else "mixed"
     cache_mb = decode_cache_mb(index) if kind == "dali-cache" else 0
-    loader = make_loader(index, index["y"].to_numpy(), spec, norm, True, device,
-                         LoaderSettings(kind=build, batch_size=bs, workers=workers, decoder=decoder,
+    loader = make_loader(index, index["y"].to_numpy(), spec=spec, norm=norm, train=True, device=device,
+                         settings=LoaderSettings(kind=build, batch_size=bs, workers=workers, decoder=decoder,
                                         decode_cache_mb=cache_mb))
     if kind.startswith("ceiling"):
         batches = [(x.clone(), y.clone()) for _, (x, y) in zip(range(CEILING_BATCHES), loader)]
@@ -365,7 +365,9 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
         return
 
     from dalipipe import device as dev
-    from dalipipe.data import build_index, channel_stats, inspect_images, stratified_subset
+    from dalipipe.data.index import build_index, inspect_images
+    from dalipipe.data.stats import channel_stats
+    from dalipipe.data.split import stratified_subset
     from dalipipe.errors import DataError
 
     try:
@@ -375,7 +377,7 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
     except DataError as e:
         raise click.ClickException(str(e)) from None
     on_cpu = torch_device.type == "cpu"
-    from dalipipe.loader_rules import default_workers
+    from dalipipe.loading.loader_rules import default_workers
 
     cores = os.cpu_count() or 1
     workers = default_workers() if workers is None else workers

@@ -60,7 +60,7 @@ def score(data: Path, work: Path, name: str, runs: list[Path], opts: list[str], 
     sub = work / f"{name.replace(' ', '_').replace(',', '')}.csv"
     seconds = dalipipe("predict", *runs, data / "images_test", "--out", sub, "--force", "--device", "cpu", *opts,
                        log=log)
-    from dalipipe.score import score as balanced
+    from dalipipe.infer.score import score as balanced
 
     return {"test_balanced_accuracy": round(balanced(str(sub), str(data / "y_test.csv")), 4),
             "predict_s": round(seconds, 1)}

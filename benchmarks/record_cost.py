@@ -57,7 +57,7 @@ def slow_fsync(delay: float):
 
 def one_run(data: Path, work: Path, name: str, subset: int, epochs: int) -> dict:
     from dalipipe.config import AugmentSpec, TrainConfig
-    from dalipipe.train import train
+    from dalipipe.run.train import train
 
     cfg = TrainConfig(images_dir=str(data / "images_train"), labels_csv=str(data / "y_train.csv"),
                       out_dir=str(work / name), augment=AugmentSpec(image_size=COMMON["image_size"]),
@@ -112,7 +112,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from dalipipe.atomic import save_json
     from dalipipe.settings import SynthSpec
-    from dalipipe.synthetic import generate
+    from dalipipe.data.synthetic import generate
 
     delays = args.fsync_delay or [0.0, 0.1]
     rows = []

@@ -112,7 +112,7 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 def synth(out_dir, force, **opts):
     """Write a synthetic dataset in the challenge's layout to OUT_DIR."""
-    from dalipipe.synthetic import generate
+    from dalipipe.data.synthetic import generate
 
     spec = SynthSpec(**opts)
     on_interrupt(f"{out_dir} holds part of the data set; run the command again with --force to replace it")
@@ -133,8 +133,8 @@ def synth(out_dir, force, **opts):
 @options_of(TrainConfig, given_only=True)
 def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
     """Train on IMAGES_DIR with LABELS_CSV (file_id,cell_line) into --out RUN_DIR."""
-    from dalipipe import run_dir
-    from dalipipe.train import train as run
+    from dalipipe.run import run_dir
+    from dalipipe.run.train import train as run
 
     # Every option defaults to None (not given): a new run takes TrainConfig's default, a resume the run's.
     given = {k: v for k, v in opts.items() if v is not None}
@@ -161,7 +161,7 @@ def predict(checkpoints_or_runs, images_dir, **opts):
 
     Several checkpoints or runs (k folds, say) before IMAGES_DIR predict as an ensemble: their probabilities
     are averaged, each model with its own preprocessing; their classes must be the same."""
-    from dalipipe.predict import predict as run
+    from dalipipe.infer.predict import predict as run
 
     settings = PredictSettings(checkpoints=tuple(checkpoints_or_runs), images_dir=images_dir, **opts)
     out_csv = settings.out_csv
@@ -178,7 +178,7 @@ def predict(checkpoints_or_runs, images_dir, **opts):
 def check(**opts):
     """Check IMAGES_DIR (and LABELS_CSV) as a run would, without training: the first problem, or what a
     run would use (samples, classes, image sizes, channel statistics)."""
-    from dalipipe.check import summarize
+    from dalipipe.data.check import summarize
 
     for line in summarize(CheckSettings(**opts)):
         click.echo(line)
@@ -191,7 +191,7 @@ def check(**opts):
 def preview(**opts):
     """Draw what the loaders hand the model for a few samples of IMAGES_DIR, beside their stored channels
     (the data is checked as train checks it first)."""
-    from dalipipe.preview import preview as run
+    from dalipipe.viz.preview import preview as run
 
     settings = PreviewSettings(**opts)
     on_interrupt(f"nothing was written to {settings.out_png}; run the command again")
@@ -210,7 +210,7 @@ def score(submission_csv, answers_csv):
     Every id of ANSWERS_CSV needs a prediction (a missing one is an error naming it); predictions for ids
     that are not in ANSWERS_CSV are ignored with a warning that counts them. Other columns of either file
     (a submission's probabilities) are ignored."""
-    from dalipipe.score import score as run
+    from dalipipe.infer.score import score as run
 
     click.echo(f"balanced accuracy {run(submission_csv, answers_csv):.4f}")
 

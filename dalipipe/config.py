@@ -70,7 +70,7 @@ class Normalization:
     std: tuple[float, float, float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoaderSettings:
     """How a loader delivers its batches (what it delivers is the AugmentSpec's business)."""
 

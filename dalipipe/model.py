@@ -18,7 +18,7 @@ from dalipipe.errors import DataError
 SCRATCH_BN_MOMENTUM = 0.9
 
 
-def build_model(num_classes: int, weights: str | None = None, pretrained: bool = False) -> nn.Module:
+def build_model(num_classes: int, *, weights: str | None = None, pretrained: bool = False) -> nn.Module:
     from efficientnet_pytorch import EfficientNet
 
     if pretrained:

@@ -264,7 +264,7 @@ def environment(device_name: str) -> dict:
     import torch
 
     from dalipipe import device as dev
-    from dalipipe.loader_rules import default_workers
+    from dalipipe.loading.loader_rules import default_workers
 
     def version(module: str) -> str | None:
         try:
@@ -365,8 +365,8 @@ def _ceiling_child(job_file: Path) -> None:
     from dalipipe import device as dev
     from dalipipe.atomic import save_json
     from dalipipe.model import build_model
-    from dalipipe.train import train_step
-    from dalipipe.train_setup import make_optimizer
+    from dalipipe.run.train import train_step
+    from dalipipe.run.train_setup import make_optimizer
 
     job = json.loads(Path(job_file).read_text())
     device = dev.resolve(job["device"])
@@ -381,7 +381,7 @@ def _ceiling_child(job_file: Path) -> None:
     build_s = time.perf_counter() - t
 
     def step():  # the training loop's own step
-        train_step(model, x, y, opt, scaler, device, "auto", F.cross_entropy)
+        train_step(model, x, y, opt=opt, scaler=scaler, device=device, precision="auto", loss_fn=F.cross_entropy)
 
     model.train()
     for _ in range(CEILING_WARMUP_STEPS):
@@ -444,8 +444,8 @@ def _smoke_child(job_file: Path) -> None:
     from dalipipe import device as dev
     from dalipipe.atomic import save_json
     from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-    from dalipipe.data import scan_images
-    from dalipipe.loaders import make_loader
+    from dalipipe.data.index import scan_images
+    from dalipipe.loading.loaders import make_loader
 
     folder = Path(job["folder"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -455,9 +455,9 @@ def _smoke_child(job_file: Path) -> None:
             Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{fid:05d}_{channel}.png")
     device = dev.resolve(job["device"])
     t = time.perf_counter()
-    loader = make_loader(scan_images(folder), np.arange(2), AugmentSpec(image_size=32),
-                         Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), True, device,
-                         LoaderSettings("dali", batch_size=2, workers=1, seed=0))
+    loader = make_loader(scan_images(folder), np.arange(2), spec=AugmentSpec(image_size=32),
+                         norm=Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), train=True, device=device,
+                         settings=LoaderSettings(kind="dali", batch_size=2, workers=1, seed=0))
     images, targets = next(iter(loader))
     ok = images.shape == (2, 3, 32, 32) and images.device.type == device.type and bool(images.isfinite().all())
     loader.close()
@@ -469,7 +469,7 @@ def _smoke_child(job_file: Path) -> None:
 
 def synthetic_data(work: Path, sizes: Sizes) -> Path:
     from dalipipe.settings import SynthSpec
-    from dalipipe.synthetic import generate
+    from dalipipe.data.synthetic import generate
 
     path = work / f"synthetic-{sizes.n_train}-{sizes.synth_size}"
     if not (path / "y_test.csv").exists():
@@ -566,10 +566,10 @@ def _recipe_child(job_file: Path) -> None:
 
     from dalipipe.atomic import save_json
     from dalipipe.config import AugmentSpec, TrainConfig
-    from dalipipe.predict import predict
-    from dalipipe.score import score
+    from dalipipe.infer.predict import predict
+    from dalipipe.infer.score import score
     from dalipipe.settings import PredictSettings
-    from dalipipe.train import train
+    from dalipipe.run.train import train
 
     job = json.loads(Path(job_file).read_text())
     data, run, sizes = Path(job["data"]), Path(job["run"]), Sizes(**job["sizes"])

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dalipipe.settings import SynthSpec
-from dalipipe.synthetic import generate
+from dalipipe.data.synthetic import generate
 
 # PngSuite (Willem van Schaik; free to copy, see its LICENSE) travels with the tests.
 PNGSUITE = Path(__file__).resolve().parent / "data" / "pngsuite"

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from dalipipe import checkpoint, predict, run_dir, train_state
+from dalipipe import checkpoint
+from dalipipe.infer import predict
+from dalipipe.run import run_dir, train_state
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.constants import CKPT_LAST
 from dalipipe.distributed import World
 from dalipipe.model import build_model
 from dalipipe.run_state import ModelCard, SavedRun
 from dalipipe.settings import PredictSettings
-from dalipipe.train_setup import make_optimizer
+from dalipipe.run.train_setup import make_optimizer
 from tests import checkpoint_layout
 from tests.data.make_checkpoint_layout import layouts
 
@@ -73,7 +75,8 @@ def test_a_mid_epoch_checkpoint_of_the_pinned_layout_resumes(tmp_path):
     saved = SavedRun.read(path)
     assert saved.partial_steps == 4 and saved.progress.epochs_done == 1 and saved.progress.history == history
     assert run_dir.resume_point(saved.card) == "resumed at epoch 2, after step 4"
-    mine = train_state.restore(saved.ranks, saved.partial_steps, "torch", cpu, World(), str(path.parent))
+    mine = train_state.restore(saved.ranks, partial_steps=saved.partial_steps, key="torch", device=cpu,
+                               world=World(), run=str(path.parent))
     assert mine.seen == 128 and float(mine.loss_sum) == 9.5 and mine.loader == {"epoch": 1, "done": 4}
     model = build_model(len(CLASSES))
     model.load_state_dict(saved.model)

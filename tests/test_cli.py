@@ -18,7 +18,7 @@ import torch
 
 from dalipipe import checkpoint
 from dalipipe.settings import SynthSpec
-from dalipipe.synthetic import generate
+from dalipipe.data.synthetic import generate
 from tests.conftest import pngsuite
 
 
@@ -194,7 +194,7 @@ def test_training_split_one_more_than_a_multiple_of_the_batch(tmp_path):
 def test_internal_errors_are_reported_as_bugs_not_as_bad_input(monkeypatch, tmp_path):
     from click.testing import CliRunner
 
-    import dalipipe.score
+    import dalipipe.infer.score
     from dalipipe.cli import cli
 
     def broken(*args):

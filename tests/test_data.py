@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dalipipe.data import (LabelMap, build_index, channel_stats, inspect_images, read_labels, scan_images,
-                           stratified_split)
+from dalipipe.data.index import LabelMap, build_index, inspect_images, scan_images
+from dalipipe.data.stats import channel_stats
+from dalipipe.data.csv_files import read_labels
+from dalipipe.data.split import stratified_split
 from dalipipe.errors import DataError
 from tests.conftest import pngsuite, write_labels, write_sample
 
@@ -150,13 +152,13 @@ def test_label_map_is_sorted_and_round_trips():
 
 
 def test_checks_are_remembered_until_a_file_changes(synth_copy, monkeypatch):
-    import dalipipe.data
-    from dalipipe.pngio import inspect_sample
+    import dalipipe.data.index
+    from dalipipe.data.pngio import inspect_sample
 
     idx = build_index(synth_copy / "images_train", synth_copy / "y_train.csv")
     first = inspect_images(idx, progress=False)
     calls = []
-    monkeypatch.setattr(dalipipe.data, "inspect_sample", lambda p: calls.append(p) or inspect_sample(p))
+    monkeypatch.setattr(dalipipe.data.index, "inspect_sample", lambda p: calls.append(p) or inspect_sample(p))
     again = inspect_images(idx, progress=False)
     assert calls == [] and again.equals(first)  # nothing decoded the second time, the same results
     # A changed file (another size or time) is checked again: here it is now corrupt.
@@ -217,7 +219,7 @@ def test_rows_start_on_the_line_an_editor_shows(tmp_path):
 
 
 def test_ids_files_follow_the_one_rule_of_every_csv(small_synth, tmp_path):
-    from dalipipe.predict import select_ids
+    from dalipipe.infer.predict import select_ids
 
     images = small_synth / "images_test"
     index = scan_images(images)
@@ -240,7 +242,7 @@ def test_ids_files_follow_the_one_rule_of_every_csv(small_synth, tmp_path):
 
 def test_subset_gives_exactly_n_samples_in_the_class_proportions():
     from dalipipe.constants import REAL_CLASS_COUNTS
-    from dalipipe.data import _subset_counts
+    from dalipipe.data.split import _subset_counts
 
     sizes = pd.Series(REAL_CLASS_COUNTS)
     total, k = int(sizes.sum()), len(sizes)
@@ -256,7 +258,7 @@ def test_subset_gives_exactly_n_samples_in_the_class_proportions():
 
 
 def test_stratified_subset_draws_exactly_n(small_synth):
-    from dalipipe.data import stratified_subset
+    from dalipipe.data.split import stratified_subset
 
     index = build_index(small_synth / "images_train", small_synth / "y_train.csv")
     for n in (50, 101, 239):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dalipipe import device as dev
-from dalipipe.train_setup import restore_scaler
+from dalipipe.run.train_setup import restore_scaler
 
 
 def test_bf16_needs_native_units(monkeypatch):

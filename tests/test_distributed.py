@@ -14,7 +14,7 @@ import pytest
 
 from dalipipe import checkpoint
 from dalipipe.settings import SynthSpec
-from dalipipe.synthetic import generate
+from dalipipe.data.synthetic import generate
 from tests.test_cli import dalipipe
 
 

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from dalipipe.config import AugmentSpec, LoaderSettings
-from dalipipe.data import build_index, channel_stats, inspect_images
-from dalipipe.loaders import make_loader
+from dalipipe.data.index import build_index, inspect_images
+from dalipipe.data.stats import channel_stats
+from dalipipe.loading.loaders import make_loader
 from tests.test_loaders import RAW, _coded_dataset, _codes, decoder_outputs
 from tests.test_tta_and_ensembles import tta_and_plain_predictions
 
@@ -51,9 +52,10 @@ def _all(loader):
 def test_gpu_dali_equals_cpu_torch_without_augmentation(small_synth):
     idx = inspect_images(build_index(small_synth / "images_train", small_synth / "y_train.csv"), progress=False)
     norm, spec = channel_stats(idx), AugmentSpec(image_size=96)
-    xg, tg = _all(make_loader(idx, np.arange(len(idx)), spec, norm, False, GPU, LoaderSettings("dali", 64, 2, 0)))
-    xc, tc = _all(make_loader(idx, np.arange(len(idx)), spec, norm, False, torch.device("cpu"),
-                                LoaderSettings("torch", 64, 2, 0)))
+    xg, tg = _all(make_loader(idx, np.arange(len(idx)), spec=spec, norm=norm, train=False, device=GPU,
+                              settings=LoaderSettings(kind="dali", batch_size=64, workers=2, seed=0)))
+    xc, tc = _all(make_loader(idx, np.arange(len(idx)), spec=spec, norm=norm, train=False, device=torch.device("cpu"),
+                                settings=LoaderSettings(kind="torch", batch_size=64, workers=2, seed=0)))
     assert xg.is_cuda and xg.dtype == torch.float32 and xg.shape == (240, 3, 96, 96)
     assert tg.cpu().tolist() == tc.tolist() == list(range(240))
     assert (xg.cpu() - xc).abs().max().item() < 1e-3
@@ -61,7 +63,8 @@ def test_gpu_dali_equals_cpu_torch_without_augmentation(small_synth):
 
 def test_gpu_epochs_cover_each_sample_once_with_channels_together(tmp_path):
     idx = _coded_dataset(tmp_path / "img", 301)
-    loader = make_loader(idx, np.arange(301), AugmentSpec(image_size=16), RAW, True, GPU, LoaderSettings("dali", 64, 2, 5))
+    loader = make_loader(idx, np.arange(301), spec=AugmentSpec(image_size=16), norm=RAW, train=True, device=GPU,
+                         settings=LoaderSettings(kind="dali", batch_size=64, workers=2, seed=5))
     assert len(loader) == 5
     orders = []
     for _ in range(3):
@@ -75,8 +78,8 @@ def test_gpu_epochs_cover_each_sample_once_with_channels_together(tmp_path):
 
 def test_gpu_fp16_output(small_synth):
     idx = build_index(small_synth / "images_test")
-    loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=64), RAW, False, GPU,
-                         LoaderSettings("dali", 32, 2, 0, out_dtype="float16"))
+    loader = make_loader(idx, np.arange(len(idx)), spec=AugmentSpec(image_size=64), norm=RAW, train=False, device=GPU,
+                         settings=LoaderSettings(kind="dali", batch_size=32, workers=2, seed=0, out_dtype="float16"))
     x, _ = next(iter(loader))
     assert x.is_cuda and x.dtype == torch.float16
 
@@ -112,8 +115,8 @@ def test_gpu_batches_handed_out_without_a_copy_stay_intact_while_the_host_runs_a
     under a batch still to be read would change it. dropped: the host lets go of the batch once the read is
     queued, as the training loop does when it takes the next batch while the step's kernels still run."""
     idx = build_index(small_synth / "images_test")
-    loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=64), RAW, False, GPU,
-                         LoaderSettings("dali", 8, 2, 0))
+    loader = make_loader(idx, np.arange(len(idx)), spec=AugmentSpec(image_size=64), norm=RAW, train=False, device=GPU,
+                         settings=LoaderSettings(kind="dali", batch_size=8, workers=2, seed=0))
     it = iter(loader)
     first, _ = next(it)
     on_arrival = first.double().sum()  # queued now, on the current stream
@@ -136,18 +139,21 @@ def test_gpu_decode_cache_serves_epoch_2_from_memory(small_synth, tmp_path, cach
     Evaluation order (file order), so that the two passes' batches line up."""
     import shutil
 
-    from dalipipe.loaders import decode_cache_mb
+    from dalipipe.loading.loaders import decode_cache_mb
 
     folder = tmp_path / "images"
     shutil.copytree(small_synth / "images_test", folder)
     idx = inspect_images(build_index(folder), progress=False, cache=False)
-    settings = LoaderSettings("dali", 16, 2, 7, decode_cache_mb=decode_cache_mb(idx) if cached else 0)
-    loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=32), RAW, False, GPU, settings)
+    settings = LoaderSettings(kind="dali", batch_size=16, workers=2, seed=7,
+                              decode_cache_mb=decode_cache_mb(idx) if cached else 0)
+    loader = make_loader(idx, np.arange(len(idx)), spec=AugmentSpec(image_size=32), norm=RAW, train=False,
+                         device=GPU, settings=settings)
     first, _ = _all(loader)
     for png in folder.glob("*.png"):  # other pixels, same names and sizes
         arr = np.asarray(Image.open(png))
         Image.fromarray((255 - arr).astype(np.uint8)).save(png)
-    again = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=32), RAW, False, GPU, settings)
+    again = make_loader(idx, np.arange(len(idx)), spec=AugmentSpec(image_size=32), norm=RAW, train=False,
+                        device=GPU, settings=settings)
     second, _ = _all(again)
     again.close()
     loader.close()

@@ -135,8 +135,8 @@ def test_projection_of_a_run_with_a_known_cost_per_epoch(small_synth, tmp_path, 
     to wait for a slow disk would): the projection for 10 epochs from the 2 measured must include 10 such
     costs, not 2."""
     from dalipipe.config import AugmentSpec, TrainConfig
-    from dalipipe.run_recorder import RunRecorder
-    from dalipipe.train import train
+    from dalipipe.run.run_recorder import RunRecorder
+    from dalipipe.run.train import train
 
     extra = 0.5
     hand_off = RunRecorder.epoch_end

@@ -13,10 +13,10 @@ import torch
 
 from dalipipe import device as dev
 from dalipipe.config import LoaderSettings, TrainConfig
-from dalipipe.dali_loader import build_pipeline, decoder_args
+from dalipipe.loading.dali_loader import build_pipeline, decoder_args
 from dalipipe.errors import DataError
-from dalipipe.loaders import decode_cache_mb
-from dalipipe.train_setup import make_optimizer
+from dalipipe.loading.loaders import decode_cache_mb
+from dalipipe.run.train_setup import make_optimizer
 from tests.test_cli import assert_one_line_error, dalipipe
 from tests.test_loaders import RAW
 
@@ -86,13 +86,14 @@ def test_decode_cache_reaches_the_loader_settings_and_the_pipeline_refuses_it_wi
     cfg = TrainConfig(images_dir="", labels_csv="", out_dir="", decode_cache=True)
     assert cfg.loader_settings(True, 0, 1, decode_cache_mb=50).decode_cache_mb == 50
     assert TrainConfig(images_dir="", labels_csv="", out_dir="").loader_settings(True, 0, 1, 50).decode_cache_mb == 0
-    from dalipipe.data import build_index
+    from dalipipe.data.index import build_index
     from dalipipe.config import AugmentSpec
-    from dalipipe.data import PATH_COLUMNS
+    from dalipipe.data.index import PATH_COLUMNS
 
     paths = build_index(small_synth / "images_test")[PATH_COLUMNS].values.tolist()
     with pytest.raises(DataError, match="--decode-cache"):
-        build_pipeline(paths, AugmentSpec(image_size=16), RAW, False, None, LoaderSettings(decode_cache_mb=50))
+        build_pipeline(paths, spec=AugmentSpec(image_size=16), norm=RAW, train=False, device_id=None,
+                       settings=LoaderSettings(decode_cache_mb=50))
 
 
 @pytest.mark.parametrize("cuda,package", [(None, "nvidia-dali-cuda120"), ("12.6", "nvidia-dali-cuda120"),
@@ -108,7 +109,7 @@ def test_loaders_do_not_import_the_module_that_imports_them():
     for name in ("dali_loader.py", "torch_loader.py", "loader_rules.py"):
         tree = ast.parse((root / name).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert "dalipipe.loaders" not in imported, name
+        assert "dalipipe.loading.loaders" not in imported, name
 
 
 def test_augmentation_parameters_do_not_wait_for_the_decoded_images(small_synth):
@@ -116,10 +117,11 @@ def test_augmentation_parameters_do_not_wait_for_the_decoded_images(small_synth)
     they would, on a GPU, wait for the same batch's GPU decode (a GPU-to-CPU transition); read from the
     encoded file (peek_image_shape) they depend on the reader alone. Checked on the pipeline's graph."""
     from dalipipe.config import AugmentSpec
-    from dalipipe.data import PATH_COLUMNS, build_index
+    from dalipipe.data.index import PATH_COLUMNS, build_index
 
     paths = build_index(small_synth / "images_test")[PATH_COLUMNS].values.tolist()
-    pipe = build_pipeline(paths, AugmentSpec(image_size=16), RAW, True, None, LoaderSettings(batch_size=4))
+    pipe = build_pipeline(paths, spec=AugmentSpec(image_size=16), norm=RAW, train=True, device_id=None,
+                          settings=LoaderSettings(batch_size=4))
     ops = {op.name: op for op in pipe._ops}
 
     def ancestors(name):
@@ -141,10 +143,11 @@ def test_augmentation_parameters_do_not_wait_for_the_decoded_images(small_synth)
 def _graph(device_id, settings):
     """The operators of a pipeline's graph, defined (not built: a GPU pipeline needs no GPU for this)."""
     from dalipipe.config import AugmentSpec
-    from dalipipe.dali_loader import define_pipeline
+    from dalipipe.loading.dali_loader import define_pipeline
 
     paths = [[f"/data/{i:05d}_{c}.png" for c in ("yellow", "red", "blue")] for i in range(4)]
-    pipe = define_pipeline(paths, AugmentSpec(image_size=16), RAW, True, device_id, settings)
+    pipe = define_pipeline(paths, spec=AugmentSpec(image_size=16), norm=RAW, train=True, device_id=device_id,
+                           settings=settings)
     pipe._build_graph()
     return pipe._ops
 
@@ -171,8 +174,8 @@ def test_gray_through_an_rgb_decode_equals_the_gray_decode_on_pngsuite():
     from nvidia.dali import fn, pipeline_def, types
     from PIL import Image
 
-    from dalipipe.dali_loader import rgb_to_gray
-    from dalipipe.pngio import _GRAY_MODES, read_gray
+    from dalipipe.loading.dali_loader import rgb_to_gray
+    from dalipipe.data.pngio import _GRAY_MODES, read_gray
     from tests.conftest import pngsuite
 
     files, gray = [], []

@@ -12,7 +12,7 @@ GPU = torch.device("cuda", 0)
 def test_gpu_staged_snapshot_holds_the_state_of_the_hand_off_while_kernels_change_it():
     """The host copy is queued on the training stream without a sync: later kernels that change the
     tensors in place (an optimizer step) must not reach the copy, and the buffers are pinned and reused."""
-    from dalipipe.snapshot import HostStaging
+    from dalipipe.run.snapshot import HostStaging
 
     weights = torch.randn(4096, 1024, device=GPU)
     step = torch.zeros((), device=GPU)

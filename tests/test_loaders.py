@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-from dalipipe.data import build_index, channel_stats, inspect_images, scan_images
-from dalipipe.loaders import make_loader
+from dalipipe.data.index import build_index, inspect_images, scan_images
+from dalipipe.data.stats import channel_stats
+from dalipipe.loading.loaders import make_loader
 from tests.conftest import pngsuite, write_sample
 
 KINDS = ["dali", "torch"]
@@ -22,7 +23,8 @@ RAW = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # outputs stay on the 0-2
 
 def _epochs(kind, index, spec, norm, train, epochs=1, batch_size=64, targets=None):
     targets = np.arange(len(index)) if targets is None else targets
-    loader = make_loader(index, targets, spec, norm, train, CPU, LoaderSettings(kind, batch_size, 2, seed=11))
+    loader = make_loader(index, targets, spec=spec, norm=norm, train=train, device=CPU,
+                         settings=LoaderSettings(kind=kind, batch_size=batch_size, workers=2, seed=11))
     out = []
     for _ in range(epochs):
         xs, ts = zip(*[(x, t) for x, t in loader])
@@ -184,8 +186,9 @@ def test_normalized_means_near_zero_and_loaders_agree_under_augmentation(small_s
 def test_fp16_output_option(small_synth):
     idx = scan_images(small_synth / "images_test")
     for kind in KINDS:
-        loader = make_loader(idx, np.arange(len(idx)), AugmentSpec(image_size=32), RAW, False, CPU,
-                             LoaderSettings(kind, 16, 1, 0, out_dtype="float16"))
+        loader = make_loader(idx, np.arange(len(idx)), spec=AugmentSpec(image_size=32), norm=RAW, train=False,
+                             device=CPU,
+                             settings=LoaderSettings(kind=kind, batch_size=16, workers=1, seed=0, out_dtype="float16"))
         x, _ = next(iter(loader))
         assert x.dtype == torch.float16 and x.shape == (16, 3, 32, 32)
 
@@ -193,7 +196,8 @@ def test_fp16_output_option(small_synth):
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_drops_a_last_batch_of_one_on_one_process(tmp_path, kind):
     idx = _coded_dataset(tmp_path / "img", 17)  # 2 x 8 + 1: the last batch would hold one sample
-    loader = make_loader(idx, np.arange(17), AugmentSpec(image_size=8), RAW, True, CPU, LoaderSettings(kind, 8, 1, seed=2))
+    loader = make_loader(idx, np.arange(17), spec=AugmentSpec(image_size=8), norm=RAW, train=True, device=CPU,
+                         settings=LoaderSettings(kind=kind, batch_size=8, workers=1, seed=2))
     for _ in range(2):
         sizes = [len(t) for _, t in loader]
         assert sizes == [8, 8] and len(loader) == 2
@@ -208,8 +212,9 @@ def test_sharded_training_runs_the_same_steps_on_every_rank(tmp_path, kind, n, b
     idx = _coded_dataset(tmp_path / "img", n)
     seen = []
     for rank in (0, 1):
-        loader = make_loader(idx, np.arange(n), AugmentSpec(image_size=8), RAW, True, CPU,
-                             LoaderSettings(kind, batch, 1, seed=4, shard_id=rank, num_shards=2))
+        loader = make_loader(idx, np.arange(n), spec=AugmentSpec(image_size=8), norm=RAW, train=True, device=CPU,
+                             settings=LoaderSettings(kind=kind, batch_size=batch, workers=1, seed=4, shard_id=rank,
+                                                     num_shards=2))
         batches = [t for _, t in loader]
         assert [len(t) for t in batches] == expected and len(loader) == len(expected)
         seen.append(torch.cat(batches).tolist())
@@ -222,8 +227,9 @@ def decoder_outputs(index, device, image_size):
     """Every evaluation batch of the DALI loader with each decoder setting, in file order."""
     outs = []
     for decoder in ("mixed", "cpu"):
-        loader = make_loader(index, np.arange(len(index)), AugmentSpec(image_size=image_size), RAW, False, device,
-                             LoaderSettings("dali", 32, 1, 0, decoder=decoder))
+        loader = make_loader(index, np.arange(len(index)), spec=AugmentSpec(image_size=image_size), norm=RAW,
+                             train=False, device=device,
+                             settings=LoaderSettings(kind="dali", batch_size=32, workers=1, seed=0, decoder=decoder))
         outs.append([x for x, _ in loader])
         loader.close()
     return outs
@@ -245,13 +251,13 @@ def test_decoder_setting_places_the_decoders_and_the_processing(small_synth, dev
     """Where each operator's output lives, read from the pipeline's graph. A GPU pipeline can be defined
     without a GPU, only not built: its Python graph (_build_graph, _ops: DALI has no public way to list a
     pipeline's operators before building it) shows what the GPU would run."""
-    from dalipipe.dali_loader import define_pipeline
-    from dalipipe.data import PATH_COLUMNS
+    from dalipipe.loading.dali_loader import define_pipeline
+    from dalipipe.data.index import PATH_COLUMNS
 
     paths = scan_images(small_synth / "images_test")[PATH_COLUMNS].values.tolist()
     for train in (False, True):
-        pipe = define_pipeline(paths, AugmentSpec(image_size=16), RAW, train, device_id,
-                               LoaderSettings("dali", 4, 1, 0, decoder=decoder))
+        pipe = define_pipeline(paths, spec=AugmentSpec(image_size=16), norm=RAW, train=train, device_id=device_id,
+                               settings=LoaderSettings(kind="dali", batch_size=4, workers=1, seed=0, decoder=decoder))
         pipe._build_graph()
         outputs = {}
         for op in pipe._ops:

@@ -17,7 +17,9 @@ from click.testing import CliRunner
 
 from dalipipe import checkpoint
 from dalipipe.constants import EXIT_INTERRUPTED, EXIT_TIME_LIMIT, MIN_IMAGE_SIZE
-from dalipipe.data import build_index, read_labels, stratified_split, stratified_subset
+from dalipipe.data.index import build_index
+from dalipipe.data.csv_files import read_labels
+from dalipipe.data.split import stratified_split, stratified_subset
 from dalipipe.distributed import World
 from dalipipe.errors import DataError
 from tests.conftest import write_labels, write_sample
@@ -66,7 +68,7 @@ def test_predict_checks_its_options_first(small_synth, tmp_path, option, fragmen
 
 def test_a_split_too_small_for_a_training_step_on_every_process_is_refused_before_the_image_check(small_synth):
     from dalipipe.config import TrainConfig
-    from dalipipe.train_setup import prepare_data
+    from dalipipe.run.train_setup import prepare_data
 
     cfg = TrainConfig(images_dir=str(small_synth / "images_train"), labels_csv=str(small_synth / "y_train.csv"),
                       out_dir="", subset=12, batch_size=2)
@@ -127,8 +129,8 @@ def test_time_limit_applies_to_its_command_only_and_exits_with_its_own_status(sm
 
 
 def test_ctrl_c_says_what_is_true_at_that_moment(small_synth, tmp_path, monkeypatch):
-    import dalipipe.predict
-    import dalipipe.train
+    import dalipipe.infer.predict
+    import dalipipe.run.train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -144,7 +146,7 @@ def test_ctrl_c_says_what_is_true_at_that_moment(small_synth, tmp_path, monkeypa
     assert r.exit_code == EXIT_INTERRUPTED and "no checkpoint was written yet" in r.output
     run.mkdir()
     (run / "last.pt").write_bytes(b"")  # once a checkpoint is on disk, resuming is the way on
-    from dalipipe import run_dir
+    from dalipipe.run import run_dir
 
     assert f"continue with: dalipipe train --resume {run}" in run_dir.interrupt_hint(run)
 
@@ -173,7 +175,7 @@ def test_every_option_of_every_command_says_what_it_does():
 
 
 def test_plots_carry_any_class_name_with_one_notice_instead_of_a_warning_per_glyph(tmp_path, caplog, monkeypatch):
-    from dalipipe import plots
+    from dalipipe.viz import plots
 
     # CJK (a font may or may not have it), Latin accents, and U+0378, a code point Unicode leaves unassigned,
     # which no font maps: the notice is due on every machine.
@@ -205,7 +207,7 @@ def test_check_table_aligns_wide_class_names(tmp_path):
     write_labels(tmp_path / "y.csv", rows)
     r = invoke("check", tmp_path / "img", tmp_path / "y.csv")
     assert r.exit_code == 0, r.output
-    from dalipipe.check import display_width
+    from dalipipe.data.check import display_width
 
     table = [line for line in r.output.splitlines() if line.startswith("  ") and "%" in line]
     ends = {display_width(line.rsplit("%", 1)[0]) for line in table}
@@ -263,7 +265,7 @@ def test_tqdm_disable_silences_the_bars_a_command_shows(small_synth, tmp_path):
 
 def test_a_subset_larger_than_the_labelled_set_says_it_uses_all(small_synth, caplog):
     from dalipipe.config import TrainConfig
-    from dalipipe.train_setup import prepare_data
+    from dalipipe.run.train_setup import prepare_data
 
     cfg = TrainConfig(images_dir=str(small_synth / "images_train"), labels_csv=str(small_synth / "y_train.csv"),
                       out_dir="", subset=500)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dalipipe.errors import DataError
-from dalipipe.pngio import read_gray
+from dalipipe.data.pngio import read_gray
 from tests.conftest import pngsuite
 
 

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalipipe.config import TrainConfig
-from dalipipe.data import kfold_split
+from dalipipe.data.split import kfold_split
 from dalipipe.ema import WeightAverage, decay_at
 from dalipipe.errors import DataError
 from dalipipe.model import build_model, init_like_reference
-from dalipipe.recipe import Recipe, Schedule, balanced_class_weights
+from dalipipe.run.recipe import Recipe, Schedule, balanced_class_weights
 
 
 def block_stds(model: nn.Module, x: torch.Tensor) -> tuple[list[float], torch.Tensor]:
@@ -138,14 +138,15 @@ def test_balanced_class_weights_and_the_loss_that_uses_them():
     assert np.allclose(w, [10 / 18, 10 / 9, 10 / 3])  # n / (k * count): each class adds the same total
     assert np.allclose(np.bincount(y, weights=w[y]), 10 / 3)
     cfg = TrainConfig(images_dir="i", labels_csv="l", out_dir="o", class_weights="balanced", label_smoothing=0.1)
-    recipe = Recipe(cfg, nn.Linear(2, 3), y, 3, steps_per_epoch=1, device=torch.device("cpu"))
+    recipe = Recipe(cfg, nn.Linear(2, 3), y_train=y, n_classes=3, steps_per_epoch=1, device=torch.device("cpu"))
     logits, target = torch.randn(10, 3), torch.from_numpy(y)
     expected = F.cross_entropy(logits, target, weight=torch.tensor(w, dtype=torch.float32), label_smoothing=0.1)
     assert torch.allclose(recipe.loss(logits, target), expected)
     assert not torch.allclose(recipe.loss(logits, target), F.cross_entropy(logits, target))
     assert recipe.class_weights.tolist() == pytest.approx(w.tolist())  # what the checkpoint saves
-    plain = Recipe(TrainConfig(images_dir="i", labels_csv="l", out_dir="o"), nn.Linear(2, 3), y, 3, 1,
-                   torch.device("cpu"))
+    plain = Recipe(TrainConfig(images_dir="i", labels_csv="l", out_dir="o"), nn.Linear(2, 3), y_train=y,
+                   n_classes=3, steps_per_epoch=1,
+                   device=torch.device("cpu"))
     assert torch.equal(plain.loss(logits, target), F.cross_entropy(logits, target))
     assert plain.ema is None and plain.class_weights is None
 

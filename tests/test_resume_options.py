@@ -9,7 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dalipipe import checkpoint, cli, run_dir
+from dalipipe import checkpoint, cli
+from dalipipe.run import run_dir
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
 from dalipipe.errors import DataError

@@ -15,10 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dalipipe import atomic, checkpoint, run_dir
+from dalipipe import atomic, checkpoint
+from dalipipe.run import run_dir
 from dalipipe.cli import cli
 from dalipipe.config import may_change_text
-from dalipipe.data import build_index, channel_stats, inspect_images
+from dalipipe.data.index import build_index, inspect_images
+from dalipipe.data.stats import channel_stats
 from tests.conftest import write_labels, write_sample
 
 SMALL = ["--epochs", "1", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--workers", "1"]
@@ -211,10 +213,10 @@ def test_an_atomic_write_that_must_not_replace_leaves_a_file_made_meanwhile_alon
 
 
 def test_two_predictions_to_one_file_at_once_the_second_refuses(trained, small_synth, monkeypatch):
-    import dalipipe.predict
+    import dalipipe.infer.predict
 
     out = trained / "race.csv"
-    real = dalipipe.predict.prediction_frame
+    real = dalipipe.infer.predict.prediction_frame
 
     def meanwhile(*args, **kwargs):  # the other predict writes --out after this one's start check
         out.write_text("theirs")

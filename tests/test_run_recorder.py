@@ -14,12 +14,13 @@ import threading
 import pytest
 import torch
 
-from dalipipe import checkpoint, train_setup
+from dalipipe import checkpoint
+from dalipipe.run import train_setup
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.errors import DataError
-from dalipipe.run_recorder import KILL_IN_WRITE, EpochRecord, RunRecorder
+from dalipipe.run.run_recorder import KILL_IN_WRITE, EpochRecord, RunRecorder
 from dalipipe.run_state import SavedRun
-from dalipipe.train import train
+from dalipipe.run.train import train
 from tests.test_cli import assert_one_line_error, dalipipe
 from tests.test_exact_resume import assert_twins
 

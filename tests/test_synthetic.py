@@ -11,7 +11,7 @@ import pytest
 from dalipipe.constants import REAL_MEAN, REAL_STD
 from dalipipe.errors import DataError
 from dalipipe.settings import SynthSpec
-from dalipipe.synthetic import _labels, class_names, generate, render
+from dalipipe.data.synthetic import _labels, class_names, generate, render
 
 
 def _digest(folder) -> str:

@@ -7,7 +7,7 @@ import json
 
 from dalipipe.run_state import SavedRun
 from dalipipe.config import AugmentSpec, TrainConfig
-from dalipipe.train import train
+from dalipipe.run.train import train
 
 
 def test_time_limit_stops_at_a_step_with_a_checkpoint_and_resume_finishes(small_synth, tmp_path):
@@ -38,17 +38,19 @@ def test_a_loader_state_for_another_loader_is_dropped_at_an_epoch_end_and_refuse
     from dalipipe.distributed import World
     from dalipipe.errors import DataError
     from dalipipe.run_state import RankState
-    from dalipipe.train_state import loader_key, restore
+    from dalipipe.run.train_state import loader_key, restore
 
     cpu = torch.device("cpu")
     saved = [RankState(rng_cpu=torch.get_rng_state(), rng_cuda=None, loader={"epoch": 1, "done": 0},
                        loader_key=loader_key("torch", "mixed", cpu))]
-    assert restore(saved, None, "torch", cpu, World(), "run").loader == {"epoch": 1, "done": 0}
-    assert restore(saved, None, loader_key("dali", "mixed", cpu), cpu, World(), "run").loader is None
+    assert restore(saved, partial_steps=None, key="torch", device=cpu, world=World(),
+                   run="run").loader == {"epoch": 1, "done": 0}
+    assert restore(saved, partial_steps=None, key=loader_key("dali", "mixed", cpu), device=cpu, world=World(),
+                   run="run").loader is None
     with pytest.raises(DataError, match="same --loader"):
-        restore(saved, 2, loader_key("dali", "mixed", cpu), cpu, World(), "run")
+        restore(saved, partial_steps=2, key=loader_key("dali", "mixed", cpu), device=cpu, world=World(), run="run")
     with pytest.raises(DataError, match="with 1 process"):
-        restore(saved, 2, "torch", cpu, World(rank=0, size=2), "run")
+        restore(saved, partial_steps=2, key="torch", device=cpu, world=World(rank=0, size=2), run="run")
     # On a GPU the DALI graph depends on the decoding; on the CPU it does not.
     assert loader_key("dali", "mixed", cpu) == loader_key("dali", "cpu", cpu)
     gpu = torch.device("cuda", 0)

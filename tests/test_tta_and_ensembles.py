@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from dalipipe import checkpoint
-from dalipipe.data import build_index, kfold_split
-from dalipipe.recipe import Schedule, balanced_class_weights
+from dalipipe.data.index import build_index
+from dalipipe.data.split import kfold_split
+from dalipipe.run.recipe import Schedule, balanced_class_weights
 from tests.test_cli import assert_one_line_error, dalipipe
 
 # 16 px from 32 px: every prediction goes through each loader's resize, which must commute with the flips.

@@ -1,5 +1,5 @@
 """Writes tests/data/checkpoint_layout.json from two checkpoints of tiny runs (one CPU process, --ema):
-one saved at an epoch's end, one in the middle of an epoch (--time-limit). Run from the repository root: python tests/data/make_checkpoint_layout.py DATA_DIR"""
+one saved at an epoch's end, one in the middle of an epoch (--time-limit). Run from the repository root: python tests/data/make_checkpoint_layout.py"""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dalipipe import checkpoint  # noqa: E402
 from dalipipe.config import AugmentSpec, TrainConfig  # noqa: E402
-from dalipipe.synthetic import SynthSpec, generate  # noqa: E402
-from dalipipe.train import train  # noqa: E402
+from dalipipe.data.synthetic import generate  # noqa: E402
+from dalipipe.settings import SynthSpec  # noqa: E402
+from dalipipe.run.train import train  # noqa: E402
 from tests.checkpoint_layout import LAYOUT_FILE, describe  # noqa: E402
 
 

@@ -59,7 +59,7 @@ def image(tag: str, picture: np.ndarray, step: int) -> None:
 
 
 def confusion(cm: np.ndarray, names: list[str], title: str, step: int) -> None:
-    from dalipipe import plots
+    from dalipipe.viz import plots
 
     with plots.fonts_for(names):
         _writer.add_figure("validation/confusion_matrix", plots.confusion_figure(cm, names, title), step)

@@ -19,7 +19,7 @@ import torch
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import CHANNELS, MIN_TRAIN_BATCH
 from dalipipe.errors import DataError
-from dalipipe.loader_rules import train_plan
+from dalipipe.loading.loader_rules import train_plan
 
 READER = "reader_yellow"
 # Batches the loader keeps referenced after handing them out. They are views of DALI's own buffers, which
@@ -66,7 +66,7 @@ def _train_matrix(shape, spec: AugmentSpec):
     return m
 
 
-def _process(images, shape, spec: AugmentSpec, norm: Normalization, train: bool, out_dtype, layout: str):
+def _process(images, shape, *, spec: AugmentSpec, norm: Normalization, train: bool, out_dtype, layout: str):
     """The processing graph, separate from the readers so that any source of HWC uint8 RGB can use it.
     shape: the images' (H, W, C) as a CPU node (for the random crop)."""
     from nvidia.dali import fn, types
@@ -124,17 +124,18 @@ def rgb_to_gray(rgb):
     return fn.color_space_conversion(rgb, image_type=types.RGB, output_type=types.GRAY)
 
 
-def build_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalization, train: bool,
+def build_pipeline(paths: list[list[str]], *, spec: AugmentSpec, norm: Normalization, train: bool,
                    device_id: int | None, settings: LoaderSettings, checkpoint: bytes | None = None):
     """device_id None: every operator on the CPU; a GPU number: decoding as settings.decoder says, the
     processing on that GPU. checkpoint: a state saved from the same pipeline (readers' positions, random
     generators), to continue where it was."""
-    p = define_pipeline(paths, spec, norm, train, device_id, settings, checkpoint)
+    p = define_pipeline(paths, spec=spec, norm=norm, train=train, device_id=device_id, settings=settings,
+                        checkpoint=checkpoint)
     p.build()
     return p
 
 
-def define_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalization, train: bool,
+def define_pipeline(paths: list[list[str]], *, spec: AugmentSpec, norm: Normalization, train: bool,
                     device_id: int | None, settings: LoaderSettings, checkpoint: bytes | None = None):
     """build_pipeline's pipeline, not yet built: building a GPU pipeline needs the GPU, its definition
     does not (the tests read a GPU pipeline's graph on machines without one)."""
@@ -171,7 +172,8 @@ def define_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizati
         if gpu and decode_on == "cpu":
             rgb = rgb.gpu()  # one host-to-device copy of the stacked batch
         out_dtype = types.FLOAT16 if settings.out_dtype == "float16" else types.FLOAT
-        return (_process(rgb, shape, spec, norm, train, out_dtype, output_layout(gpu)), *labels)
+        return (_process(rgb, shape, spec=spec, norm=norm, train=train, out_dtype=out_dtype,
+                         layout=output_layout(gpu)), *labels)
 
     return pipe()
 
@@ -179,13 +181,14 @@ def define_pipeline(paths: list[list[str]], spec: AugmentSpec, norm: Normalizati
 class DaliLoader:
     """DALI pipeline + DALIGenericIterator as an iterable of (images, targets) with len()."""
 
-    def __init__(self, paths, targets, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
+    def __init__(self, paths, targets, *, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
                  settings: LoaderSettings, state: dict | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         from dalipipe.device import cuda_index
 
-        self.pipe = build_pipeline(paths, spec, norm, train, cuda_index(device), settings,
+        self.pipe = build_pipeline(paths, spec=spec, norm=norm, train=train, device_id=cuda_index(device),
+                                   settings=settings,
                                    checkpoint=state["dali"] if state else None)
         self.checkpointing = settings.checkpointing
         self.iterator = DALIGenericIterator(self.pipe, ["images", "p0", "p1", "p2"], reader_name=READER,

@@ -13,17 +13,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dalipipe import distributed, run_dir, tensorboard_log, train_state
+from dalipipe import distributed
+from dalipipe.run import run_dir, train_state
+from dalipipe.viz import tensorboard_log
 from dalipipe import device as dev
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
-from dalipipe.data import (LabelMap, build_index, channel_stats, inspect_images, kfold_split, stratified_split,
-                           stratified_subset)
+from dalipipe.data.index import LabelMap, build_index, inspect_images
+from dalipipe.data.stats import channel_stats
+from dalipipe.data.split import kfold_split, stratified_split, stratified_subset
 from dalipipe.errors import DataError
-from dalipipe.loader_rules import train_plan
-from dalipipe.loaders import decode_cache_mb, make_loader
+from dalipipe.loading.loader_rules import train_plan
+from dalipipe.loading.loaders import decode_cache_mb, make_loader
 from dalipipe.model import build_model, compiled
-from dalipipe.recipe import Recipe
+from dalipipe.run.recipe import Recipe
 from dalipipe.run_state import PartialEpoch, Progress, RankState, RunState, SavedRun, Split
 
 log = logging.getLogger("dalipipe")
@@ -156,7 +159,8 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
         progress, partial_steps = saved.progress, saved.partial_steps
     # This rank's generators and loader position as saved (restored here, after the model's random init).
     key = train_state.loader_key(cfg.loader, cfg.decoder, device)
-    mine = train_state.restore(saved.ranks if saved else None, partial_steps, key, device, world, str(out))
+    mine = train_state.restore(saved.ranks if saved else None, partial_steps=partial_steps, key=key, device=device,
+                               world=world, run=str(out))
     partial = None if partial_steps is None else PartialEpoch(
         partial_steps, mine.loss_sum if mine else None, mine.seen if mine else 0)
     timings["model_build_s"] = time.perf_counter() - t0
@@ -169,17 +173,18 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
     # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
     # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
     cache_mb = decode_cache_mb(pd.concat([train_df, val_df])) if cfg.decode_cache else 0
-    train_loader = make_loader(train_df, np.arange(len(train_df)), cfg.augment, norm, train=True, device=device,
+    train_loader = make_loader(train_df, np.arange(len(train_df)), spec=cfg.augment, norm=norm, train=True,
+                               device=device,
                                settings=dataclasses.replace(
                                    cfg.loader_settings(train=True, shard_id=world.rank, num_shards=world.size,
                                                        decode_cache_mb=cache_mb),
                                    seed=loader_seed, checkpointing=True),
                                state=loader_state)
-    val_loader = make_loader(val_df, np.arange(len(val_df)), cfg.augment, norm, train=False, device=device,
+    val_loader = make_loader(val_df, np.arange(len(val_df)), spec=cfg.augment, norm=norm, train=False, device=device,
                              settings=cfg.loader_settings(train=False, shard_id=world.rank, num_shards=world.size,
                                                           decode_cache_mb=cache_mb))
     timings["loader_build_s"] = time.perf_counter() - t0
-    recipe = Recipe(cfg, model, train_df["y"].to_numpy(), n_classes=len(labels.names),
+    recipe = Recipe(cfg, model, y_train=train_df["y"].to_numpy(), n_classes=len(labels.names),
                     steps_per_epoch=len(train_loader), device=device, saved=saved.ema if saved else None)
     state = RunState(model=model, optimizer=opt, scaler=scaler, ema=recipe.ema,
                      class_weights=None if recipe.class_weights is None else recipe.class_weights.tolist(),

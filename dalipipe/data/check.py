@@ -5,7 +5,9 @@ from __future__ import annotations
 import unicodedata
 
 from dalipipe.constants import CHANNELS
-from dalipipe.data import LabelMap, build_index, channel_stats, inspect_images, stratified_split
+from dalipipe.data.index import LabelMap, build_index, inspect_images
+from dalipipe.data.stats import channel_stats
+from dalipipe.data.split import stratified_split
 from dalipipe.settings import CheckSettings
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from dalipipe import distributed, train_state
+from dalipipe import distributed
+from dalipipe.run import train_state
 from dalipipe.constants import MAX_BATCH_PICTURE
-from dalipipe.display import display_images
+from dalipipe.viz.display import display_images
 from dalipipe.model import calibrate_batchnorm
-from dalipipe.run_recorder import FirstBatch, RunRecorder
+from dalipipe.run.run_recorder import FirstBatch, RunRecorder
 
 
 class Hook:
@@ -65,7 +66,8 @@ class MidEpochCheckpoints(Hook):
         train_state.kill_for_test(global_step, before=lambda: (self.recorder.wait(), distributed.barrier(run.world)))
         save, stop = self.policy.at_step(global_step, last_step_of_epoch=step == self.steps_per_epoch)
         if save:
-            ranks = train_state.capture(run.train_loader, run.loader_key, run.device, run.world, loss_sum, seen)
+            ranks = train_state.capture(run.train_loader, key=run.loader_key, device=run.device, world=run.world,
+                                        loss_sum=loss_sum, seen=seen)
             self.recorder.checkpoint(run.checkpoint(ranks, partial_steps=step))
             self.policy.saved()
         if stop:

@@ -32,7 +32,7 @@ def tta_scores(logits: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scores_by_position(model: torch.nn.Module, loader, device: torch.device, world: World = World(),
+def scores_by_position(model: torch.nn.Module, loader, *, device: torch.device, world: World = World(),
                        progress=None, precision: str = "auto", tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(positions, scores) over the whole set, each position once, gathered from all ranks and sorted.
     Scores are logits, or with `tta` the log of the probabilities averaged over the flips (on a GPU one

@@ -16,20 +16,21 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from tqdm.auto import tqdm
 
-from dalipipe import atomic, distributed, run_dir, train_setup, train_state
+from dalipipe import atomic, distributed
+from dalipipe.run import run_dir, train_setup, train_state
 from dalipipe import device as dev
 from dalipipe.config import TrainConfig
-from dalipipe.inference import cross_entropy, prediction_frame, probabilities, scores_by_position
+from dalipipe.infer.inference import cross_entropy, prediction_frame, probabilities, scores_by_position
 from dalipipe.progress import quiet_unless
-from dalipipe.recipe import Recipe
-from dalipipe.run_recorder import BestEpoch, EpochRecord, RunRecorder
+from dalipipe.run.recipe import Recipe
+from dalipipe.run.run_recorder import BestEpoch, EpochRecord, RunRecorder
 from dalipipe.run_state import PartialEpoch
-from dalipipe.train_hooks import CalibrateBatchNorm, FirstBatchPicture, Hook, MidEpochCheckpoints
+from dalipipe.run.train_hooks import CalibrateBatchNorm, FirstBatchPicture, Hook, MidEpochCheckpoints
 
 log = logging.getLogger("dalipipe")
 
 
-def train_step(net, images: torch.Tensor, y: torch.Tensor, opt, scaler, device: torch.device, precision: str,
+def train_step(net, images: torch.Tensor, y: torch.Tensor, *, opt, scaler, device: torch.device, precision: str,
                loss_fn) -> torch.Tensor:
     """One optimizer step on one batch (forward under the run's autocast, backward through the gradient
     scaler); the loss, still on the device."""
@@ -65,7 +66,8 @@ def train_epoch(*, net, loader, y_train: torch.Tensor, opt, scaler, device: torc
                 hook.first_batch(images, y)
         images = dev.batch_layout(images, device)
         recipe.before_step(opt, first_global_step + step - 1)
-        loss = train_step(net, images, y, opt, scaler, device, precision, recipe.loss)
+        loss = train_step(net, images, y, opt=opt, scaler=scaler, device=device, precision=precision,
+                          loss_fn=recipe.loss)
         recipe.after_step()
         loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
         seen += len(y)
@@ -208,9 +210,9 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
         timings["train_s"] += train_time
         if sample_log:
             write_sample_log(sample_log, world.rank, epoch + 1, run.train_df.file_id.to_numpy()[positions])
-        row, best = _validate(run, epoch, float(loss_sum.item()), seen, train_time, t0)
+        row, best = _validate(run, epoch, loss_sum=float(loss_sum.item()), seen=seen, train_time=train_time, t0=t0)
         # The next epoch's start, on every rank; written by rank 0 in the background.
-        ranks = train_state.capture(run.train_loader, run.loader_key, device, world)
+        ranks = train_state.capture(run.train_loader, key=run.loader_key, device=device, world=world)
         recorder.epoch_end(run.checkpoint(ranks), EpochRecord(row, list(progress.history), best))
         policy.saved()
         if world.is_main:
@@ -229,7 +231,7 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
                        epoch_walls=epoch_walls, partial_steps=partial_steps, partial_train_s=partial_s)
 
 
-def _validate(run: train_setup.Setup, epoch: int, loss_sum: float, seen: int, train_time: float,
+def _validate(run: train_setup.Setup, epoch: int, *, loss_sum: float, seen: int, train_time: float,
               t0: float) -> tuple[dict, BestEpoch | None]:
     """Score the epoch on the validation split and update the run's progress: (metrics row, what to write
     if it is the best epoch so far). The training figures are summed over every process."""
@@ -242,7 +244,7 @@ def _validate(run: train_setup.Setup, epoch: int, loss_sum: float, seen: int, tr
     t_val = time.perf_counter()
     model = run.recipe.eval_model(run.state.model)
     distributed.broadcast_buffers(model, world)  # every rank validates exactly what rank 0 saves
-    pos, logits = scores_by_position(model, run.val_loader, run.device, world, precision=run.cfg.precision,
+    pos, logits = scores_by_position(model, run.val_loader, device=run.device, world=world, precision=run.cfg.precision,
                                      tta=run.cfg.tta_val)
     val_time = time.perf_counter() - t_val
     run.timings["val_s"] += val_time

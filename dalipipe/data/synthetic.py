@@ -157,7 +157,7 @@ def render(y: np.ndarray, size: int, rng: np.random.Generator, n_classes: int) -
     return out
 
 
-def _write_split(folder: Path, ids: np.ndarray, y: np.ndarray, spec: SynthSpec, rng: np.random.Generator,
+def _write_split(folder: Path, ids: np.ndarray, y: np.ndarray, *, spec: SynthSpec, rng: np.random.Generator,
                  desc: str) -> None:
     folder.mkdir(parents=True)
     with tqdm(total=len(ids), desc=desc, unit="sample", leave=False) as bar:
@@ -185,8 +185,8 @@ def generate(out_dir: str | Path, spec: SynthSpec = SynthSpec(), force: bool = F
         y_test = _labels(spec.n_test, spec.n_classes, rng, min_per_class=0)
         train_ids = np.arange(1, spec.n_train + 1)
         test_ids = np.arange(spec.n_train + 1, spec.n_train + spec.n_test + 1)
-        _write_split(tmp / "images_train", train_ids, y_train, spec, rng, "train images")
-        _write_split(tmp / "images_test", test_ids, y_test, spec, rng, "test images")
+        _write_split(tmp / "images_train", train_ids, y_train, spec=spec, rng=rng, desc="train images")
+        _write_split(tmp / "images_test", test_ids, y_test, spec=spec, rng=rng, desc="test images")
         pd.DataFrame({"file_id": train_ids, "cell_line": names[y_train]}).to_csv(tmp / "y_train.csv", index=False)
         pd.DataFrame({"file_id": test_ids, "cell_line": names[y_test]}).to_csv(tmp / "y_test.csv", index=False)
         pd.DataFrame({"file_id": test_ids, "cell_line": names[0]}).to_csv(tmp / "sample_submission.csv", index=False)

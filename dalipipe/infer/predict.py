@@ -12,10 +12,11 @@ import torch
 from dalipipe import atomic, checkpoint
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings
-from dalipipe.data import inspect_images, read_ids, scan_images
+from dalipipe.data.index import inspect_images, scan_images
+from dalipipe.data.csv_files import read_ids
 from dalipipe.errors import DataError
-from dalipipe.inference import prediction_frame, probabilities, scores_by_position
-from dalipipe.loaders import make_loader
+from dalipipe.infer.inference import prediction_frame, probabilities, scores_by_position
+from dalipipe.loading.loaders import make_loader
 from dalipipe.model import build_model
 from dalipipe.run_state import ModelCard
 from dalipipe.settings import PredictSettings
@@ -83,7 +84,7 @@ def predict(settings: PredictSettings) -> pd.DataFrame:
     total = np.zeros((len(index), len(names)))
     for k, (path, card) in enumerate(cks):
         desc = "predicting" + (f" ({k + 1}/{len(cks)} {path.parent.name}/{path.name})" if len(cks) > 1 else "")
-        pos, scores = model_scores(card, index, loading, torch_device, s.tta,
+        pos, scores = model_scores(card, index, settings=loading, device=torch_device, tta=s.tta,
                                    progress=lambda it, desc=desc: tqdm(it, desc=desc, unit="batch", leave=False))
         if len(pos) != len(index):
             raise RuntimeError(f"loader returned {len(pos)} of {len(index)} samples; please report this as a bug")
@@ -95,15 +96,16 @@ def predict(settings: PredictSettings) -> pd.DataFrame:
     return sub
 
 
-def model_scores(card: ModelCard, index: pd.DataFrame, settings: LoaderSettings, device: torch.device, tta: bool,
+def model_scores(card: ModelCard, index: pd.DataFrame, *, settings: LoaderSettings, device: torch.device, tta: bool,
                  progress) -> tuple[np.ndarray, np.ndarray]:
     """(positions, scores) of one checkpoint's model over the index, with its own evaluation preprocessing."""
     spec = AugmentSpec(image_size=card.image_size)
     model = build_model(len(card.class_names))
     model.load_state_dict(card.weights)
     model = dev.place_model(model, device)
-    data = make_loader(index, np.arange(len(index)), spec, card.norm, train=False, device=device, settings=settings)
+    data = make_loader(index, np.arange(len(index)), spec=spec, norm=card.norm, train=False, device=device,
+                       settings=settings)
     try:
-        return scores_by_position(model, data, device, progress=progress, tta=tta)
+        return scores_by_position(model, data, device=device, progress=progress, tta=tta)
     finally:
         data.close()

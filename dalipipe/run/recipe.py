@@ -57,7 +57,7 @@ class Schedule:
 class Recipe:
     """Called by the training step: loss(logits, y), before_step(opt, step), after_step()."""
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, y_train: np.ndarray, n_classes: int,
+    def __init__(self, cfg: TrainConfig, model: nn.Module, *, y_train: np.ndarray, n_classes: int,
                  steps_per_epoch: int, device: torch.device, saved: dict | None = None):
         self.smoothing = cfg.label_smoothing
         self.class_weights = (balanced_class_weights(y_train, n_classes) if cfg.class_weights == "balanced" else None)

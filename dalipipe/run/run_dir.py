@@ -18,7 +18,7 @@ from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, Train
 from dalipipe.config import spelling as option
 from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
-from dalipipe.run_recorder import metrics_text
+from dalipipe.run.run_recorder import metrics_text
 from dalipipe.run_state import ModelCard, SavedRun
 
 log = logging.getLogger("dalipipe")

@@ -13,13 +13,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dalipipe import atomic, plots
+from dalipipe import atomic
+from dalipipe.viz import plots
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-from dalipipe.data import build_index, channel_stats, inspect_images
-from dalipipe.display import display_images
-from dalipipe.loaders import make_loader
-from dalipipe.pngio import read_gray
+from dalipipe.data.index import build_index, inspect_images
+from dalipipe.data.stats import channel_stats
+from dalipipe.viz.display import display_images
+from dalipipe.loading.loaders import make_loader
+from dalipipe.data.pngio import read_gray
 from dalipipe.settings import PreviewSettings
 
 # What each stored channel holds (the file name's colour is not the colour it is drawn in).
@@ -40,11 +42,12 @@ def pick_samples(index: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return picked.sort_values(["cell_line", "file_id"]).reset_index(drop=True)
 
 
-def loader_images(kind: str, samples: pd.DataFrame, spec: AugmentSpec, norm: Normalization, augment: bool,
+def loader_images(kind: str, samples: pd.DataFrame, *, spec: AugmentSpec, norm: Normalization, augment: bool,
                   device: torch.device, seed: int, workers: int | None) -> np.ndarray:
     """What one loader delivers for these samples, in their order, as uint8 RGB."""
     settings = LoaderSettings(kind=kind, batch_size=len(samples), workers=workers, seed=seed)
-    loader = make_loader(samples, np.arange(len(samples)), spec, norm, augment, device, settings)
+    loader = make_loader(samples, np.arange(len(samples)), spec=spec, norm=norm, train=augment, device=device,
+                         settings=settings)
     try:
         batches = list(loader)
     finally:
@@ -73,7 +76,8 @@ def preview(settings: PreviewSettings) -> dict:
     samples = pick_samples(index, n, seed)
     torch_device = dev.resolve(s.device)
     kinds = ["dali", "torch"] if loader == "both" else [loader]
-    delivered = {k: loader_images(k, samples, spec, norm, augment, torch_device, seed, s.workers) for k in kinds}
+    delivered = {k: loader_images(k, samples, spec=spec, norm=norm, augment=augment, device=torch_device, seed=seed,
+                                  workers=s.workers) for k in kinds}
     difference = None  # augmented, the two loaders draw differently: nothing to compare
     if len(kinds) == 2 and not augment:
         difference = int(np.abs(delivered["dali"].astype(int) - delivered["torch"].astype(int)).max())

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dalipipe import augment
+from dalipipe.loading import augment
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import MIN_TRAIN_BATCH
-from dalipipe.loader_rules import train_plan
-from dalipipe.pngio import read_gray
+from dalipipe.loading.loader_rules import train_plan
+from dalipipe.data.pngio import read_gray
 
 
 class ChannelDataset(Dataset):
@@ -24,7 +24,7 @@ class ChannelDataset(Dataset):
     (seed, epoch, i), so that it does not depend on which worker draws the sample. Normalization runs
     here, in the workers, as the reference's transforms did: the main process only collates."""
 
-    def __init__(self, paths: list[list[str]], targets: np.ndarray, spec: AugmentSpec, norm: Normalization,
+    def __init__(self, paths: list[list[str]], targets: np.ndarray, *, spec: AugmentSpec, norm: Normalization,
                  train: bool, seed: int):
         self.paths, self.targets, self.spec, self.train, self.seed = paths, targets, spec, train, seed
         self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
@@ -58,11 +58,11 @@ class _ResumableSampler(DistributedSampler):
 class TorchLoader:
     """Iterable of (images, targets) with len(); each epoch a new seeded order (train) or file order."""
 
-    def __init__(self, paths, targets, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
+    def __init__(self, paths, targets, *, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
                  settings: LoaderSettings, state: dict | None = None):
         batch_size, seed = settings.batch_size, settings.seed
         shard_id, num_shards = settings.shard_id, settings.num_shards
-        self.dataset = ChannelDataset(paths, np.asarray(targets), spec, norm, train, seed)
+        self.dataset = ChannelDataset(paths, np.asarray(targets), spec=spec, norm=norm, train=train, seed=seed)
         # DistributedSampler also serves one process; without shuffling it keeps file order. Evaluation:
         # shards padded by repeating a few samples (de-duplicated by the caller). Training: every rank the
         # same n // num_shards samples and steps, a last batch too small for BatchNorm dropped

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from dalipipe.data import read_labels
+from dalipipe.data.csv_files import read_labels
 from dalipipe.errors import DataError
 
 log = logging.getLogger("dalipipe")

@@ -32,7 +32,7 @@ def loader_key(kind: str, decoder: str, device: torch.device) -> str:
     return f"dali/{device.type}" + (f"/{decoder}" if device.type == "cuda" else "")
 
 
-def capture(loader, key: str, device: torch.device, world: World, loss_sum: torch.Tensor | None = None,
+def capture(loader, *, key: str, device: torch.device, world: World, loss_sum: torch.Tensor | None = None,
             seen: int = 0) -> list[RankState]:
     """Every rank's generators, loader state and partial-epoch sums, gathered (in rank order) on every rank."""
     mine = RankState(rng_cpu=torch.get_rng_state(),
@@ -42,7 +42,7 @@ def capture(loader, key: str, device: torch.device, world: World, loss_sum: torc
     return distributed.gather(mine, world)
 
 
-def restore(ranks: list[RankState] | None, partial_steps: int | None, key: str, device: torch.device, world: World,
+def restore(ranks: list[RankState] | None, *, partial_steps: int | None, key: str, device: torch.device, world: World,
             run: str) -> RankState | None:
     """This rank's saved state (generators restored here), or None where the run has none to give (a run
     from an older dalipipe, or another number of processes at an epoch's end: then the loaders reseed).

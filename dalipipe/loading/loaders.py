@@ -10,10 +10,10 @@ import pandas as pd
 import torch
 
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-from dalipipe.data import PATH_COLUMNS
+from dalipipe.data.index import PATH_COLUMNS
 from dalipipe.device import dali_package
 from dalipipe.errors import DataError
-from dalipipe.loader_rules import default_workers
+from dalipipe.loading.loader_rules import default_workers
 
 
 def decode_cache_mb(index: pd.DataFrame) -> int:
@@ -25,7 +25,7 @@ def decode_cache_mb(index: pd.DataFrame) -> int:
     return math.ceil(decoded * 1.1 / 2**20) + 16
 
 
-def make_loader(index: pd.DataFrame, targets: np.ndarray, spec: AugmentSpec, norm: Normalization, train: bool,
+def make_loader(index: pd.DataFrame, targets: np.ndarray, *, spec: AugmentSpec, norm: Normalization, train: bool,
                 device: torch.device, settings: LoaderSettings = LoaderSettings(), state: dict | None = None):
     """An iterable of (images, targets) over the rows of `index`; targets[i] belongs to row i.
     state: what the same loader's state() returned, to continue exactly where it was."""
@@ -35,12 +35,12 @@ def make_loader(index: pd.DataFrame, targets: np.ndarray, spec: AugmentSpec, nor
     if len(paths) == 0:
         raise DataError("no samples to load")
     if settings.kind == "dali":
-        from dalipipe.dali_loader import DaliLoader, dali_available
+        from dalipipe.loading.dali_loader import DaliLoader, dali_available
 
         if not dali_available():
             raise DataError(f"--loader dali: NVIDIA DALI is not installed (pip install {dali_package()}), "
                             "or use --loader torch")
         cls = DaliLoader
     else:
-        from dalipipe.torch_loader import TorchLoader as cls
-    return cls(paths, targets, spec, norm, train, device, settings, state)
+        from dalipipe.loading.torch_loader import TorchLoader as cls
+    return cls(paths, targets, spec=spec, norm=norm, train=train, device=device, settings=settings, state=state)
