@@ -64,3 +64,8 @@ MIN_TRAIN_BATCH = 2
 
 # Loader threads (DALI) or worker processes (torch) per training process, at most, when not given.
 MAX_DEFAULT_WORKERS = 8
+
+# A training epoch that waits for data more than this share of its time gets one line of advice (once per
+# command). Below it, the fastest loader could win back at most a tenth of the epoch, within what two epochs'
+# times differ by on a shared machine; above it, the loader's settings are worth a look.
+DATA_WAIT_ADVICE_SHARE = 0.10

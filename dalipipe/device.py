@@ -90,6 +90,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting memory_in_use's peak afresh (each epoch); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_in_use(device: torch.device) -> dict[str, float]:
+    """On a GPU, in MB: the peak of torch's allocator since reset_peak_memory (the model, its gradients,
+    optimizer state, activations), and the device memory in use now by the driver's count (torch's cache,
+    DALI's own memory pools, which DALI does not report apart, the CUDA contexts, other processes on the
+    GPU). Host-side counters: no synchronization. Nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"torch_peak_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "device_memory_used_mb": round((total - free) / 2**20, 1)}
+
+
 def configure(device: torch.device) -> None:
     """Process-wide settings for fast training on a GPU: cuDNN picks the fastest convolution algorithms
     for our fixed input size (measured once, on the first batches), TF32 matmuls. Nothing on the CPU."""

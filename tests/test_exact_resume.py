@@ -15,7 +15,9 @@ import torch
 from dalipipe import checkpoint
 from tests.test_cli import dalipipe
 
-TIMING = ("train_images_per_s", "val_seconds", "epoch_seconds")
+# what a machine's speed and memory decide, not the training
+TIMING = ("train_images_per_s", "val_seconds", "epoch_seconds", "data_wait_s", "data_wait_share",
+          "torch_peak_allocated_mb", "device_memory_used_mb")
 # 168 training samples, batch 32: 6 steps an epoch (5 of 32, one of 8), 18 in three epochs. Checkpoints at
 # every second step and at the epoch ends; the kill after step 3 falls in the first epoch, after the step-2
 # checkpoint, so that the resumed run has a partial epoch to finish and two whole epochs after it (a kill

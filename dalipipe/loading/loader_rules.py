@@ -9,11 +9,15 @@ from dalipipe.constants import MAX_DEFAULT_WORKERS, MIN_TRAIN_BATCH
 from dalipipe.errors import DataError
 
 
+def local_processes() -> int:
+    """The training processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def default_workers() -> int:
-    """The cores of this machine shared among its training processes (torchrun's LOCAL_WORLD_SIZE), at
-    most MAX_DEFAULT_WORKERS. `dalipipe train`, `predict` and the benchmark's rows all use this."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) // local))
+    """The cores of this machine shared among its training processes, at most MAX_DEFAULT_WORKERS.
+    `dalipipe train`, `predict` and the benchmark's rows all use this."""
+    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) // local_processes()))
 
 
 def train_plan(n: int, batch_size: int, num_shards: int) -> tuple[int, int]:

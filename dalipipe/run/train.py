@@ -22,6 +22,9 @@ from dalipipe import device as dev
 from dalipipe.config import TrainConfig
 from dalipipe.infer.inference import cross_entropy, prediction_frame, probabilities, scores_by_position
 from dalipipe.progress import quiet_unless
+from dalipipe.data.index import available_cores
+from dalipipe.loading.loader_rules import default_workers, local_processes
+from dalipipe.run.data_wait import Advisor, DataWait, Machine
 from dalipipe.run.recipe import Recipe
 from dalipipe.run.run_recorder import BestEpoch, EpochRecord, RunRecorder
 from dalipipe.run_state import PartialEpoch
@@ -43,11 +46,19 @@ def train_step(net, images: torch.Tensor, y: torch.Tensor, *, opt, scaler, devic
     return loss
 
 
+@dataclass(frozen=True)
+class EpochSums:
+    """What one process's pass over its training loader adds up to."""
+    loss_sum: torch.Tensor  # summed loss, still on the device
+    seen: int  # samples trained on
+    positions: np.ndarray  # the row positions trained on, in order, if recorded
+    data_wait_s: float  # time spent waiting for the loader's batches (data_wait.py)
+
+
 def train_epoch(*, net, loader, y_train: torch.Tensor, opt, scaler, device: torch.device, precision: str,
                 recipe: Recipe, first_global_step: int, start: PartialEpoch | None, hooks: list[Hook], desc: str,
-                show: bool, record: bool) -> tuple[torch.Tensor, int, np.ndarray]:
-    """One pass over the loader (or the rest of one, from a mid-epoch checkpoint's step with its sums):
-    (summed loss on the device, samples seen, the row positions trained on if `record`).
+                show: bool, record: bool) -> EpochSums:
+    """One pass over the loader (or the rest of one, from a mid-epoch checkpoint's step with its sums).
     first_global_step: the run's count of steps before this epoch (the learning-rate schedule's clock)."""
     net.train()
     start_step = start.steps if start else 0
@@ -55,7 +66,9 @@ def train_epoch(*, net, loader, y_train: torch.Tensor, opt, scaler, device: torc
                 else torch.zeros((), device=device))
     seen = start.seen if start else 0
     positions = []
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, initial=start_step, total=len(loader),
+    wait, t0 = DataWait(), time.perf_counter()
+    # The bar is outside the timed loader: its own drawing is not time waited for data.
+    bar = tqdm(wait.timed(loader), desc=desc, unit="batch", leave=False, initial=start_step, total=len(loader),
                **quiet_unless(show))
     for step, (images, pos) in enumerate(bar, start=start_step + 1):
         y = y_train[pos]
@@ -73,8 +86,11 @@ def train_epoch(*, net, loader, y_train: torch.Tensor, opt, scaler, device: torc
         seen += len(y)
         for hook in hooks:
             hook.after_step(step, first_global_step + step, loss_sum, seen)
+        # host clocks only (no sync); tqdm draws it at its own pace
+        bar.set_postfix_str(f"data wait {wait.seconds / max(time.perf_counter() - t0, 1e-9):.0%}", refresh=False)
     dev.synchronize(device)
-    return loss_sum, seen, torch.cat(positions).numpy() if positions else np.zeros(0, dtype=np.int64)
+    return EpochSums(loss_sum=loss_sum, seen=seen, data_wait_s=wait.seconds,
+                     positions=torch.cat(positions).numpy() if positions else np.zeros(0, dtype=np.int64))
 
 
 def write_sample_log(folder: str, rank: int, epoch: int, file_ids: np.ndarray) -> None:
@@ -189,11 +205,14 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
     setup_s, epoch_walls = time.perf_counter() - t_start, []
     # A mid-epoch checkpoint continues the one epoch it was saved in, and that epoch only.
     partial = run.partial
+    advisor = Advisor(cfg, Machine(device_type=device.type, cores=available_cores(), processes=local_processes(),
+                                   workers=cfg.workers or default_workers()))
     for epoch in range(progress.epochs_done, cfg.epochs):
         t0 = time.perf_counter()
         start, partial = partial, None
+        dev.reset_peak_memory(device)
         try:
-            loss_sum, seen, positions = train_epoch(
+            sums = train_epoch(
                 net=run.net, loader=run.train_loader, y_train=run.y_train, opt=state.optimizer, scaler=state.scaler,
                 device=device, precision=cfg.precision, recipe=run.recipe, first_global_step=epoch * steps_per_epoch,
                 start=start, hooks=hooks, desc=f"epoch {epoch + 1}/{cfg.epochs}", show=world.is_main,
@@ -209,8 +228,8 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
         train_time = time.perf_counter() - t0
         timings["train_s"] += train_time
         if sample_log:
-            write_sample_log(sample_log, world.rank, epoch + 1, run.train_df.file_id.to_numpy()[positions])
-        row, best = _validate(run, epoch, loss_sum=float(loss_sum.item()), seen=seen, train_time=train_time, t0=t0)
+            write_sample_log(sample_log, world.rank, epoch + 1, run.train_df.file_id.to_numpy()[sums.positions])
+        row, best = _validate(run, epoch, sums=sums, train_time=train_time, t0=t0)
         # The next epoch's start, on every rank; written by rank 0 in the background.
         ranks = train_state.capture(run.train_loader, key=run.loader_key, device=device, world=world)
         recorder.epoch_end(run.checkpoint(ranks), EpochRecord(row, list(progress.history), best))
@@ -218,7 +237,11 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
         if world.is_main:
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  val loss "
                        f"{row['val_loss']:.4f}  val balanced acc {row['val_balanced_accuracy']:.4f}"
-                       f"{' *' if best else ''}  {row['train_images_per_s']:.0f} img/s")
+                       f"{' *' if best else ''}  {row['train_images_per_s']:.0f} img/s  data wait "
+                       f"{row['data_wait_share']:.0%}")
+            said = advisor.after_epoch(epoch + 1, row["data_wait_share"])
+            if said:
+                log.info(said)
         distributed.barrier(world)
         epoch_walls.append(time.perf_counter() - t0)
         # Rank 0's clock decides, so that every rank stops after the same epoch.
@@ -231,15 +254,21 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
                        epoch_walls=epoch_walls, partial_steps=partial_steps, partial_train_s=partial_s)
 
 
-def _validate(run: train_setup.Setup, epoch: int, *, loss_sum: float, seen: int, train_time: float,
+def _largest(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: max(r[k] for r in rows) for k in rows[0]}
+
+
+def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums, train_time: float,
               t0: float) -> tuple[dict, BestEpoch | None]:
     """Score the epoch on the validation split and update the run's progress: (metrics row, what to write
-    if it is the best epoch so far). The training figures are summed over every process."""
+    if it is the best epoch so far). The training figures are summed over every process; the data wait is
+    the most starved process's."""
     progress, world = run.state.progress, run.world
-    totals = distributed.gather((loss_sum, seen, train_time), world)
+    totals = distributed.gather((float(sums.loss_sum.item()), sums.seen, train_time, sums.data_wait_s), world)
     seen_all = sum(t[1] for t in totals)
     train_loss = sum(t[0] for t in totals) / max(seen_all, 1)
     images_per_s = seen_all / max(max(t[2] for t in totals), 1e-9)
+    data_wait = max(totals, key=lambda t: t[3] / max(t[2], 1e-9))
 
     t_val = time.perf_counter()
     model = run.recipe.eval_model(run.state.model)
@@ -254,7 +283,11 @@ def _validate(run: train_setup.Setup, epoch: int, *, loss_sum: float, seen: int,
     row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(cross_entropy(logits, y), 5),
            "val_balanced_accuracy": round(score, 5), "train_images_per_s": round(images_per_s, 1),
            "val_seconds": round(val_time, 2), "epoch_seconds": round(time.perf_counter() - t0, 2),
-           "lr": run.recipe.epoch_lr(epoch)}
+           "lr": run.recipe.epoch_lr(epoch), "data_wait_s": round(data_wait[3], 3),
+           "data_wait_share": round(data_wait[3] / max(data_wait[2], 1e-9), 4),
+           # on a GPU: the epoch's peak of torch's allocator and the device memory in use at its end (the
+           # latter with DALI's pools and the CUDA context), the largest over the processes
+           **_largest(distributed.gather(dev.memory_in_use(run.device), world))}
     # Better by more than float noise: equal balanced accuracies of different predictions can differ in the
     # last bit, and a tie is not a new best.
     improved = score > progress.best + 1e-9

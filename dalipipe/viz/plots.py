@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from dalipipe.constants import DATA_WAIT_ADVICE_SHARE
 
 log = logging.getLogger("dalipipe")
 _told: set[str] = set()
@@ -84,8 +85,8 @@ def learning_curves_png(history: list[dict], path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
-    fig = _figure((14, 3.8))
-    ax1, ax2, ax3 = fig.subplots(1, 3)
+    fig = _figure((18, 3.8))
+    ax1, ax2, ax3, ax4 = fig.subplots(1, 4)
     ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     ax1.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
     ax1.set_xlabel("epoch")
@@ -102,7 +103,14 @@ def learning_curves_png(history: list[dict], path: str) -> None:
     ax3.set_xlabel("epoch")
     ax3.set_ylabel("learning rate (epoch mean)")
     ax3.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    for ax in (ax1, ax2, ax3):
+    # Whether the loader kept the model busy (older releases did not measure it).
+    waited = [h for h in history if "data_wait_share" in h]
+    ax4.bar([h["epoch"] for h in waited], [100 * h["data_wait_share"] for h in waited], color="C4")
+    ax4.axhline(100 * DATA_WAIT_ADVICE_SHARE, color="0.5", linestyle="--", linewidth=1)
+    ax4.set_xlabel("epoch")
+    ax4.set_ylabel("waiting for data (% of training time)")
+    ax4.set_ylim(0, max([100 * DATA_WAIT_ADVICE_SHARE * 2] + [100 * h["data_wait_share"] * 1.1 for h in waited]))
+    for ax in (ax1, ax2, ax3, ax4):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     _write_png(fig, path)

@@ -23,7 +23,10 @@ from dalipipe.errors import DataError
 # Metrics row key -> TensorBoard tag.
 SCALARS = {"train_loss": "loss/train", "val_loss": "loss/validation",
            "val_balanced_accuracy": "validation/balanced_accuracy", "train_images_per_s": "speed/train_images_per_s",
-           "lr": "optimizer/lr", "epoch_seconds": "time/epoch_seconds", "val_seconds": "time/validation_seconds"}
+           "lr": "optimizer/lr", "epoch_seconds": "time/epoch_seconds", "val_seconds": "time/validation_seconds",
+           "data_wait_s": "time/data_wait_seconds", "data_wait_share": "time/data_wait_share",
+           "torch_peak_allocated_mb": "memory/torch_peak_allocated_mb",
+           "device_memory_used_mb": "memory/device_memory_used_mb"}
 BEST_METRIC = "hparam/best_val_balanced_accuracy"
 FIRST_BATCH_STEP = 0  # before epoch 1: a resumed run's purge (from step 1 on) keeps it
 

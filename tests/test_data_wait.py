@@ -1,0 +1,161 @@
+"""The data wait: measured around the loader's next() in every epoch, near the delay a slow loader adds and
+near 0 for a loader that is ready, with no synchronization added; shown in metrics.jsonl, the epoch line,
+TensorBoard and the plot; one line of advice when a run starves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from dalipipe import device as dev
+from dalipipe.config import TrainConfig
+from dalipipe.constants import DATA_WAIT_ADVICE_SHARE
+from dalipipe.run import train as loop
+from dalipipe.run.data_wait import Advisor, DataWait, Machine, advice
+
+CPU = torch.device("cpu")
+BATCHES, BATCH = 6, 4
+STEP_S = 0.05  # what each training step takes at least (the stand-in loss sleeps)
+
+
+class StandInLoader:
+    """Batches of random images; each next() sleeps `delay` seconds first, and measures its own time."""
+
+    def __init__(self, delay: float):
+        self.delay, self.inside = delay, 0.0
+        self.batches = [(torch.randn(BATCH, 3, 8, 8), torch.arange(BATCH)) for _ in range(BATCHES)]
+
+    def __len__(self):
+        return BATCHES
+
+    def __iter__(self):
+        for batch in self.batches:
+            t = time.perf_counter()
+            time.sleep(self.delay)
+            self.inside += time.perf_counter() - t
+            yield batch
+
+
+class SlowStep:
+    """A recipe whose loss also sleeps STEP_S: a step of a known least duration."""
+
+    def loss(self, logits, y):
+        time.sleep(STEP_S)
+        return nn.functional.cross_entropy(logits, y)
+
+    def before_step(self, opt, step):
+        pass
+
+    def after_step(self):
+        pass
+
+
+def one_epoch(loader):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, BATCH))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    t0 = time.perf_counter()
+    sums = loop.train_epoch(net=net, loader=loader, y_train=torch.arange(BATCH), opt=opt,
+                            scaler=torch.amp.GradScaler("cuda", enabled=False), device=CPU, precision="fp32",
+                            recipe=SlowStep(), first_global_step=0, start=None, hooks=[], desc="", show=False,
+                            record=False)
+    return sums, time.perf_counter() - t0
+
+
+def test_the_wait_is_the_time_the_loader_took_to_hand_over_its_batches():
+    slow = StandInLoader(delay=0.1)
+    sums, elapsed = one_epoch(slow)
+    # All of the loader's own time is waited for, and little else: what the loop adds around next() (the
+    # generator, tqdm) is a small part of the steps' time, however fast the machine.
+    assert sums.data_wait_s >= slow.inside
+    assert sums.data_wait_s - slow.inside < 0.1 * BATCHES * STEP_S
+    assert sums.seen == BATCHES * BATCH
+    # the share the run reports, against what the stand-in took of the epoch
+    assert sums.data_wait_s / elapsed == pytest.approx(slow.inside / elapsed, abs=0.1)
+    assert sums.data_wait_s / elapsed > 0.4  # 0.1 s of data for at least 0.05 s of step
+
+
+def test_a_loader_that_is_ready_makes_the_model_wait_almost_not_at_all():
+    ready = StandInLoader(delay=0.0)
+    sums, elapsed = one_epoch(ready)
+    assert sums.data_wait_s - ready.inside < 0.1 * BATCHES * STEP_S
+    assert sums.data_wait_s / elapsed < 0.1
+
+
+def test_measuring_adds_no_synchronization(monkeypatch):
+    """The epoch synchronizes once, at its end (the loss stays on the device), whatever the loader."""
+    calls = []
+    real = dev.synchronize
+    monkeypatch.setattr(dev, "synchronize", lambda device: calls.append(device) or real(device))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a host copy inside the epoch"))
+    one_epoch(StandInLoader(delay=0.01))
+    assert calls == [CPU]
+
+
+def test_the_timer_counts_only_the_time_inside_the_loader():
+    wait = DataWait()
+    for _ in wait.timed(StandInLoader(delay=0.0)):
+        time.sleep(0.05)  # the step: not waiting
+    assert wait.seconds < 0.05 * BATCHES / 2
+
+
+CFG = TrainConfig(images_dir="i", labels_csv="l", out_dir="o")
+
+
+def test_advice_names_the_settings_most_likely_to_help_on_the_machine_and_loader():
+    gpu = advice(CFG, Machine("cuda", cores=16, processes=8, workers=2), 0.4, 3)
+    assert gpu.startswith("note: the model waited for data 40% of epoch 3's training time")
+    named = ["--decode-cache", "more --workers", "--decoder cpu", "benchmarks/loader_speed.py --train --sweep"]
+    assert [gpu.index(n) for n in named] == sorted(gpu.index(n) for n in named)
+    assert "uses 2 per process for 8 process(es); this machine has 16 cores" in gpu
+    # every core busy: no more workers; the torch loader: DALI; no GPU options on the CPU
+    cpu = advice(TrainConfig(images_dir="i", labels_csv="l", out_dir="o", loader="torch"),
+                 Machine("cpu", cores=2, processes=1, workers=2), 0.3, 2)
+    assert "--workers" not in cpu and "--decode-cache" not in cpu and "--decoder" not in cpu
+    assert "--loader dali" in cpu and "loader_speed.py" in cpu
+
+
+def test_advice_once_per_command_never_for_its_first_epoch_nor_below_the_threshold():
+    advisor = Advisor(CFG, Machine("cpu", cores=2, processes=1, workers=2))
+    above = DATA_WAIT_ADVICE_SHARE + 0.01
+    assert advisor.after_epoch(5, 0.9) is None  # the command's first epoch starts the loaders: not steady
+    assert advisor.after_epoch(6, DATA_WAIT_ADVICE_SHARE) is None
+    assert "epoch 7" in advisor.after_epoch(7, above)
+    assert advisor.after_epoch(8, 0.9) is None  # said once
+
+
+def test_a_run_reports_its_data_wait_everywhere_and_a_starved_run_is_advised_once(small_synth, tmp_path,
+                                                                               monkeypatch, caplog, capsys):
+    """In this process, with a torch loader of one worker whose image reads are slowed on purpose (the
+    worker is forked after the patch): every epoch waits most of its time for data, and the run says so
+    once, after its second epoch."""
+    from dalipipe.loading import torch_loader
+    from dalipipe.run import run_dir
+    from tests.test_preview_and_tensorboard import scalars
+
+    real = torch_loader.read_gray
+
+    def slow_read(path):
+        time.sleep(0.02)
+        return real(path)
+
+    monkeypatch.setattr(torch_loader, "read_gray", slow_read)
+    out = tmp_path / "run"
+    cfg = run_dir.new_config(str(small_synth / "images_train"), str(small_synth / "y_train.csv"), str(out),
+                             {"epochs": 3, "image_size": 16, "batch_size": 32, "device": "cpu", "loader": "torch",
+                              "workers": 1, "subset": 100, "tensorboard": True})
+    with caplog.at_level(logging.INFO, logger="dalipipe"):
+        loop.train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 96 channel reads of 0.02 s for each batch of 32, against the step of a 16 px model: most of the epoch
+    assert all(0.5 < row["data_wait_share"] <= 1 and row["data_wait_s"] > 0 for row in rows), rows
+    notes = [r.getMessage() for r in caplog.records if "the model waited for data" in r.getMessage()]
+    assert len(notes) == 1 and "epoch 2's training time" in notes[0] and "--loader dali" in notes[0], notes
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split("data wait ")[1] for ln in lines] == [f"{row['data_wait_share']:.0%}" for row in rows]
+    points, _ = scalars(out / "tensorboard")
+    assert [v for _, v in points["time/data_wait_share"]] == pytest.approx([row["data_wait_share"] for row in rows])
