@@ -222,7 +222,7 @@ def test_two_predictions_to_one_file_at_once_the_second_refuses(trained, small_s
         out.write_text("theirs")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dalipipe.predict, "prediction_frame", meanwhile)
+    monkeypatch.setattr(dalipipe.infer.predict, "prediction_frame", meanwhile)
     r = invoke("predict", trained / "run", small_synth / "images_test", "--out", out, "--device", "cpu",
                "--workers", "1")
     one_line_error(r, "race.csv: exists", "--force")
