@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from dalipipe import checkpoint
-from dalipipe.settings import SynthSpec
 from dalipipe.data.synthetic import generate
+from dalipipe.settings import SynthSpec
 from tests.conftest import pngsuite
 
 

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from dalipipe import checkpoint
 from dalipipe.constants import EXIT_INTERRUPTED, EXIT_TIME_LIMIT, MIN_IMAGE_SIZE
-from dalipipe.data.index import build_index
 from dalipipe.data.csv_files import read_labels
+from dalipipe.data.index import build_index
 from dalipipe.data.split import stratified_split, stratified_subset
 from dalipipe.distributed import World
 from dalipipe.errors import DataError

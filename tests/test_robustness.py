@@ -16,11 +16,11 @@ import torch
 from click.testing import CliRunner
 
 from dalipipe import atomic, checkpoint
-from dalipipe.run import run_dir
 from dalipipe.cli import cli
 from dalipipe.config import may_change_text
 from dalipipe.data.index import build_index, inspect_images
 from dalipipe.data.stats import channel_stats
+from dalipipe.run import run_dir
 from tests.conftest import write_labels, write_sample
 
 SMALL = ["--epochs", "1", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--workers", "1"]

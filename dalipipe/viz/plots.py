@@ -11,7 +11,6 @@ from typing import Iterator
 
 import numpy as np
 
-
 log = logging.getLogger("dalipipe")
 _told: set[str] = set()
 LAST_RESORT = "Last Resort"  # characters already reported as missing from every font
