@@ -39,8 +39,9 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from probes import DeviceMemory, cpu_delta, cpu_snapshot  # noqa: E402  (beside this script)
-from dalipipe.constants import MIN_IMAGE_SIZE  # noqa: E402
 from step_profile import StepRanges, profiler  # noqa: E402
+
+from dalipipe.constants import MIN_IMAGE_SIZE  # noqa: E402
 
 CEILING_BATCHES = 16
 # Loaders fill their prefetch queues (DALI 2 batches per pipeline, torch 2 per worker) while the previous
@@ -60,8 +61,8 @@ def ensure_data(data: str | None) -> Path:
     if data:
         return Path(data)
     from dalipipe.data.check_cache import cache_dir
-    from dalipipe.settings import SynthSpec
     from dalipipe.data.synthetic import generate
+    from dalipipe.settings import SynthSpec
 
     path = cache_dir() / "bench-synthetic-v1"
     if not (path / "y_train.csv").exists():
@@ -366,8 +367,8 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
 
     from dalipipe import device as dev
     from dalipipe.data.index import build_index, inspect_images
-    from dalipipe.data.stats import channel_stats
     from dalipipe.data.split import stratified_subset
+    from dalipipe.data.stats import channel_stats
     from dalipipe.errors import DataError
 
     try:

@@ -111,8 +111,8 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     from dalipipe.atomic import save_json
-    from dalipipe.settings import SynthSpec
     from dalipipe.data.synthetic import generate
+    from dalipipe.settings import SynthSpec
 
     delays = args.fsync_delay or [0.0, 0.1]
     rows = []

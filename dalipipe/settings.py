@@ -10,7 +10,8 @@ from typing import Any, Literal
 from dalipipe import options
 from dalipipe.config import (AS_REFERENCE, CACHE_HELP, DEVICE_HELP, LOADER_HELP, WORKERS_DEFAULT, WORKERS_HELP,
                              AugmentSpec, DeviceName, LoaderKind, TrainConfig)
-from dalipipe.constants import MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, REAL_CLASS_COUNTS, REAL_IMAGE_SIZE, REAL_N_TEST, REAL_N_TRAIN
+from dalipipe.constants import (MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, REAL_CLASS_COUNTS, REAL_IMAGE_SIZE, REAL_N_TEST,
+                                REAL_N_TRAIN)
 from dalipipe.errors import DataError
 from dalipipe.options import opt
 

@@ -468,8 +468,8 @@ def _smoke_child(job_file: Path) -> None:
 
 
 def synthetic_data(work: Path, sizes: Sizes) -> Path:
-    from dalipipe.settings import SynthSpec
     from dalipipe.data.synthetic import generate
+    from dalipipe.settings import SynthSpec
 
     path = work / f"synthetic-{sizes.n_train}-{sizes.synth_size}"
     if not (path / "y_test.csv").exists():
@@ -568,8 +568,8 @@ def _recipe_child(job_file: Path) -> None:
     from dalipipe.config import AugmentSpec, TrainConfig
     from dalipipe.infer.predict import predict
     from dalipipe.infer.score import score
-    from dalipipe.settings import PredictSettings
     from dalipipe.run.train import train
+    from dalipipe.settings import PredictSettings
 
     job = json.loads(Path(job_file).read_text())
     data, run, sizes = Path(job["data"]), Path(job["run"]), Sizes(**job["sizes"])

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalipipe.settings import SynthSpec
 from dalipipe.data.synthetic import generate
+from dalipipe.settings import SynthSpec
 
 # PngSuite (Willem van Schaik; free to copy, see its LICENSE) travels with the tests.
 PNGSUITE = Path(__file__).resolve().parent / "data" / "pngsuite"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dalipipe.loading import augment
 from dalipipe.config import AugmentSpec
+from dalipipe.loading import augment
 
 NONE = dict(crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), max_rotation=0.0, hflip_p=0.0, vflip_p=0.0)
 

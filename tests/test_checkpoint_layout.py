@@ -7,15 +7,15 @@ from __future__ import annotations
 import torch
 
 from dalipipe import checkpoint
-from dalipipe.infer import predict
-from dalipipe.run import run_dir, train_state
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.constants import CKPT_LAST
 from dalipipe.distributed import World
+from dalipipe.infer import predict
 from dalipipe.model import build_model
+from dalipipe.run import run_dir, train_state
+from dalipipe.run.train_setup import make_optimizer
 from dalipipe.run_state import ModelCard, SavedRun
 from dalipipe.settings import PredictSettings
-from dalipipe.run.train_setup import make_optimizer
 from tests import checkpoint_layout
 from tests.data.make_checkpoint_layout import layouts
 

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dalipipe.data.index import LabelMap, build_index, inspect_images, scan_images
-from dalipipe.data.stats import channel_stats
 from dalipipe.data.csv_files import read_labels
+from dalipipe.data.index import LabelMap, build_index, inspect_images, scan_images
 from dalipipe.data.split import stratified_split
+from dalipipe.data.stats import channel_stats
 from dalipipe.errors import DataError
 from tests.conftest import pngsuite, write_labels, write_sample
 

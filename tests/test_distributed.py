@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from dalipipe import checkpoint
-from dalipipe.settings import SynthSpec
 from dalipipe.data.synthetic import generate
+from dalipipe.settings import SynthSpec
 from tests.test_cli import dalipipe
 
 

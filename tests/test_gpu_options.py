@@ -13,8 +13,8 @@ import torch
 
 from dalipipe import device as dev
 from dalipipe.config import LoaderSettings, TrainConfig
-from dalipipe.loading.dali_loader import build_pipeline, decoder_args
 from dalipipe.errors import DataError
+from dalipipe.loading.dali_loader import build_pipeline, decoder_args
 from dalipipe.loading.loaders import decode_cache_mb
 from dalipipe.run.train_setup import make_optimizer
 from tests.test_cli import assert_one_line_error, dalipipe
@@ -86,9 +86,8 @@ def test_decode_cache_reaches_the_loader_settings_and_the_pipeline_refuses_it_wi
     cfg = TrainConfig(images_dir="", labels_csv="", out_dir="", decode_cache=True)
     assert cfg.loader_settings(True, 0, 1, decode_cache_mb=50).decode_cache_mb == 50
     assert TrainConfig(images_dir="", labels_csv="", out_dir="").loader_settings(True, 0, 1, 50).decode_cache_mb == 0
-    from dalipipe.data.index import build_index
     from dalipipe.config import AugmentSpec
-    from dalipipe.data.index import PATH_COLUMNS
+    from dalipipe.data.index import PATH_COLUMNS, build_index
 
     paths = build_index(small_synth / "images_test")[PATH_COLUMNS].values.tolist()
     with pytest.raises(DataError, match="--decode-cache"):
@@ -105,7 +104,7 @@ def test_dali_package_follows_the_cuda_of_torch(monkeypatch, cuda, package):
 
 def test_loaders_do_not_import_the_module_that_imports_them():
     """loaders.py picks a loader; the loaders themselves depend only on what lies below them."""
-    root = Path(__file__).resolve().parents[1] / "dalipipe"
+    root = Path(__file__).resolve().parents[1] / "dalipipe" / "loading"
     for name in ("dali_loader.py", "torch_loader.py", "loader_rules.py"):
         tree = ast.parse((root / name).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
@@ -174,8 +173,8 @@ def test_gray_through_an_rgb_decode_equals_the_gray_decode_on_pngsuite():
     from nvidia.dali import fn, pipeline_def, types
     from PIL import Image
 
-    from dalipipe.loading.dali_loader import rgb_to_gray
     from dalipipe.data.pngio import _GRAY_MODES, read_gray
+    from dalipipe.loading.dali_loader import rgb_to_gray
     from tests.conftest import pngsuite
 
     files, gray = [], []

@@ -251,8 +251,8 @@ def test_decoder_setting_places_the_decoders_and_the_processing(small_synth, dev
     """Where each operator's output lives, read from the pipeline's graph. A GPU pipeline can be defined
     without a GPU, only not built: its Python graph (_build_graph, _ops: DALI has no public way to list a
     pipeline's operators before building it) shows what the GPU would run."""
-    from dalipipe.loading.dali_loader import define_pipeline
     from dalipipe.data.index import PATH_COLUMNS
+    from dalipipe.loading.dali_loader import define_pipeline
 
     paths = scan_images(small_synth / "images_test")[PATH_COLUMNS].values.tolist()
     for train in (False, True):

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from dalipipe import checkpoint
 from dalipipe.constants import EXIT_INTERRUPTED, EXIT_TIME_LIMIT, MIN_IMAGE_SIZE
-from dalipipe.data.index import build_index
 from dalipipe.data.csv_files import read_labels
+from dalipipe.data.index import build_index
 from dalipipe.data.split import stratified_split, stratified_subset
 from dalipipe.distributed import World
 from dalipipe.errors import DataError
@@ -135,12 +135,12 @@ def test_ctrl_c_says_what_is_true_at_that_moment(small_synth, tmp_path, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dalipipe.predict, "predict", interrupted)
+    monkeypatch.setattr(dalipipe.infer.predict, "predict", interrupted)
     r = invoke("predict", tmp_path, small_synth / "images_test", "--out", tmp_path / "s.csv")
     assert r.exit_code == EXIT_INTERRUPTED and f"nothing was written to {tmp_path / 's.csv'}" in r.output
     assert "--resume" not in r.output
 
-    monkeypatch.setattr(dalipipe.train, "train", interrupted)
+    monkeypatch.setattr(dalipipe.run.train, "train", interrupted)
     run = tmp_path / "run"
     r = invoke("train", small_synth / "images_train", small_synth / "y_train.csv", "--out", run)
     assert r.exit_code == EXIT_INTERRUPTED and "no checkpoint was written yet" in r.output

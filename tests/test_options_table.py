@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from dalipipe import cli, options
-from dalipipe.run import run_dir
 from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig, may_change_text
 from dalipipe.errors import DataError
+from dalipipe.run import run_dir
 from dalipipe.settings import CheckSettings, PredictSettings, PreviewSettings, SynthSpec
 from tests.test_resume_options import saved_run
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalipipe.errors import DataError
 from dalipipe.data.pngio import read_gray
+from dalipipe.errors import DataError
 from tests.conftest import pngsuite
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalipipe.viz import plots, tensorboard_log
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.errors import DataError
-from dalipipe.viz.preview import preview
-from dalipipe.settings import PreviewSettings
 from dalipipe.run.train import train
+from dalipipe.settings import PreviewSettings
+from dalipipe.viz import plots, tensorboard_log
+from dalipipe.viz.preview import preview
 from tests.conftest import pngsuite
 from tests.test_cli import assert_one_line_error, dalipipe
 from tests.test_exact_resume import OPTS

@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from dalipipe import checkpoint, cli
-from dalipipe.run import run_dir
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
 from dalipipe.errors import DataError
+from dalipipe.run import run_dir
 from dalipipe.run_state import Progress
 from tests import checkpoint_layout
 
@@ -132,7 +132,7 @@ def test_a_resume_of_a_run_still_before_its_first_checkpoint_says_it_is_running(
     folder = tmp_path / "run"
     folder.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from dalipipe import run_dir\n"
+        "import sys; from dalipipe.run import run_dir\n"
         f"with run_dir.locked({str(folder)!r}):\n    print('held', flush=True); sys.stdin.read()")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

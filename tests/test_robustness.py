@@ -16,11 +16,11 @@ import torch
 from click.testing import CliRunner
 
 from dalipipe import atomic, checkpoint
-from dalipipe.run import run_dir
 from dalipipe.cli import cli
 from dalipipe.config import may_change_text
 from dalipipe.data.index import build_index, inspect_images
 from dalipipe.data.stats import channel_stats
+from dalipipe.run import run_dir
 from tests.conftest import write_labels, write_sample
 
 SMALL = ["--epochs", "1", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--workers", "1"]
@@ -222,7 +222,7 @@ def test_two_predictions_to_one_file_at_once_the_second_refuses(trained, small_s
         out.write_text("theirs")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dalipipe.predict, "prediction_frame", meanwhile)
+    monkeypatch.setattr(dalipipe.infer.predict, "prediction_frame", meanwhile)
     r = invoke("predict", trained / "run", small_synth / "images_test", "--out", out, "--device", "cpu",
                "--workers", "1")
     one_line_error(r, "race.csv: exists", "--force")

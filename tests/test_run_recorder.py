@@ -15,14 +15,15 @@ import pytest
 import torch
 
 from dalipipe import checkpoint
-from dalipipe.run import train_setup
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.errors import DataError
+from dalipipe.run import train_setup
 from dalipipe.run.run_recorder import KILL_IN_WRITE, EpochRecord, RunRecorder
-from dalipipe.run_state import SavedRun
 from dalipipe.run.train import train
+from dalipipe.run_state import SavedRun
 from tests.test_cli import assert_one_line_error, dalipipe
 from tests.test_exact_resume import assert_twins
+
 
 def recorder(out):
     return RunRecorder(out, active=True, interrupt_hint=lambda: "the hint")

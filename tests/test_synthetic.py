@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from dalipipe.constants import REAL_MEAN, REAL_STD
+from dalipipe.data.synthetic import _labels, class_names, generate, render
 from dalipipe.errors import DataError
 from dalipipe.settings import SynthSpec
-from dalipipe.data.synthetic import _labels, class_names, generate, render
 
 
 def _digest(folder) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from dalipipe.run_state import SavedRun
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.run.train import train
+from dalipipe.run_state import SavedRun
 
 
 def test_time_limit_stops_at_a_step_with_a_checkpoint_and_resume_finishes(small_synth, tmp_path):
@@ -37,8 +37,8 @@ def test_a_loader_state_for_another_loader_is_dropped_at_an_epoch_end_and_refuse
 
     from dalipipe.distributed import World
     from dalipipe.errors import DataError
-    from dalipipe.run_state import RankState
     from dalipipe.run.train_state import loader_key, restore
+    from dalipipe.run_state import RankState
 
     cpu = torch.device("cpu")
     saved = [RankState(rng_cpu=torch.get_rng_state(), rng_cuda=None, loader={"epoch": 1, "done": 0},

@@ -6,8 +6,8 @@ import unicodedata
 
 from dalipipe.constants import CHANNELS
 from dalipipe.data.index import LabelMap, build_index, inspect_images
-from dalipipe.data.stats import channel_stats
 from dalipipe.data.split import stratified_split
+from dalipipe.data.stats import channel_stats
 from dalipipe.settings import CheckSettings
 
 

@@ -12,8 +12,8 @@ import torch
 from dalipipe import atomic, checkpoint
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings
-from dalipipe.data.index import inspect_images, scan_images
 from dalipipe.data.csv_files import read_ids
+from dalipipe.data.index import inspect_images, scan_images
 from dalipipe.errors import DataError
 from dalipipe.infer.inference import prediction_frame, probabilities, scores_by_position
 from dalipipe.loading.loaders import make_loader

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dalipipe.loading import augment
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import MIN_TRAIN_BATCH
-from dalipipe.loading.loader_rules import train_plan
 from dalipipe.data.pngio import read_gray
+from dalipipe.loading import augment
+from dalipipe.loading.loader_rules import train_plan
 
 
 class ChannelDataset(Dataset):

@@ -12,8 +12,9 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from dalipipe import atomic, checkpoint, distributed
+from dalipipe import atomic, checkpoint
 from dalipipe import device as dev
+from dalipipe import distributed
 from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig, may_change_text
 from dalipipe.config import spelling as option
 from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE

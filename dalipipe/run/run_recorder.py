@@ -35,13 +35,13 @@ import numpy as np
 import pandas as pd
 
 from dalipipe import checkpoint
-from dalipipe.viz import plots, tensorboard_log
 from dalipipe.atomic import write_atomic, write_file
 from dalipipe.child_processes import worker_pool
-from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE,
-                                METRICS_FILE, TENSORBOARD_DIR, TRAIN_BATCH_PNG, VAL_PREDICTIONS)
+from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE, METRICS_FILE,
+                                TENSORBOARD_DIR, TRAIN_BATCH_PNG, VAL_PREDICTIONS)
 from dalipipe.errors import DataError
 from dalipipe.run.snapshot import HostStaging
+from dalipipe.viz import plots, tensorboard_log
 
 # Testing aid: DALIPIPE_KILL_IN_CHECKPOINT_WRITE=N ends the process with SIGKILL in the middle of writing the
 # N-th checkpoint handed over (its temporary file written, not yet renamed over last.pt), as a pre-emption

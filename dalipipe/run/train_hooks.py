@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from dalipipe import distributed
-from dalipipe.run import train_state
 from dalipipe.constants import MAX_BATCH_PICTURE
-from dalipipe.viz.display import display_images
 from dalipipe.model import calibrate_batchnorm
+from dalipipe.run import train_state
 from dalipipe.run.run_recorder import FirstBatch, RunRecorder
+from dalipipe.viz.display import display_images
 
 
 class Hook:

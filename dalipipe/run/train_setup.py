@@ -13,21 +13,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dalipipe import distributed
-from dalipipe.run import run_dir, train_state
-from dalipipe.viz import tensorboard_log
 from dalipipe import device as dev
+from dalipipe import distributed
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
 from dalipipe.data.index import LabelMap, build_index, inspect_images
-from dalipipe.data.stats import channel_stats
 from dalipipe.data.split import kfold_split, stratified_split, stratified_subset
+from dalipipe.data.stats import channel_stats
 from dalipipe.errors import DataError
 from dalipipe.loading.loader_rules import train_plan
 from dalipipe.loading.loaders import decode_cache_mb, make_loader
 from dalipipe.model import build_model, compiled
+from dalipipe.run import run_dir, train_state
 from dalipipe.run.recipe import Recipe
 from dalipipe.run_state import PartialEpoch, Progress, RankState, RunState, SavedRun, Split
+from dalipipe.viz import tensorboard_log
 
 log = logging.getLogger("dalipipe")
 

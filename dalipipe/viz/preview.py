@@ -14,15 +14,15 @@ import pandas as pd
 import torch
 
 from dalipipe import atomic
-from dalipipe.viz import plots
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.data.index import build_index, inspect_images
-from dalipipe.data.stats import channel_stats
-from dalipipe.viz.display import display_images
-from dalipipe.loading.loaders import make_loader
 from dalipipe.data.pngio import read_gray
+from dalipipe.data.stats import channel_stats
+from dalipipe.loading.loaders import make_loader
 from dalipipe.settings import PreviewSettings
+from dalipipe.viz import plots
+from dalipipe.viz.display import display_images
 
 # What each stored channel holds (the file name's colour is not the colour it is drawn in).
 CHANNEL_MEANING = {"blue": "nucleus", "red": "microtubules", "yellow": "ER"}

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dalipipe import checkpoint  # noqa: E402
 from dalipipe.config import AugmentSpec, TrainConfig  # noqa: E402
 from dalipipe.data.synthetic import generate  # noqa: E402
-from dalipipe.settings import SynthSpec  # noqa: E402
 from dalipipe.run.train import train  # noqa: E402
+from dalipipe.settings import SynthSpec  # noqa: E402
 from tests.checkpoint_layout import LAYOUT_FILE, describe  # noqa: E402
 
 
