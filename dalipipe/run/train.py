@@ -20,15 +20,12 @@ from dalipipe import atomic
 from dalipipe import device as dev
 from dalipipe import distributed
 from dalipipe.config import TrainConfig
-from dalipipe.infer.inference import cross_entropy, prediction_frame, probabilities, scores_by_position
-from dalipipe.progress import quiet_unless
-<<<<<<< HEAD
 from dalipipe.data.index import available_cores
+from dalipipe.infer.inference import cross_entropy, prediction_frame, probabilities, scores_by_position
 from dalipipe.loading.loader_rules import default_workers, local_processes
-from dalipipe.run.data_wait import Advisor, DataWait, Machine
-=======
+from dalipipe.progress import quiet_unless
 from dalipipe.run import run_dir, train_setup, train_state
->>>>>>> main
+from dalipipe.run.data_wait import Advisor, DataWait, Machine
 from dalipipe.run.recipe import Recipe
 from dalipipe.run.run_recorder import BestEpoch, EpochRecord, RunRecorder
 from dalipipe.run.train_hooks import CalibrateBatchNorm, FirstBatchPicture, Hook, MidEpochCheckpoints
