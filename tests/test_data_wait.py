@@ -107,11 +107,11 @@ CFG = TrainConfig(images_dir="i", labels_csv="l", out_dir="o")
 
 
 def test_advice_names_the_settings_most_likely_to_help_on_the_machine_and_loader():
-    gpu = advice(CFG, Machine("cuda", cores=16, processes=8, workers=2), 0.4, 3)
+    gpu = advice(CFG, Machine("cuda", cores=16, processes=4, workers=2), 0.4, 3)
     assert gpu.startswith("note: the model waited for data 40% of epoch 3's training time")
     named = ["--decode-cache", "more --workers", "--decoder cpu", "benchmarks/loader_speed.py --train --sweep"]
     assert [gpu.index(n) for n in named] == sorted(gpu.index(n) for n in named)
-    assert "uses 2 per process for 8 process(es); this machine has 16 cores" in gpu
+    assert "uses 2 per process for 4 process(es); this machine has 16 cores" in gpu
     # every core busy: no more workers; the torch loader: DALI; no GPU options on the CPU
     cpu = advice(TrainConfig(images_dir="i", labels_csv="l", out_dir="o", loader="torch"),
                  Machine("cpu", cores=2, processes=1, workers=2), 0.3, 2)
