@@ -159,3 +159,19 @@ def test_a_run_reports_its_data_wait_everywhere_and_a_starved_run_is_advised_onc
     assert [ln.split("data wait ")[1] for ln in lines] == [f"{row['data_wait_share']:.0%}" for row in rows]
     points, _ = scalars(out / "tensorboard")
     assert [v for _, v in points["time/data_wait_share"]] == pytest.approx([row["data_wait_share"] for row in rows])
+
+
+def test_the_learning_curves_show_the_wait_and_draw_rows_of_older_runs_without_it(tmp_path, monkeypatch):
+    from dalipipe.viz import plots
+
+    drawn = {}
+    real = plots._write_png
+    monkeypatch.setattr(plots, "_write_png", lambda fig, path: drawn.update({path: fig.axes}) or real(fig, path))
+    older = [{"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "val_balanced_accuracy": 0.3, "lr": 1e-3}]
+    rows = older + [{**older[0], "epoch": 2, "data_wait_share": 0.4}]
+    for name, history in (("older.png", older), ("now.png", rows)):
+        plots.learning_curves_png(history, str(tmp_path / name))
+    wait = drawn[str(tmp_path / "now.png")][3]
+    assert "waiting for data" in wait.get_ylabel()
+    assert [round(bar.get_height()) for bar in wait.patches] == [40]  # epoch 2's 40%; epoch 1 had none
+    assert not drawn[str(tmp_path / "older.png")][3].patches and (tmp_path / "older.png").stat().st_size > 0
