@@ -108,7 +108,7 @@ def learning_curves_png(history: list[dict], path: str) -> None:
     ax4.bar([h["epoch"] for h in waited], [100 * h["data_wait_share"] for h in waited], color="C4")
     ax4.axhline(100 * DATA_WAIT_ADVICE_SHARE, color="0.5", linestyle="--", linewidth=1)
     ax4.set_xlabel("epoch")
-    ax4.set_ylabel("waiting for data (% of training time)")
+    ax4.set_ylabel("waiting for data (% of training)")
     ax4.set_ylim(0, max([100 * DATA_WAIT_ADVICE_SHARE * 2] + [100 * h["data_wait_share"] * 1.1 for h in waited]))
     for ax in (ax1, ax2, ax3, ax4):
         ax.grid(alpha=0.3)
