@@ -130,6 +130,8 @@ class TrainConfig:
     lr: float | None = opt(None, "Adam's learning rate.", low=0, low_open=True,
                            default_text="7e-5 with --weights/--pretrained, 1e-3 from scratch")
     weight_decay: float = opt(1e-6, "Adam's L2 penalty.", low=0)
+    # --image-size, and the rest of the augmentation (not options: the reference's)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
     val_fraction: float = opt(0.3, "Share of the labelled samples held out for validation (stratified).",
                               low=0, low_open=True, high=1, high_open=True)
     seed: int = opt(42, "Seeds the split, the shuffling and the augmentation.")
@@ -197,7 +199,6 @@ class TrainConfig:
                            "on.", metavar="I", default_text="none", section="beyond")
     tta_val: bool = opt(False, "Validate with the probabilities averaged over the four flips, as predict --tta "
                         "(about 4x validation's compute).", default_text=AS_REFERENCE, section="beyond")
-    augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def __post_init__(self) -> None:
         options.check(self)  # each option's own bounds and choices, from the table
