@@ -34,9 +34,9 @@ def options_of(cls: type, given_only: bool = False):
 
 def _click_option(o: options.Option, given_only: bool):
     kw = dict(help=f"{o.spec.help} [default: {o.default_shown()}]", metavar=o.spec.metavar,
-              default=None if given_only else o.default, required=o.spec.required)
-    if o.spec.required:
-        kw["help"] = o.spec.help
+              default=None if given_only else o.default)
+    if o.spec.required:  # (no default at all: click takes even default=None as a value given)
+        kw = dict(help=o.spec.help, metavar=o.spec.metavar, required=True)
     if o.spec.switch:
         return click.option(o.flag, o.name, is_flag=True, default=False, help=o.spec.help)
     if o.on_off:

@@ -103,12 +103,12 @@ class Option:
         if low_ok and high_ok:
             return None
         if s.high is None:
-            bound = "positive" if s.low == 0 and s.low_open else f"at least {_num(s.low)}"
+            bound = ("positive" if s.low_open else "non-negative") if s.low == 0 else f"at least {_num(s.low)}"
         elif s.low_open and s.high_open:
             bound = f"between {_num(s.low)} and {_num(s.high)}"
         else:
             bound = f"in {'(' if s.low_open else '['}{_num(s.low)}, {_num(s.high)}{')' if s.high_open else ']'}"
-        return f"{self.flag} must be {bound}{' ' + s.why if s.why else ''}, got {_num(value)}"
+        return f"{self.flag} must be {bound}{' ' + s.why if s.why else ''}, got {value}"
 
 
 def _num(x: Any) -> str:

@@ -16,7 +16,7 @@ from dalipipe import device as dev
 from dalipipe.config import TrainConfig
 from dalipipe.constants import DATA_WAIT_ADVICE_SHARE
 from dalipipe.run import train as loop
-from dalipipe.run.data_wait import Advisor, DataWait, Machine, advice
+from dalipipe.run.data_wait import Advisor, DataWait, Machine, advice, shown
 
 CPU = torch.device("cpu")
 BATCHES, BATCH = 6, 4
@@ -72,18 +72,19 @@ def test_the_wait_is_the_time_the_loader_took_to_hand_over_its_batches():
     # All of the loader's own time is waited for, and little else: what the loop adds around next() (the
     # generator, tqdm) is a small part of the steps' time, however fast the machine.
     assert sums.data_wait_s >= slow.inside
-    assert sums.data_wait_s - slow.inside < 0.1 * BATCHES * STEP_S
+    # (a timer that also counted the steps would add BATCHES * STEP_S)
+    assert sums.data_wait_s - slow.inside < 0.5 * BATCHES * STEP_S
     assert sums.seen == BATCHES * BATCH
     # the share the run reports, against what the stand-in took of the epoch
-    assert sums.data_wait_s / elapsed == pytest.approx(slow.inside / elapsed, abs=0.1)
+    assert sums.data_wait_s / elapsed == pytest.approx(slow.inside / elapsed, abs=0.2)
     assert sums.data_wait_s / elapsed > 0.4  # 0.1 s of data for at least 0.05 s of step
 
 
 def test_a_loader_that_is_ready_makes_the_model_wait_almost_not_at_all():
     ready = StandInLoader(delay=0.0)
     sums, elapsed = one_epoch(ready)
-    assert sums.data_wait_s - ready.inside < 0.1 * BATCHES * STEP_S
-    assert sums.data_wait_s / elapsed < 0.1
+    assert sums.data_wait_s - ready.inside < 0.5 * BATCHES * STEP_S
+    assert sums.data_wait_s / elapsed < 0.3  # (counting the steps would make it about 1)
 
 
 def test_measuring_adds_no_synchronization(monkeypatch):
@@ -117,6 +118,17 @@ def test_advice_names_the_settings_most_likely_to_help_on_the_machine_and_loader
                  Machine("cpu", cores=2, processes=1, workers=2), 0.3, 2)
     assert "--workers" not in cpu and "--decode-cache" not in cpu and "--decoder" not in cpu
     assert "--loader dali" in cpu and "loader_speed.py" in cpu
+    # nothing to switch (DALI, every core busy): said so, not an empty "try"
+    busy = advice(CFG, Machine("cpu", cores=2, processes=1, workers=2), 0.3, 2)
+    assert "no setting to suggest on this machine (all 2 cores in use)" in busy and "try" not in busy
+    # DALI's CPU decoder on a GPU: back to the mixed one, which the decoder cache needs
+    cpu_decoder = advice(TrainConfig(images_dir="i", labels_csv="l", out_dir="o", decoder="cpu"),
+                         Machine("cuda", cores=64, processes=8, workers=8), 0.3, 2)
+    assert "--decoder mixed (and then --decode-cache)" in cpu_decoder and "try" in cpu_decoder
+
+
+def test_a_small_share_is_shown_in_tenths_of_a_percent():
+    assert [shown(x) for x in (0.0, 0.0047, 0.0949, 0.1, 0.334)] == ["0.0%", "0.5%", "9.5%", "10%", "33%"]
 
 
 def test_advice_once_per_command_never_for_its_first_epoch_nor_below_the_threshold():
@@ -140,7 +152,7 @@ def test_a_run_reports_its_data_wait_everywhere_and_a_starved_run_is_advised_onc
     real = torch_loader.read_gray
 
     def slow_read(path):
-        time.sleep(0.02)
+        time.sleep(0.04)
         return real(path)
 
     monkeypatch.setattr(torch_loader, "read_gray", slow_read)
@@ -151,12 +163,13 @@ def test_a_run_reports_its_data_wait_everywhere_and_a_starved_run_is_advised_onc
     with caplog.at_level(logging.INFO, logger="dalipipe"):
         loop.train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # 96 channel reads of 0.02 s for each batch of 32, against the step of a 16 px model: most of the epoch
-    assert all(0.5 < row["data_wait_share"] <= 1 and row["data_wait_s"] > 0 for row in rows), rows
+    # 96 channel reads of 0.04 s (3.8 s) for each batch of 32, against the step of a 16 px model (a fraction
+    # of a second; the worker reads beside it)
+    assert all(0.3 < row["data_wait_share"] <= 1 and row["data_wait_s"] > 0 for row in rows), rows
     notes = [r.getMessage() for r in caplog.records if "the model waited for data" in r.getMessage()]
     assert len(notes) == 1 and "epoch 2's training time" in notes[0] and "--loader dali" in notes[0], notes
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
-    assert [ln.split("data wait ")[1] for ln in lines] == [f"{row['data_wait_share']:.0%}" for row in rows]
+    assert [ln.split("data wait ")[1] for ln in lines] == [shown(row["data_wait_share"]) for row in rows]
     points, _ = scalars(out / "tensorboard")
     assert [v for _, v in points["time/data_wait_share"]] == pytest.approx([row["data_wait_share"] for row in rows])
 

@@ -282,6 +282,7 @@ def test_a_subset_larger_than_the_labelled_set_says_it_uses_all(small_synth, cap
     (["train", "--loader", "foo"], "Invalid value for '--loader'"),
     (["train", "--bogus"], "No such option '--bogus'"),
     (["frobnicate"], "No such command 'frobnicate'"),
+    (["predict", ".", "imgs"], "Missing option '--out'"),  # a required option of the table
 ])
 def test_a_usage_error_is_one_line_naming_the_help_to_read(args, fragment):
     r = dalipipe(*args, check=False)

@@ -39,7 +39,10 @@ def test_every_option_of_the_table_is_a_click_option_of_its_command(command, set
             assert tuple(p.type.choices) == o.choices, o.name
         # train's options are "not given" unless given (a resume keeps the run's); the others' defaults are
         # the settings' own
-        assert p.default == (None if command == "train" else o.default), o.name
+        if o.spec.required:
+            assert p.required, o.name
+        else:
+            assert p.default == (None if command == "train" else o.default), o.name
         assert o.spec.help in p.help and f"[default: {o.default_shown()}]" in p.help or o.spec.switch or o.spec.required
 
 

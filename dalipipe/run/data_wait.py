@@ -51,6 +51,12 @@ class Machine:
     workers: int  # loader threads or worker processes per training process
 
 
+def shown(share: float) -> str:
+    """A share as the epoch line and the progress bar show it: tenths of a percent below 10%, where the
+    usual figures lie (0.4%, not 0%)."""
+    return f"{share:.1%}" if share < 0.1 else f"{share:.0%}"
+
+
 def advice(cfg: TrainConfig, machine: Machine, share: float, epoch: int) -> str:
     """One line: what share of epoch `epoch` (from 1) the model waited for data, and the settings to try,
     the one most likely to help on this machine and loader first."""
@@ -62,13 +68,17 @@ def advice(cfg: TrainConfig, machine: Machine, share: float, epoch: int) -> str:
     if idle > 0:
         tips.append(f"more --workers (the run uses {machine.workers} per process for {machine.processes} "
                     f"process(es); this machine has {machine.cores} cores)")
-    if gpu_dali and cfg.decoder == "mixed":
-        tips.append("--decoder cpu")
+    if gpu_dali:
+        tips.append("--decoder cpu" if cfg.decoder == "mixed" else "--decoder mixed (and then --decode-cache)")
     if cfg.loader == "torch":
         tips.append("--loader dali")
-    tips.append("measure them on this machine with: python benchmarks/loader_speed.py --train --sweep")
-    return (f"note: the model waited for data {share:.0%} of epoch {epoch}'s training time (more than "
-            f"{DATA_WAIT_ADVICE_SHARE:.0%}); to feed it faster, try " + "; ".join(tips))
+    measure = "python benchmarks/loader_speed.py --train --sweep"
+    said = (f"note: the model waited for data {shown(share)} of epoch {epoch}'s training time (more than "
+            f"{DATA_WAIT_ADVICE_SHARE:.0%}); ")
+    if not tips:  # every core busy, nothing else to switch: say so rather than suggest nothing
+        return (said + f"no setting to suggest on this machine (all {machine.cores} cores in use); measure the "
+                f"loaders with: {measure}")
+    return said + "to feed it faster, try " + "; ".join(tips) + f"; measure them on this machine with: {measure}"
 
 
 class Advisor:

@@ -25,7 +25,7 @@ from dalipipe.infer.inference import cross_entropy, prediction_frame, probabilit
 from dalipipe.loading.loader_rules import default_workers, local_processes
 from dalipipe.progress import quiet_unless
 from dalipipe.run import run_dir, train_setup, train_state
-from dalipipe.run.data_wait import Advisor, DataWait, Machine
+from dalipipe.run.data_wait import Advisor, DataWait, Machine, shown
 from dalipipe.run.recipe import Recipe
 from dalipipe.run.run_recorder import BestEpoch, EpochRecord, RunRecorder
 from dalipipe.run.train_hooks import CalibrateBatchNorm, FirstBatchPicture, Hook, MidEpochCheckpoints
@@ -88,7 +88,7 @@ def train_epoch(*, net, loader, y_train: torch.Tensor, opt, scaler, device: torc
         for hook in hooks:
             hook.after_step(step, first_global_step + step, loss_sum, seen)
         # host clocks only (no sync); tqdm draws it at its own pace
-        bar.set_postfix_str(f"data wait {wait.seconds / max(time.perf_counter() - t0, 1e-9):.0%}", refresh=False)
+        bar.set_postfix_str(f"data wait {shown(wait.seconds / max(time.perf_counter() - t0, 1e-9))}", refresh=False)
     dev.synchronize(device)
     return EpochSums(loss_sum=loss_sum, seen=seen, data_wait_s=wait.seconds,
                      positions=torch.cat(positions).numpy() if positions else np.zeros(0, dtype=np.int64))
@@ -239,7 +239,7 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  val loss "
                        f"{row['val_loss']:.4f}  val balanced acc {row['val_balanced_accuracy']:.4f}"
                        f"{' *' if best else ''}  {row['train_images_per_s']:.0f} img/s  data wait "
-                       f"{row['data_wait_share']:.0%}")
+                       f"{shown(row['data_wait_share'])}")
             said = advisor.after_epoch(epoch + 1, row["data_wait_share"])
             if said:
                 log.info(said)
