@@ -30,8 +30,15 @@ def _cache() -> Any:
     return opt(True, CACHE_HELP, flag="cache")
 
 
+class _Checked:
+    """Settings whose options the table checks (bounds, choices) as they are made."""
+
+    def __post_init__(self) -> None:
+        options.check(self)
+
+
 @dataclass(frozen=True)
-class PredictSettings:
+class PredictSettings(_Checked):
     """`dalipipe predict`: one checkpoint (or run) or several (an ensemble) over IMAGES_DIR."""
 
     checkpoints: tuple[str, ...]
@@ -49,12 +56,8 @@ class PredictSettings:
     force: bool = opt(False, "Replace --out if it exists.", switch=True)
     check_cache: bool = _cache()
 
-    def __post_init__(self) -> None:
-        options.check(self)
-
-
 @dataclass(frozen=True)
-class PreviewSettings:
+class PreviewSettings(_Checked):
     """`dalipipe preview`: what the loaders hand the model for a few samples, beside the stored channels."""
 
     images_dir: str
@@ -74,12 +77,8 @@ class PreviewSettings:
     force: bool = opt(False, "Replace --out if it exists.", switch=True)
     check_cache: bool = _cache()
 
-    def __post_init__(self) -> None:
-        options.check(self)
-
-
 @dataclass(frozen=True)
-class CheckSettings:
+class CheckSettings(_Checked):
     """`dalipipe check`: the data check of a run, and the split it would make."""
 
     images_dir: str
@@ -88,10 +87,6 @@ class CheckSettings:
                                "for the split shown.")
     seed: int = like(TrainConfig, "seed", "As for train: the seed of the split shown.")
     check_cache: bool = _cache()
-
-    def __post_init__(self) -> None:
-        options.check(self)
-
 
 @dataclass(frozen=True)
 class SynthSpec:

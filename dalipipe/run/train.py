@@ -265,12 +265,6 @@ def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums, train_time
     if it is the best epoch so far). The training figures are summed over every process; the data wait is
     the most starved process's."""
     progress, world = run.state.progress, run.world
-    totals = distributed.gather((float(sums.loss_sum.item()), sums.seen, train_time, sums.data_wait_s), world)
-    seen_all = sum(t[1] for t in totals)
-    train_loss = sum(t[0] for t in totals) / max(seen_all, 1)
-    images_per_s = seen_all / max(max(t[2] for t in totals), 1e-9)
-    data_wait = max(totals, key=lambda t: t[3] / max(t[2], 1e-9))
-
     t_val = time.perf_counter()
     model = run.recipe.eval_model(run.state.model)
     distributed.broadcast_buffers(model, world)  # every rank validates exactly what rank 0 saves
@@ -278,6 +272,14 @@ def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums, train_time
                                      tta=run.cfg.tta_val)
     val_time = time.perf_counter() - t_val
     run.timings["val_s"] += val_time
+    # Every process's training figures and (on a GPU) memory, in one collective once validation has run (its
+    # memory counted too).
+    totals = distributed.gather((float(sums.loss_sum.item()), sums.seen, train_time, sums.data_wait_s,
+                                 dev.memory_in_use(run.device)), world)
+    seen_all = sum(t[1] for t in totals)
+    train_loss = sum(t[0] for t in totals) / max(seen_all, 1)
+    images_per_s = seen_all / max(max(t[2] for t in totals), 1e-9)
+    data_wait = max(totals, key=lambda t: t[3] / max(t[2], 1e-9))
     y = run.y_val[pos]
     pred = logits.argmax(1)
     score = float(balanced_accuracy_score(y, pred))
@@ -288,7 +290,7 @@ def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums, train_time
            "data_wait_share": round(data_wait[3] / max(data_wait[2], 1e-9), 4),
            # on a GPU: the epoch's peak of torch's allocator and the device memory in use at its end (the
            # latter with DALI's pools and the CUDA context), the largest over the processes
-           **_largest(distributed.gather(dev.memory_in_use(run.device), world))}
+           **_largest([t[4] for t in totals])}
     # Better by more than float noise: equal balanced accuracies of different predictions can differ in the
     # last bit, and a tie is not a new best.
     improved = score > progress.best + 1e-9
