@@ -69,3 +69,9 @@ MAX_DEFAULT_WORKERS = 8
 # command). Below it, the fastest loader could win back at most a tenth of the epoch, within what two epochs'
 # times differ by on a shared machine; above it, the loader's settings are worth a look.
 DATA_WAIT_ADVICE_SHARE = 0.10
+
+# How long the main process waits for the torch loader's next batch before it ends the command with a line
+# that names the loader and the batch, instead of hanging without a word (a worker stuck in a read of a hung
+# network file system, a deadlock). Generous: a worker's first batch of large images on a machine loaded
+# several times over takes tens of seconds, and a false alarm would end a healthy run.
+TORCH_LOADER_TIMEOUT_S = 300.0
