@@ -1,12 +1,14 @@
-"""The data wait: measured around the loader's next() in every epoch, near the delay a slow loader adds and
-near 0 for a loader that is ready, with no synchronization added; shown in metrics.jsonl, the epoch line,
-TensorBoard and the plot; one line of advice when a run starves."""
+"""The data wait: measured around the loader's next() in every epoch, exactly the time a slow loader takes
+to hand over its batches and 0 for a loader that is ready, with no synchronization added; shown in
+metrics.jsonl, the epoch line, TensorBoard and the plot; one line of advice when a run starves. The clock
+is a stand-in that only the stand-in loader and step advance, by known amounts: the figures are exact,
+however busy the machine."""
 
 from __future__ import annotations
 
 import json
 import logging
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,32 +22,52 @@ from dalipipe.run.data_wait import Advisor, DataWait, Machine, advice, shown
 
 CPU = torch.device("cpu")
 BATCHES, BATCH = 6, 4
-STEP_S = 0.05  # what each training step takes at least (the stand-in loss sleeps)
+STEP_S = 0.125  # what each training step takes by the stand-in clock (binary fractions: sums stay exact)
+
+
+class Clock:
+    """Seconds that pass only when advanced."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class StandInLoader:
-    """Batches of random images; each next() sleeps `delay` seconds first, and measures its own time."""
+    """Batches of random images; each next() takes `delay` seconds of the clock, and the iterator's start
+    `start` seconds (before its first batch, as a torch loader's workers start)."""
 
-    def __init__(self, delay: float):
-        self.delay, self.inside = delay, 0.0
+    def __init__(self, clock: Clock, delay: float, start: float = 0.0):
+        self.clock, self.delay, self.start, self.inside = clock, delay, start, 0.0
         self.batches = [(torch.randn(BATCH, 3, 8, 8), torch.arange(BATCH)) for _ in range(BATCHES)]
 
     def __len__(self):
         return BATCHES
 
+    def _take(self, seconds):
+        self.clock.advance(seconds)
+        self.inside += seconds
+
     def __iter__(self):
+        self._take(self.start)
         for batch in self.batches:
-            t = time.perf_counter()
-            time.sleep(self.delay)
-            self.inside += time.perf_counter() - t
+            self._take(self.delay)
             yield batch
 
 
 class SlowStep:
-    """A recipe whose loss also sleeps STEP_S: a step of a known least duration."""
+    """A recipe whose loss takes STEP_S seconds of the clock."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
 
     def loss(self, logits, y):
-        time.sleep(STEP_S)
+        self.clock.advance(STEP_S)
         return nn.functional.cross_entropy(logits, y)
 
     def before_step(self, opt, step):
@@ -55,36 +77,35 @@ class SlowStep:
         pass
 
 
-def one_epoch(loader):
+def one_epoch(loader, monkeypatch):
+    """train_epoch over the loader, its data wait timed by the loader's clock: (sums, the epoch's seconds)."""
+    clock = loader.clock
+    monkeypatch.setattr(loop, "DataWait", lambda: DataWait(clock=clock))
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, BATCH))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    t0 = time.perf_counter()
+    t0 = clock()
     sums = loop.train_epoch(net=net, loader=loader, y_train=torch.arange(BATCH), opt=opt,
                             scaler=torch.amp.GradScaler("cuda", enabled=False), device=CPU, precision="fp32",
-                            recipe=SlowStep(), first_global_step=0, start=None, hooks=[], desc="", show=False,
+                            recipe=SlowStep(clock), first_global_step=0, start=None, hooks=[], desc="", show=False,
                             record=False)
-    return sums, time.perf_counter() - t0
+    return sums, clock() - t0
 
 
-def test_the_wait_is_the_time_the_loader_took_to_hand_over_its_batches():
-    slow = StandInLoader(delay=0.1)
-    sums, elapsed = one_epoch(slow)
-    # All of the loader's own time is waited for, and little else: what the loop adds around next() (the
-    # generator, tqdm) is a small part of the steps' time, however fast the machine.
-    assert sums.data_wait_s >= slow.inside
-    # (a timer that also counted the steps would add BATCHES * STEP_S)
-    assert sums.data_wait_s - slow.inside < 0.5 * BATCHES * STEP_S
+def test_the_wait_is_the_time_the_loader_took_to_hand_over_its_batches(monkeypatch):
+    slow = StandInLoader(Clock(), delay=0.25, start=0.5)
+    sums, elapsed = one_epoch(slow, monkeypatch)
+    # All of the loader's own time, its start included, and nothing else (a timer that also counted the
+    # steps would add BATCHES * STEP_S)
+    assert sums.data_wait_s == slow.inside == 0.5 + BATCHES * 0.25
+    assert elapsed == slow.inside + BATCHES * STEP_S
     assert sums.seen == BATCHES * BATCH
-    # the share the run reports, against what the stand-in took of the epoch
-    assert sums.data_wait_s / elapsed == pytest.approx(slow.inside / elapsed, abs=0.2)
-    assert sums.data_wait_s / elapsed > 0.4  # 0.1 s of data for at least 0.05 s of step
+    # the share the run reports (wait / the epoch's training time): 2 s of data in 2.75 s
+    assert sums.data_wait_s / elapsed == 2.0 / 2.75
 
 
-def test_a_loader_that_is_ready_makes_the_model_wait_almost_not_at_all():
-    ready = StandInLoader(delay=0.0)
-    sums, elapsed = one_epoch(ready)
-    assert sums.data_wait_s - ready.inside < 0.5 * BATCHES * STEP_S
-    assert sums.data_wait_s / elapsed < 0.3  # (counting the steps would make it about 1)
+def test_a_loader_that_is_ready_makes_the_model_wait_not_at_all(monkeypatch):
+    sums, elapsed = one_epoch(StandInLoader(Clock(), delay=0.0), monkeypatch)
+    assert sums.data_wait_s == 0.0 and elapsed == BATCHES * STEP_S  # (counting the steps would give it all)
 
 
 def test_measuring_adds_no_synchronization(monkeypatch):
@@ -93,15 +114,16 @@ def test_measuring_adds_no_synchronization(monkeypatch):
     real = dev.synchronize
     monkeypatch.setattr(dev, "synchronize", lambda device: calls.append(device) or real(device))
     monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("a host copy inside the epoch"))
-    one_epoch(StandInLoader(delay=0.01))
+    one_epoch(StandInLoader(Clock(), delay=0.25), monkeypatch)
     assert calls == [CPU]
 
 
 def test_the_timer_counts_only_the_time_inside_the_loader():
-    wait = DataWait()
-    for _ in wait.timed(StandInLoader(delay=0.0)):
-        time.sleep(0.05)  # the step: not waiting
-    assert wait.seconds < 0.05 * BATCHES / 2
+    clock = Clock()
+    wait = DataWait(clock=clock)
+    for _ in wait.timed(StandInLoader(clock, delay=0.25, start=1.0)):
+        clock.advance(8.0)  # the step: not waiting
+    assert wait.seconds == 1.0 + BATCHES * 0.25
 
 
 CFG = TrainConfig(images_dir="i", labels_csv="l", out_dir="o")
@@ -142,20 +164,26 @@ def test_advice_once_per_command_never_for_its_first_epoch_nor_below_the_thresho
 
 def test_a_run_reports_its_data_wait_everywhere_and_a_starved_run_is_advised_once(small_synth, tmp_path,
                                                                                monkeypatch, caplog, capsys):
-    """In this process, with a torch loader of one worker whose image reads are slowed on purpose (the
-    worker is forked after the patch): every epoch waits most of its time for data, and the run says so
-    once, after its second epoch."""
-    from dalipipe.loading import torch_loader
+    """In this process, with a torch loader of one worker, on a stand-in clock that each batch's hand-over
+    advances by 3 s and each training step by 1 s: every epoch waits 3/4 of its training time for data,
+    and the run says so once, after its second epoch."""
     from dalipipe.run import run_dir
     from tests.test_preview_and_tensorboard import scalars
 
-    real = torch_loader.read_gray
+    clock = Clock()
 
-    def slow_read(path):
-        time.sleep(0.04)
-        return real(path)
+    class StarvedWait(DataWait):
+        def timed(self, loader):
+            def slow():
+                for batch in loader:
+                    clock.advance(3.0)
+                    yield batch
+            return super().timed(slow())
 
-    monkeypatch.setattr(torch_loader, "read_gray", slow_read)
+    step = loop.train_step
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=clock))  # the loop's clock
+    monkeypatch.setattr(loop, "DataWait", lambda: StarvedWait(clock=clock))
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: (clock.advance(1.0), step(*a, **k))[1])
     out = tmp_path / "run"
     cfg = run_dir.new_config(str(small_synth / "images_train"), str(small_synth / "y_train.csv"), str(out),
                              {"epochs": 3, "image_size": 16, "batch_size": 32, "device": "cpu", "loader": "torch",
@@ -163,15 +191,15 @@ def test_a_run_reports_its_data_wait_everywhere_and_a_starved_run_is_advised_onc
     with caplog.at_level(logging.INFO, logger="dalipipe"):
         loop.train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # 96 channel reads of 0.04 s (3.8 s) for each batch of 32, against the step of a 16 px model (a fraction
-    # of a second; the worker reads beside it)
-    assert all(0.3 < row["data_wait_share"] <= 1 and row["data_wait_s"] > 0 for row in rows), rows
+    steps = rows[0]["data_wait_s"] / 3.0
+    assert steps >= 1 and all(row["data_wait_s"] == 3.0 * steps and row["data_wait_share"] == 0.75 for row in rows), rows
     notes = [r.getMessage() for r in caplog.records if "the model waited for data" in r.getMessage()]
-    assert len(notes) == 1 and "epoch 2's training time" in notes[0] and "--loader dali" in notes[0], notes
+    assert len(notes) == 1 and "waited for data 75% of epoch 2's training time" in notes[0], notes
+    assert "--loader dali" in notes[0]
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
-    assert [ln.split("data wait ")[1] for ln in lines] == [shown(row["data_wait_share"]) for row in rows]
+    assert [ln.split("data wait ")[1] for ln in lines] == ["75%"] * 3
     points, _ = scalars(out / "tensorboard")
-    assert [v for _, v in points["time/data_wait_share"]] == pytest.approx([row["data_wait_share"] for row in rows])
+    assert [v for _, v in points["time/data_wait_share"]] == [0.75] * 3
 
 
 def test_the_learning_curves_show_the_wait_and_draw_rows_of_older_runs_without_it(tmp_path, monkeypatch):

@@ -15,31 +15,32 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from dalipipe.config import TrainConfig
 from dalipipe.constants import DATA_WAIT_ADVICE_SHARE
 
 
 class DataWait:
-    """Seconds spent waiting for batches, over the batches of one epoch."""
+    """Seconds spent waiting for batches, over the batches of one epoch. clock: the host's clock in
+    seconds (a test gives one that it advances by known amounts)."""
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.seconds, self.clock = 0.0, clock
 
     def timed(self, loader: Iterable) -> Iterator:
         """The loader's batches, each next() (and the first, the iterator's start) timed."""
-        t = time.perf_counter()
+        t = self.clock()
         it = iter(loader)
         while True:
             try:
                 batch = next(it)
             except StopIteration:
-                self.seconds += time.perf_counter() - t
+                self.seconds += self.clock() - t
                 return
-            self.seconds += time.perf_counter() - t
+            self.seconds += self.clock() - t
             yield batch
-            t = time.perf_counter()  # the step and the hooks ran in between: not waiting for data
+            t = self.clock()  # the step and the hooks ran in between: not waiting for data
 
 
 @dataclass(frozen=True)
