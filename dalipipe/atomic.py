@@ -44,10 +44,26 @@ def write_atomic(path: str | Path, write: Callable[[str], None], make_parent: bo
             os.replace(tmp, path)
         else:
             _move_new(tmp, path)
+        fsync_folder(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable: until the folder's entry is on disk, a power loss can bring back the
+    old file (or none) although the new one's bytes were synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform or file system that cannot open a folder (Windows): nothing more to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder (EINVAL): the rename is as durable as they allow
+        pass
+    finally:
+        os.close(fd)
 
 
 def _move_new(tmp: str, path: Path) -> None:

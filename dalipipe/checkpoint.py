@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dalipipe.atomic import write_atomic
+from dalipipe.atomic import fsync_folder, write_atomic
 from dalipipe.constants import CKPT_BEST, CKPT_LAST
 from dalipipe.errors import DataError
 
@@ -71,6 +71,7 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
         return
     try:
         os.replace(tmp, dst)
+        fsync_folder(dst.parent)
     finally:
         # (rename leaves both names where they already are the same file)
         if os.path.lexists(tmp):

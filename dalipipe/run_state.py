@@ -33,6 +33,16 @@ class Progress:
     # that a resumed run's TensorBoard log (whose restart drops every earlier point) can show it again.
     best_confusion: dict | None = None
 
+    def record(self, row: dict, score: float) -> bool:
+        """An epoch done with this validation score: its metrics row kept; whether it is a new best. Better
+        by more than float noise: equal balanced accuracies of different predictions can differ in the last
+        bit, and a tie is not a new best (best.pt stays the earlier epoch's)."""
+        improved = score > self.best + 1e-9
+        self.history.append(row)
+        self.epochs_done, self.last_score = row["epoch"], score
+        self.best = max(self.best, score)
+        return improved
+
     def last_epoch_was_best(self) -> bool:
         """Whether the last epoch done is the run's best, by the training loop's rule (a tie is not a new
         best): the best epoch is recorded with its confusion matrix. (Checkpoints of an older dalipipe: by

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -170,6 +171,52 @@ def test_checks_are_remembered_until_a_file_changes(synth_copy, monkeypatch):
     calls.clear()
     inspect_images(idx.iloc[:5], progress=False, cache=False)  # the memory off: every sample decoded
     assert len(calls) == 5
+
+
+def test_a_file_rewritten_with_the_same_size_is_checked_again(synth_copy, monkeypatch):
+    """The memory is keyed by size and modification time: a file of the same size written anew (here one
+    byte of its image data changed, so its CRC no longer matches) has another time, and is decoded again."""
+    idx = build_index(synth_copy / "images_train", synth_copy / "y_train.csv")
+    inspect_images(idx, progress=False)
+    png = synth_copy / "images_train" / "00007_red.png"
+    data, before = bytearray(png.read_bytes()), png.stat()
+    data[data.index(b"IDAT") + 8] ^= 0xFF
+    png.write_bytes(bytes(data))
+    # a rewrite's new time, made certain: two writes within a file system's clock tick can share one
+    os.utime(png, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    assert png.stat().st_size == before.st_size
+    with pytest.raises(DataError, match="00007_red.png: PNG does not decode"):
+        inspect_images(idx, progress=False)
+
+
+def test_memories_of_another_check_version_are_not_trusted(synth_copy, monkeypatch):
+    import dalipipe.data.check_cache
+    import dalipipe.data.index
+    from dalipipe.data.pngio import inspect_sample
+
+    idx = build_index(synth_copy / "images_train", synth_copy / "y_train.csv").iloc[:6]
+    inspect_images(idx, progress=False)
+    calls = []
+    monkeypatch.setattr(dalipipe.data.index, "inspect_sample", lambda p: calls.append(p) or inspect_sample(p))
+    monkeypatch.setattr(dalipipe.data.check_cache, "CHECK_VERSION", dalipipe.data.check_cache.CHECK_VERSION + 1)
+    inspect_images(idx, progress=False)
+    assert len(calls) == 6  # a changed check decodes everything again
+
+
+def test_a_sample_that_failed_is_not_remembered(synth_copy, monkeypatch):
+    import dalipipe.data.index
+    from dalipipe.data.pngio import inspect_sample
+
+    idx = build_index(synth_copy / "images_train", synth_copy / "y_train.csv").iloc[:6]
+    bad = synth_copy / "images_train" / f"{idx.file_id.iloc[2]:05d}_blue.png"
+    shutil.copy(pngsuite() / "xcrn0g04.png", bad)
+    with pytest.raises(DataError, match=bad.name):
+        inspect_images(idx, progress=False)
+    calls = []
+    monkeypatch.setattr(dalipipe.data.index, "inspect_sample", lambda p: calls.append(p) or inspect_sample(p))
+    with pytest.raises(DataError, match=bad.name):  # found again, by decoding it again
+        inspect_images(idx, progress=False)
+    assert calls[0][0].endswith(bad.name.replace("blue", "yellow")) and len(calls) == 1
 
 
 def test_parallel_check_equals_serial_and_reports_the_first_bad_sample(synth_copy):

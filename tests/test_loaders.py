@@ -49,6 +49,19 @@ def test_no_augmentation_dali_equals_torch_on_synthetic(small_synth):
     assert (xd - xt).abs().max().item() < 1e-3
 
 
+@pytest.mark.parametrize("size", [20, 27])
+def test_no_augmentation_dali_equals_torch_when_shrinking(small_synth, size):
+    """Images larger than the model input (32 px to 20 and 27): both loaders shrink them alike, pixel for
+    pixel; an antialiased resize in one of them alone would differ by tens of gray levels."""
+    idx = inspect_images(build_index(small_synth / "images_train", small_synth / "y_train.csv"), progress=False)
+    idx = idx.iloc[:64]
+    spec = AugmentSpec(image_size=size)
+    (xd, _), = _epochs("dali", idx, spec, RAW, train=False)
+    (xt, _), = _epochs("torch", idx, spec, RAW, train=False)
+    assert xd.shape == xt.shape == (64, 3, size, size)
+    assert (xd - xt).abs().max().item() < 0.01  # gray levels
+
+
 def _pngsuite_samples(tmp_path, predicate):
     files = sorted(f for f in pngsuite().glob("*.png") if predicate(f.name))
     folder = tmp_path / "suite"
@@ -101,6 +114,49 @@ def test_each_epoch_sees_each_sample_once_and_channels_stay_together(tmp_path, k
     assert orders[0] != orders[1] != orders[2] and orders[0] != list(range(301))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_channels_are_stacked_yellow_red_blue(tmp_path, kind):
+    """R is the ER (yellow file), G the microtubules (red), B the nucleus (blue), as the reference stacked them."""
+    size = 8
+    write_sample(tmp_path / "img", 1, *[np.full((size, size), v) for v in (10, 20, 30)])  # yellow, red, blue
+    write_sample(tmp_path / "img", 2, *[np.full((size, size), v) for v in (40, 50, 60)])
+    idx = scan_images(tmp_path / "img")
+    (x, t), = _epochs(kind, idx, AugmentSpec(image_size=size), RAW, train=False)
+    assert x[torch.argsort(t)].mean((2, 3)).tolist() == [[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]]
+
+
+def test_dali_channel_readers_out_of_step_are_a_bug_not_a_silent_mix(tmp_path):
+    """The three readers carry each sample's row position: a batch whose positions differ between the
+    channels is refused, never handed to the model."""
+    idx = _coded_dataset(tmp_path / "img", 8)
+    loader = make_loader(idx, np.arange(8), spec=AugmentSpec(image_size=8), norm=RAW, train=False, device=CPU,
+                         settings=LoaderSettings(kind="dali", batch_size=4, workers=1, seed=0))
+    real = loader.iterator
+
+    def one_reader_ahead():
+        for (batch,) in real:
+            yield ({**batch, "p2": batch["p2"].roll(1, 0)},)
+
+    loader.iterator = one_reader_ahead()
+    with pytest.raises(RuntimeError, match="channel readers fell out of step"):
+        next(iter(loader))
+    loader.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_epoch_draws_new_augmentations(tmp_path, kind):
+    """The same sample is cropped, rotated and flipped anew in each epoch (the torch loader's draws are a
+    function of seed, epoch and sample)."""
+    def draw(img):
+        img[2:12, 4:10] = 255
+
+    idx = _marker_dataset(tmp_path / "img", 40, 16, draw)
+    (x1, t1), (x2, t2) = _epochs(kind, idx, AugmentSpec(image_size=16), RAW, train=True, epochs=2)
+    a, b = _in_order(x1, t1), _in_order(x2, t2)
+    differ = (a - b).flatten(1).abs().amax(1) > 1.0
+    assert differ.float().mean().item() > 0.9  # (the same draw twice would be a rare coincidence)
+
+
 def _marker_dataset(folder, n, size, draw):
     img = np.zeros((size, size), dtype=np.uint8)
     draw(img)
@@ -131,6 +187,8 @@ def test_flip_rates_follow_the_spec(tmp_path, kind):
     assert abs((cx > 0).float().mean().item() - 0.6) < 0.08
     assert abs((cy > 0).float().mean().item() - 0.6) < 0.08
     assert ((cx.abs() > 5) & (cy.abs() > 5)).all()  # flipped or not, never anything else
+    # Two coins, not one: both flips together at 0.6 x 0.6 = 0.36 (one coin for both would give 0.6).
+    assert abs(((cx > 0) & (cy > 0)).float().mean().item() - 0.36) < 0.08
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -212,6 +212,67 @@ def test_an_atomic_write_that_must_not_replace_leaves_a_file_made_meanwhile_alon
     assert out.read_text() == "mine"
 
 
+def _durability_log(monkeypatch) -> list[tuple]:
+    """Every fsync (of a file or of a folder, by inode), rename and hard link, in order, as they happen."""
+    events: list[tuple] = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync folder" if stat.S_ISDIR(st.st_mode) else "fsync file", st.st_ino))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or real_replace(a, b))
+    monkeypatch.setattr(os, "link", lambda a, b: events.append(("link", Path(b).name)) or real_link(a, b))
+    return events
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_an_atomic_write_syncs_the_file_before_its_rename_and_the_folder_after(tmp_path, monkeypatch, replace):
+    """Without the first fsync a power loss can leave the new name on an empty file; without the second, the
+    rename itself can be lost."""
+    events = _durability_log(monkeypatch)
+    out = tmp_path / "metrics.jsonl"
+    atomic.write_atomic(out, lambda tmp: Path(tmp).write_text("new"), replace=replace)
+    monkeypatch.undo()
+    assert out.read_text() == "new"
+    move = ("rename" if replace else "link", "metrics.jsonl")
+    assert events[0] == ("fsync file", out.stat().st_ino), events  # the bytes under the new name
+    assert move in events and events.index(move) > 0
+    assert events[-1] == ("fsync folder", tmp_path.stat().st_ino), events  # the new name itself
+
+
+def test_best_pt_linked_to_last_pt_is_made_durable_too(tmp_path, monkeypatch):
+    (tmp_path / "last.pt").write_bytes(b"checkpoint")
+    events = _durability_log(monkeypatch)
+    checkpoint.link_or_copy(tmp_path / "last.pt", tmp_path / "best.pt")
+    monkeypatch.undo()
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert events[-2:] == [("rename", "best.pt"), ("fsync folder", tmp_path.stat().st_ino)], events
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    out = tmp_path / "labels.json"
+    out.write_text("old")
+
+    def write(tmp):
+        Path(tmp).write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic.write_atomic(out, write)
+    assert out.read_text() == "old" and os.listdir(tmp_path) == ["labels.json"]
+
+
+def test_a_run_folder_stands_for_its_best_checkpoint_else_its_last(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"last")
+    assert checkpoint.resolve(tmp_path) == tmp_path / "last.pt"
+    (tmp_path / "best.pt").write_bytes(b"best")
+    assert checkpoint.resolve(tmp_path) == tmp_path / "best.pt"
+    assert checkpoint.resolve(tmp_path / "last.pt") == tmp_path / "last.pt"  # a file is itself
+
+
 def test_two_predictions_to_one_file_at_once_the_second_refuses(trained, small_synth, monkeypatch):
     import dalipipe.infer.predict
 

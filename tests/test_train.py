@@ -1,4 +1,5 @@
-"""The training loop called as a library: the time limit, and the phase timings it reports."""
+"""The training loop called as a library: the time limit, the phase timings it reports, the best-epoch rule and
+the figures of an epoch over every process."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import dataclasses
 import json
 
 from dalipipe.config import AugmentSpec, TrainConfig
-from dalipipe.run.train import train
-from dalipipe.run_state import SavedRun
+from dalipipe.run.train import RankFigures, train, training_figures
+from dalipipe.run_state import Progress, SavedRun
 
 
 def test_time_limit_stops_at_a_step_with_a_checkpoint_and_resume_finishes(small_synth, tmp_path):
@@ -55,3 +56,27 @@ def test_a_loader_state_for_another_loader_is_dropped_at_an_epoch_end_and_refuse
     assert loader_key("dali", "mixed", cpu) == loader_key("dali", "cpu", cpu)
     gpu = torch.device("cuda", 0)
     assert loader_key("dali", "mixed", gpu) != loader_key("dali", "cpu", gpu)
+
+
+def test_a_new_best_beats_the_best_by_more_than_float_noise_and_a_tie_is_not_one():
+    p = Progress()
+    assert p.record({"epoch": 1}, 0.5)  # the first epoch is the best so far
+    assert not p.record({"epoch": 2}, 0.5)  # a tie keeps the earlier epoch as the best
+    # The same balanced accuracy summed in another order can differ in its last bit: still a tie.
+    assert not p.record({"epoch": 3}, 0.5 + 2 ** -52)
+    assert p.record({"epoch": 4}, 0.5 + 1e-6)
+    assert not p.record({"epoch": 5}, 0.25)
+    assert (p.epochs_done, p.best, p.last_score) == (5, 0.5 + 1e-6, 0.25)
+    assert [r["epoch"] for r in p.history] == [1, 2, 3, 4, 5]
+
+
+def test_an_epochs_training_figures_count_every_process():
+    memory = {}
+    fast = RankFigures(loss_sum=8.0, seen=4, train_s=2.0, data_wait_s=0.5, memory=memory)  # waited 25%
+    slow = RankFigures(loss_sum=4.0, seen=4, train_s=4.0, data_wait_s=0.8, memory=memory)  # waited 20%, longer
+    for ranks in ([fast, slow], [slow, fast]):  # whichever is rank 0
+        figures = training_figures(ranks)
+        assert figures["train_loss"] == 1.5  # (8 + 4) / (4 + 4): every sample once, not rank 0's mean
+        assert figures["train_images_per_s"] == 2.0  # 8 images in the slowest process's 4 s
+        # the most starved process is the one that waited the largest share of its time
+        assert (figures["data_wait_s"], figures["data_wait_share"]) == (0.5, 0.25)

@@ -255,6 +255,28 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
                        epoch_walls=epoch_walls, partial_steps=partial_steps, partial_train_s=partial_s)
 
 
+@dataclass(frozen=True)
+class RankFigures:
+    """One process's training figures of an epoch, gathered from every process once it has validated."""
+    loss_sum: float
+    seen: int
+    train_s: float
+    data_wait_s: float
+    memory: dict[str, float]  # on a GPU: dev.memory_in_use
+
+
+def training_figures(ranks: list[RankFigures]) -> dict[str, float]:
+    """An epoch's training figures over every process: the loss averaged over every sample trained on, the
+    images of all processes per second of the slowest one, and the data wait of the most starved process
+    (the share of its own training time)."""
+    seen = sum(r.seen for r in ranks)
+    starved = max(ranks, key=lambda r: r.data_wait_s / max(r.train_s, 1e-9))
+    return {"train_loss": round(sum(r.loss_sum for r in ranks) / max(seen, 1), 5),
+            "train_images_per_s": round(seen / max(max(r.train_s for r in ranks), 1e-9), 1),
+            "data_wait_s": round(starved.data_wait_s, 3),
+            "data_wait_share": round(starved.data_wait_s / max(starved.train_s, 1e-9), 4)}
+
+
 def _largest(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: max(r[k] for r in rows) for k in rows[0]}
 
@@ -274,28 +296,21 @@ def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums, train_time
     run.timings["val_s"] += val_time
     # Every process's training figures and (on a GPU) memory, in one collective once validation has run (its
     # memory counted too).
-    totals = distributed.gather((float(sums.loss_sum.item()), sums.seen, train_time, sums.data_wait_s,
-                                 dev.memory_in_use(run.device)), world)
-    seen_all = sum(t[1] for t in totals)
-    train_loss = sum(t[0] for t in totals) / max(seen_all, 1)
-    images_per_s = seen_all / max(max(t[2] for t in totals), 1e-9)
-    data_wait = max(totals, key=lambda t: t[3] / max(t[2], 1e-9))
+    ranks = distributed.gather(RankFigures(loss_sum=float(sums.loss_sum.item()), seen=sums.seen, train_s=train_time,
+                                           data_wait_s=sums.data_wait_s, memory=dev.memory_in_use(run.device)), world)
     y = run.y_val[pos]
     pred = logits.argmax(1)
     score = float(balanced_accuracy_score(y, pred))
-    row = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(cross_entropy(logits, y), 5),
-           "val_balanced_accuracy": round(score, 5), "train_images_per_s": round(images_per_s, 1),
+    figures = training_figures(ranks)
+    row = {"epoch": epoch + 1, "train_loss": figures["train_loss"], "val_loss": round(cross_entropy(logits, y), 5),
+           "val_balanced_accuracy": round(score, 5), "train_images_per_s": figures["train_images_per_s"],
            "val_seconds": round(val_time, 2), "epoch_seconds": round(time.perf_counter() - t0, 2),
-           "lr": run.recipe.epoch_lr(epoch), "data_wait_s": round(data_wait[3], 3),
-           "data_wait_share": round(data_wait[3] / max(data_wait[2], 1e-9), 4),
+           "lr": run.recipe.epoch_lr(epoch), "data_wait_s": figures["data_wait_s"],
+           "data_wait_share": figures["data_wait_share"],
            # on a GPU: the epoch's peak of torch's allocator and the device memory in use at its end (the
            # latter with DALI's pools and the CUDA context), the largest over the processes
-           **_largest([t[4] for t in totals])}
-    # Better by more than float noise: equal balanced accuracies of different predictions can differ in the
-    # last bit, and a tie is not a new best.
-    improved = score > progress.best + 1e-9
-    progress.history.append(row)
-    progress.epochs_done, progress.best, progress.last_score = epoch + 1, max(progress.best, score), score
+           **_largest([r.memory for r in ranks])}
+    improved = progress.record(row, score)
     if not improved:
         return row, None
     names = list(run.labels.names)

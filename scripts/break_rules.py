@@ -1,0 +1,335 @@
+"""Break each rule dalipipe states about what it guarantees, one at a time, and see whether a test notices.
+
+Each breakage below is one small change to the code (a line replaced) that violates one rule the README
+or a code comment states, and names the tests that guard that rule. For each, in a scratch copy of the
+checkout: apply the change, run those tests, restore. A breakage whose tests still pass "survives": the
+rule it breaks is promised but not tested. Run it after changing a rule or its tests; it is not part of
+`make test` (it runs tests once per breakage: about half an hour for all of them on two cores).
+
+    python scripts/break_rules.py              # every breakage; exit 1 if one survives
+    python scripts/break_rules.py -k fsync     # those whose name or file contains 'fsync'
+    python scripts/break_rules.py --list       # what would be broken, and the tests that guard each
+
+A new rule gets a breakage here with its test; a breakage whose `old` text no longer occurs exactly once in
+its file is reported as stale (the code moved: update the entry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Longer than the slowest guarding tests take on a busy 2-core machine; a breakage that makes a test hang
+# is caught all the same (reported as such).
+TIMEOUT_S = 1200
+
+
+@dataclass(frozen=True)
+class Breakage:
+    name: str  # the rule, as a short sentence of what is now broken
+    file: str  # relative to the checkout
+    old: str  # occurs exactly once in file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids (or files) that must notice
+
+
+T_DATA = "tests/test_data.py"
+T_PNG = "tests/test_pngio.py"
+T_ROBUST = "tests/test_robustness.py"
+T_LOADERS = "tests/test_loaders.py"
+T_RECORDER = "tests/test_run_recorder.py"
+T_OPTS = "tests/test_options_table.py"
+T_MSG = "tests/test_options_and_messages.py"
+T_TTA = "tests/test_tta_and_ensembles.py"
+T_RESUME = "tests/test_exact_resume.py"
+T_DDP = "tests/test_distributed.py"
+T_WAIT = "tests/test_data_wait.py"
+T_RECIPE = "tests/test_recipe.py"
+T_TRAIN = "tests/test_train.py"
+
+BREAKAGES = [
+    # --- CSV rules (dalipipe/data/csv_files.py) -------------------------------------------------------
+    Breakage("ids may be spelled '+1' (digits only)", "dalipipe/data/csv_files.py",
+             'if not re.fullmatch(r"[0-9]+", fid):', 'if not re.fullmatch(r"[+0-9]+", fid):', (T_DATA)),
+    Breakage("a duplicate file_id is accepted", "dalipipe/data/csv_files.py",
+             "        if n in first_line:\n", "        if False:\n", (T_DATA,)),
+    Breakage("a byte-order mark is read as part of the header", "dalipipe/data/csv_files.py",
+             'bom = codecs.BOM_UTF8 if data.startswith(codecs.BOM_UTF8) else b""', 'bom = b""', (T_DATA, T_ROBUST)),
+    Breakage("CSV errors count rows instead of the lines an editor shows", "dalipipe/data/csv_files.py",
+             "start = reader.line_num + 1", "start += 1", (T_DATA,)),
+    Breakage("rows of empty fields are not skipped", "dalipipe/data/csv_files.py",
+             "if any(f.strip() for f in fields):", "if fields:", (T_DATA, T_MSG)),
+    Breakage("a CSV that is not UTF-8 is read with replacement characters", "dalipipe/data/csv_files.py",
+             'text = data[len(bom):].decode("utf-8")', 'text = data[len(bom):].decode("utf-8", errors="replace")',
+             (T_DATA, T_ROBUST)),
+    Breakage("columns are taken by position, not by name", "dalipipe/data/csv_files.py",
+             "fields[header.index(c)].strip()", "fields[columns.index(c)].strip()", (T_DATA, T_MSG)),
+    Breakage("an empty cell_line is accepted", "dalipipe/data/csv_files.py",
+             "    if len(empty):\n", "    if False:\n", (T_DATA)),
+    # --- the image check and the gray rule ------------------------------------------------------------
+    Breakage("a PNG chunk with a bad CRC passes the check", "dalipipe/data/pngio.py",
+             "if zlib.crc32(data[pos + 4 : end]) != crc:", "if False:", (T_PNG, T_DATA)),
+    Breakage("16-bit gray is value >> 8, not round(value / 257)", "dalipipe/data/pngio.py",
+             "np.floor(a / 257.0 + 0.5)", "np.floor(a / 256.0)", (T_PNG,)),
+    Breakage("a colour PNG with a gamma chunk is accepted", "dalipipe/data/pngio.py",
+             "abs(float(gamma) - 1.0) > 1e-3", "abs(float(gamma) - 1.0) > 10", (T_PNG,)),
+    Breakage("channels of one sample may differ in size", "dalipipe/data/pngio.py",
+             "if len(set(shapes)) != 1:", "if False:", (T_DATA,)),
+    Breakage("the check cache trusts a file whose contents changed but whose size did not",
+             "dalipipe/data/check_cache.py", "for v in (st.st_size, st.st_mtime_ns)]", "for v in (st.st_size,)]",
+             (T_DATA)),
+    Breakage("the check cache trusts memories of another check version", "dalipipe/data/check_cache.py",
+             'if data.get("version") == CHECK_VERSION and', "if True and", (T_DATA)),
+    Breakage("a sample that failed the check is remembered as checked", "dalipipe/data/index.py",
+             "                if results[i] is not None:\n", "                if True:\n", (T_DATA)),
+    Breakage("a label without images is not an error", "dalipipe/data/index.py",
+             "    if missing:\n", "    if False:\n", (T_DATA,)),
+    Breakage("images far larger than the rest pass unnamed", "dalipipe/data/index.py",
+             "large = index[pixels > LARGE_IMAGE_FACTOR * pixels.median()]",
+             "large = index[pixels > 1e12 * pixels.median()]", (T_ROBUST,)),
+    Breakage("the statistics weight every pixel, so one large image dominates", "dalipipe/data/stats.py",
+             'mean = [float(index[c].mean()) for c in MEAN_COLUMNS]',
+             'mean = [float((index[c] * index["height"] * index["width"]).sum() / (index["height"] * index["width"]).sum()) for c in MEAN_COLUMNS]',
+             (T_ROBUST, T_DATA)),
+    # --- options -------------------------------------------------------------------------------------
+    Breakage("predict's settings skip the table's check", "dalipipe/settings.py",
+             "class PredictSettings(_Checked):", "class PredictSettings:", (T_OPTS, T_MSG)),
+    Breakage("preview's settings skip the table's check", "dalipipe/settings.py",
+             "class PreviewSettings(_Checked):", "class PreviewSettings:", (T_OPTS, T_MSG)),
+    Breakage("check's settings skip the table's check", "dalipipe/settings.py",
+             "class CheckSettings(_Checked):", "class CheckSettings:", (T_OPTS, T_MSG)),
+    Breakage("an inclusive lower bound excludes its own value", "dalipipe/options.py",
+             "(value > s.low if s.low_open else value >= s.low)", "(value > s.low)", (T_OPTS)),
+    Breakage("a resume accepts a new value of a fixed setting", "dalipipe/run/run_dir.py",
+             "fixed = {k: v for k, v in given.items() if k not in RESUME_MAY_CHANGE}", "fixed = {}",
+             (T_OPTS, T_ROBUST)),
+    Breakage("a resume may ask for fewer epochs than were trained", "dalipipe/run/run_dir.py",
+             'if given.get("epochs", cfg.epochs) < card.epoch:', "if False:", ("tests/test_resume_options.py",)),
+    Breakage("--time-limit carries over to the resumed command", "dalipipe/run/run_dir.py",
+             "cfg = dataclasses.replace(TrainConfig.from_dict(card.config), time_limit_minutes=None)",
+             "cfg = TrainConfig.from_dict(card.config)",
+             (f"{T_MSG}::test_time_limit_applies_to_its_command_only_and_exits_with_its_own_status",)),
+    Breakage("--folds and --val-fraction are both accepted", "dalipipe/run/run_dir.py",
+             'if "folds" in given and "val_fraction" in given:', "if False:", (T_TTA,)),
+    # --- atomic and durable writes -------------------------------------------------------------------
+    Breakage("an atomic write is not fsynced before the rename", "dalipipe/atomic.py",
+             "            os.fsync(f.fileno())\n", "            pass\n", (T_ROBUST)),
+    Breakage("the folder is not fsynced after the rename", "dalipipe/atomic.py",
+             "        fsync_folder(path.parent)\n", "", (T_ROBUST)),
+    Breakage("written files ignore the umask", "dalipipe/atomic.py",
+             "os.chmod(tmp, 0o666 & ~_umask())", "pass", (T_ROBUST,)),
+    Breakage("a write that must not replace replaces a file made meanwhile", "dalipipe/atomic.py",
+             "            _move_new(tmp, path)\n", "            os.replace(tmp, path)\n", (T_ROBUST,)),
+    Breakage("a failed atomic write leaves its temporary file", "dalipipe/atomic.py",
+             "        if os.path.exists(tmp):\n            os.unlink(tmp)\n", "        pass\n", (T_ROBUST)),
+    Breakage("a command's --out is replaced without --force", "dalipipe/atomic.py",
+             "    if not force and Path(path).exists():\n", "    if False:\n", (T_ROBUST, "tests/test_cli.py")),
+    # --- checkpoints: best and last, the run folder ----------------------------------------------------
+    Breakage("best.pt is a second copy of last.pt, not the same file", "dalipipe/run/run_recorder.py",
+             "checkpoint.link_or_copy(self.out / CKPT_LAST, self.out / CKPT_BEST)",
+             "checkpoint.copy(self.out / CKPT_LAST, self.out / CKPT_BEST)", (T_RECORDER,)),
+    Breakage("a tie with the best score is a new best", "dalipipe/run_state.py",
+             "improved = score > self.best + 1e-9", "improved = score >= self.best", (T_TRAIN,)),
+    Breakage("a score better by float noise only is a new best", "dalipipe/run_state.py",
+             "improved = score > self.best + 1e-9", "improved = score > self.best", (T_TRAIN,)),
+    Breakage("the repair after a kill never links best.pt", "dalipipe/run/run_dir.py",
+             "if saved.partial_steps is None and saved.progress.last_epoch_was_best() and (",
+             "if False and (", ("tests/test_resume_options.py",)),
+    Breakage("the last epoch counts as the best whatever its score", "dalipipe/run_state.py",
+             'return self.best_confusion["epoch"] == self.epochs_done', "return True",
+             ("tests/test_resume_options.py",)),
+    Breakage("a checkpoint may hold code that runs on load", "dalipipe/checkpoint.py",
+             "weights_only=True", "weights_only=False", (T_ROBUST,)),
+    Breakage("a run folder gives its last.pt before its best.pt", "dalipipe/checkpoint.py",
+             "for name in (CKPT_BEST, CKPT_LAST):", "for name in (CKPT_LAST, CKPT_BEST):", (T_ROBUST,)),
+    Breakage("a second checkpoint is staged while the first is written", "dalipipe/run/run_recorder.py",
+             "        self.checkpoint_done.wait()  # the previous snapshot's buffers are about to be reused\n",
+             "", (T_RECORDER,)),
+    Breakage("the snapshot keeps the live tensors instead of copies", "dalipipe/run/snapshot.py",
+             "            buf = self._buffer(path, x)\n            buf.copy_(x.detach(), non_blocking=x.is_cuda)\n",
+             "            buf = x\n", (T_RECORDER,)),
+    Breakage("a second train into a busy folder is not refused", "dalipipe/run/run_dir.py",
+             "        if not _try_lock(f):\n            raise", "        if False:\n            raise", (T_ROBUST,)),
+    # --- loaders: equivalence, epochs, augmentation ---------------------------------------------------
+    Breakage("DALI decides both flips with one coin", "dalipipe/loading/dali_loader.py",
+             "scale=fn.stack(sign(spec.hflip_p), sign(spec.vflip_p))", "scale=fn.stack(*[sign(spec.hflip_p)] * 2)",
+             (T_LOADERS,)),
+    Breakage("the torch loader decides both flips with one coin", "dalipipe/loading/augment.py",
+             "fy = -1.0 if rng.random() < spec.vflip_p else 1.0", "fy = fx", (T_LOADERS, "tests/test_augment.py")),
+    Breakage("the torch evaluation resize antialiases (DALI's does not)", "dalipipe/loading/augment.py",
+             'mode="bilinear", align_corners=False, antialias=False)', 'mode="bilinear", align_corners=False, antialias=True)',
+             (T_LOADERS,)),
+    Breakage("the DALI evaluation resize antialiases (torch's does not)", "dalipipe/loading/dali_loader.py",
+             "interp_type=types.INTERP_LINEAR, antialias=False", "interp_type=types.INTERP_LINEAR, antialias=True",
+             (T_LOADERS,)),
+    Breakage("the torch loader's augmentation is the same in every epoch", "dalipipe/loading/torch_loader.py",
+             "rng = np.random.default_rng([self.seed, self.epoch, i])", "rng = np.random.default_rng([self.seed, i])",
+             (T_LOADERS)),
+    Breakage("the DALI training order is the same in every epoch", "dalipipe/loading/dali_loader.py",
+             "shuffle_after_epoch=train,", "shuffle_after_epoch=False,", (T_LOADERS,)),
+    Breakage("DALI's last partial batch spills into the next epoch", "dalipipe/loading/dali_loader.py",
+             "pad_last_batch=True,", "pad_last_batch=False,", (T_LOADERS,)),
+    Breakage("a last training batch of one sample is kept", "dalipipe/loading/loader_rules.py",
+             "steps = full + (1 if rest >= MIN_TRAIN_BATCH else 0)", "steps = full + (1 if rest else 0)",
+             (T_LOADERS, "tests/test_cli.py::test_training_split_one_more_than_a_multiple_of_the_batch")),
+    Breakage("ranks train on shards of different sizes", "dalipipe/loading/loader_rules.py",
+             "per_rank = n // num_shards", "per_rank = -(-n // num_shards)", (T_LOADERS,)),
+    Breakage("DALI channel readers out of step pass unnoticed", "dalipipe/loading/dali_loader.py",
+             "if not (torch.equal(pos[0], pos[1]) and torch.equal(pos[0], pos[2])):", "if False:",
+             (T_LOADERS)),
+    Breakage("the torch loader does not normalize by the mean", "dalipipe/loading/torch_loader.py",
+             "return (out[0] - self.mean) * self.inv_std", "return out[0] * self.inv_std", (T_LOADERS,)),
+    Breakage("the channels are stacked red, yellow, blue", "dalipipe/constants.py",
+             'CHANNELS: tuple[str, ...] = ("yellow", "red", "blue")',
+             'CHANNELS: tuple[str, ...] = ("red", "yellow", "blue")', (T_LOADERS, T_DATA)),
+    # --- exact resume and reseeding -------------------------------------------------------------------
+    Breakage("a resumed torch epoch starts again from its first batch", "dalipipe/loading/torch_loader.py",
+             "self.sampler.start = self.done * self.loader.batch_size", "self.sampler.start = 0",
+             (f"{T_RESUME}::test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run",)),
+    Breakage("the torch loader's workers draw their seed from torch's global generator",
+             "dalipipe/loading/torch_loader.py", "generator=torch.Generator().manual_seed(seed))", ")",
+             (f"{T_RESUME}::test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run",)),
+    # --- distributed figures --------------------------------------------------------------------------
+    Breakage("validation counts the padded repeats of the shards", "dalipipe/infer/inference.py",
+             "pos, first = np.unique(pos, return_index=True)", "first = np.argsort(pos, kind='stable'); pos = pos[first]",
+             ("tests/test_inference.py", T_DDP)),
+    Breakage("each rank validates its own BatchNorm statistics", "dalipipe/distributed.py",
+             "    if world.size > 1:\n        for buf in module.buffers():", "    if False:\n        for buf in module.buffers():",
+             (T_DDP,)),
+    Breakage("the data wait is rank 0's, not the most starved process's", "dalipipe/run/train.py",
+             "starved = max(ranks, key=lambda r: r.data_wait_s / max(r.train_s, 1e-9))", "starved = ranks[0]",
+             (T_TRAIN,)),
+    Breakage("the most starved process is the one that waited longest, not the largest share",
+             "dalipipe/run/train.py", "starved = max(ranks, key=lambda r: r.data_wait_s / max(r.train_s, 1e-9))",
+             "starved = max(ranks, key=lambda r: r.data_wait_s)", (T_TRAIN,)),
+    Breakage("the training loss is rank 0's alone", "dalipipe/run/train.py",
+             "round(sum(r.loss_sum for r in ranks) / max(seen, 1), 5)",
+             "round(ranks[0].loss_sum / max(ranks[0].seen, 1), 5)", (T_TRAIN,)),
+    Breakage("images/s is rank 0's time, not the slowest process's", "dalipipe/run/train.py",
+             "round(seen / max(max(r.train_s for r in ranks), 1e-9), 1)", "round(seen / max(ranks[0].train_s, 1e-9), 1)",
+             (T_TRAIN,)),
+    # --- TTA and ensembles ----------------------------------------------------------------------------
+    Breakage("TTA averages logits instead of probabilities", "dalipipe/infer/inference.py",
+             "return torch.logsumexp(log_p, 0) - math.log(TTA_VIEWS)", "return logits.float().view(TTA_VIEWS, n, -1).mean(0)",
+             (T_TTA,)),
+    Breakage("TTA's fourth view repeats the horizontal flip", "dalipipe/infer/inference.py",
+             "images.flip((-2, -1))])", "images.flip(-1)])", (T_TTA,)),
+    Breakage("an ensemble sums instead of averaging its members", "dalipipe/infer/predict.py",
+             "total / len(cks), names, s.probs)", "total, names, s.probs)", (T_TTA,)),
+    # --- splits, subsets and folds ----------------------------------------------------------------------
+    Breakage("subset ties of equal remainders go by name alone", "dalipipe/data/split.py",
+             "key=lambda name: (-(left[name] * m % total), -left[name], str(name))",
+             "key=lambda name: (-(left[name] * m % total), str(name))", (T_DATA)),
+    Breakage("a class smaller than the folds is accepted", "dalipipe/data/split.py",
+             "    small = counts[counts < folds]\n    if len(small):\n", "    small = counts[counts < folds]\n    if False:\n",
+             (T_RECIPE,)),
+    Breakage("the folds depend on the labels file's row order", "dalipipe/data/split.py",
+             'index = index.sort_values("file_id").reset_index(drop=True)  # the folds depend on row order',
+             "index = index.reset_index(drop=True)", (T_RECIPE)),
+    # --- the data wait --------------------------------------------------------------------------------
+    Breakage("the data wait also counts the steps", "dalipipe/run/data_wait.py",
+             "            t = time.perf_counter()  # the step and the hooks ran in between: not waiting for data\n",
+             "", (T_WAIT,)),
+    Breakage("the data-wait advice speaks at the command's first epoch", "dalipipe/run/data_wait.py",
+             "if self.said or self.epochs_seen == 1 or share <= DATA_WAIT_ADVICE_SHARE:",
+             "if self.said or share <= DATA_WAIT_ADVICE_SHARE:", (T_WAIT,)),
+    # --- the weight average ---------------------------------------------------------------------------
+    Breakage("the weight average skips BatchNorm's running statistics", "dalipipe/ema.py",
+             "floats = {k for k, v in mine.items() if v.is_floating_point()}",
+             "floats = {k for k, v in mine.items() if v.is_floating_point() and 'running' not in k}", (T_RECIPE,)),
+]
+
+
+def scratch_copy() -> Path:
+    """The checkout's files (tracked and new, not ignored) in a temporary folder."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    dest = Path(tempfile.mkdtemp(prefix="dalipipe-break-"))
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def environment(scratch: Path) -> dict:
+    # The scratch copy's package first, for the tests and every command they start.
+    return dict(os.environ, PYTHONPATH=str(scratch), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+
+
+def imports_from(scratch: Path) -> None:
+    where = subprocess.run([sys.executable, "-c", "import dalipipe; print(dalipipe.__file__)"], cwd=scratch,
+                           env=environment(scratch), capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(where).resolve().is_relative_to(scratch.resolve()):
+        sys.exit(f"the tests would import dalipipe from {where}, not from the scratch copy {scratch}")
+
+
+def run_tests(scratch: Path, tests: tuple[str, ...], workers: int) -> tuple[str, float]:
+    """'caught', 'survived' or 'error: ...', and the seconds it took."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    if workers > 1:
+        cmd += ["-n", str(workers)]
+    t = time.monotonic()
+    try:
+        r = subprocess.run(cmd, cwd=scratch, env=environment(scratch), capture_output=True, text=True,
+                           timeout=TIMEOUT_S, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return "caught (a test hung)", time.monotonic() - t
+    took = time.monotonic() - t
+    if r.returncode == 0:
+        return "survived", took
+    if r.returncode == 1:
+        return "caught", took
+    tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
+    return f"error: pytest exit {r.returncode}: {' | '.join(tail)}", took
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", default="", help="only breakages whose name or file contains this text")
+    ap.add_argument("--list", action="store_true", help="list the breakages and their tests, run nothing")
+    ap.add_argument("--workers", type=int, default=2, help="pytest-xdist processes per breakage (default 2)")
+    args = ap.parse_args()
+    chosen = [b for b in BREAKAGES if args.k.lower() in (b.name + " " + b.file).lower()]
+    if args.list:
+        for b in chosen:
+            print(f"{b.name}\n    {b.file}; guarded by {', '.join(b.tests)}")
+        return 0
+    scratch = scratch_copy()
+    imports_from(scratch)
+    results = []
+    try:
+        for k, b in enumerate(chosen, 1):
+            path = scratch / b.file
+            original = path.read_text()
+            if original.count(b.old) != 1:
+                outcome, took = f"stale: the text to break occurs {original.count(b.old)} times in {b.file}", 0.0
+            else:
+                path.write_text(original.replace(b.old, b.new))
+                try:
+                    outcome, took = run_tests(scratch, b.tests, args.workers)
+                finally:
+                    path.write_text(original)
+            results.append((b, outcome))
+            print(f"[{k}/{len(chosen)}] {outcome:<9} {took:6.0f} s  {b.name}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    caught = sum(o.startswith("caught") for _, o in results)
+    print(f"\n{len(results)} breakages tried: {caught} caught, {len(results) - caught} not")
+    for b, outcome in results:
+        if not outcome.startswith("caught"):
+            print(f"  {outcome}: {b.name} ({b.file})")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
