@@ -35,7 +35,7 @@ def write_atomic(path: str | Path, write: Callable[[str], None], make_parent: bo
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     # mkstemp creates the file 0600; outputs follow the user's umask like any other file.
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -106,7 +106,7 @@ def write_file(path: str, render: Callable[..., None], *args: Any) -> None:
     write_atomic(path, lambda tmp: render(*args, tmp), make_parent=False)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -115,7 +115,8 @@ def synth(out_dir, force, **opts):
     from dalipipe.data.synthetic import generate
 
     spec = SynthSpec(**opts)
-    on_interrupt(f"{out_dir} holds part of the data set; run the command again with --force to replace it")
+    # The set is written beside OUT_DIR and renamed into place once complete: a stop leaves OUT_DIR as it was.
+    on_interrupt(f"nothing was written to {out_dir}; run the command again")
     path = generate(out_dir, spec, force=force)
     click.echo(f"wrote {spec.n_train} training and {spec.n_test} test samples ({spec.n_classes} classes, "
                f"{spec.image_size}px) to {path}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from dalipipe import options
-from dalipipe.constants import MAX_DEFAULT_WORKERS, MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, MODEL_NAME
+from dalipipe.constants import MAX_DEFAULT_WORKERS, MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, MODEL_NAME, SEED_MAX
 from dalipipe.errors import DataError
 from dalipipe.options import opt
 
@@ -134,7 +134,7 @@ class TrainConfig:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     val_fraction: float = opt(0.3, "Share of the labelled samples held out for validation (stratified).",
                               low=0, low_open=True, high=1, high_open=True)
-    seed: int = opt(42, "Seeds the split, the shuffling and the augmentation.")
+    seed: int = opt(42, "Seeds the split, the shuffling and the augmentation.", low=0, high=SEED_MAX)
     loader: LoaderKind = opt("dali", LOADER_HELP, resume=True)
     device: DeviceName = opt("auto", DEVICE_HELP, resume=True)
     # Loader threads (DALI) or processes (torch) per training process; None: loader_rules.default_workers().

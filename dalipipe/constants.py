@@ -62,6 +62,14 @@ EXIT_TERMINATED = 143  # SIGTERM (128 + 15), stopped as Ctrl-C stops a command
 # last batch smaller than this is dropped, on every rank alike (see loader_rules.train_plan).
 MIN_TRAIN_BATCH = 2
 
+# Seeds: what NumPy's legacy generator and scikit-learn's random_state take (unsigned 32-bit).
+SEED_MAX = 2**32 - 1
+
+# `dalipipe synth`'s largest image side and sample counts: full-resolution Human Protein Atlas images are
+# 2048-3072 px, and the challenge has 9,632 training samples; past these a synthetic set takes days to draw.
+SYNTH_MAX_SIZE = 4096
+SYNTH_MAX_SAMPLES = 1_000_000
+
 # Loader threads (DALI) or worker processes (torch) per training process, at most, when not given.
 MAX_DEFAULT_WORKERS = 8
 

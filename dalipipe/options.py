@@ -104,15 +104,24 @@ class Option:
             return None
         if s.high is None:
             bound = ("positive" if s.low_open else "non-negative") if s.low == 0 else f"at least {_num(s.low)}"
+        elif s.low is None:
+            bound = f"below {_num(s.high)}" if s.high_open else f"at most {_num(s.high)}"
         elif s.low_open and s.high_open:
             bound = f"between {_num(s.low)} and {_num(s.high)}"
         else:
             bound = f"in {'(' if s.low_open else '['}{_num(s.low)}, {_num(s.high)}{')' if s.high_open else ']'}"
-        return f"{self.flag} must be {bound}{' ' + s.why if s.why else ''}, got {value}"
+        return f"{self.flag} must be {bound}{' ' + s.why if s.why else ''}, got {_given(value)}"
 
 
 def _num(x: Any) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _given(x: Any) -> str:
+    """A value as a user writes it: `--lr 0` is 0, not Python's 0.0."""
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return repr(x) if isinstance(x, float) else str(x)
 
 
 def table(cls: type) -> list[Option]:

@@ -11,7 +11,7 @@ from dalipipe import options
 from dalipipe.config import (AS_REFERENCE, CACHE_HELP, DEVICE_HELP, LOADER_HELP, WORKERS_DEFAULT, WORKERS_HELP,
                              AugmentSpec, DeviceName, LoaderKind, TrainConfig)
 from dalipipe.constants import (MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, REAL_CLASS_COUNTS, REAL_IMAGE_SIZE, REAL_N_TEST,
-                                REAL_N_TRAIN)
+                                REAL_N_TRAIN, SEED_MAX, SYNTH_MAX_SAMPLES, SYNTH_MAX_SIZE)
 from dalipipe.errors import DataError
 from dalipipe.options import opt
 
@@ -71,7 +71,7 @@ class PreviewSettings(_Checked):
     # The loaders take any size: no model here, so not the model's minimum.
     image_size: int = opt(options.find(AugmentSpec, "image_size").default, "Side of the model input, in pixels.",
                           low=1)
-    seed: int = opt(0, "Seeds the samples drawn and the augmentation.")
+    seed: int = opt(0, "Seeds the samples drawn and the augmentation.", low=0, high=SEED_MAX)
     device: DeviceName = opt("auto", DEVICE_HELP)
     workers: int | None = _workers()
     force: bool = opt(False, "Replace --out if it exists.", switch=True)
@@ -92,12 +92,13 @@ class CheckSettings(_Checked):
 class SynthSpec:
     """`dalipipe synth`: a synthetic data set in the challenge's layout (the real one's sizes by default)."""
 
-    n_train: int = opt(REAL_N_TRAIN, "Training samples.")
-    n_test: int = opt(REAL_N_TEST, "Test samples.", low=0)
+    n_train: int = opt(REAL_N_TRAIN, "Training samples.", high=SYNTH_MAX_SAMPLES)
+    n_test: int = opt(REAL_N_TEST, "Test samples.", low=0, high=SYNTH_MAX_SAMPLES)
     n_classes: int = opt(len(REAL_CLASS_COUNTS), "Number of cell lines.", flag="classes", low=2)
-    # Trainable: efficientnet-b1's smallest input.
-    image_size: int = opt(REAL_IMAGE_SIZE, "Image side in pixels.", flag="size", low=MIN_IMAGE_SIZE)
-    seed: int = opt(0, "Seeds the images and the labels drawn.")
+    # Trainable: efficientnet-b1's smallest input; at most a full-resolution microscope image.
+    image_size: int = opt(REAL_IMAGE_SIZE, "Image side in pixels.", flag="size", low=MIN_IMAGE_SIZE,
+                          high=SYNTH_MAX_SIZE)
+    seed: int = opt(0, "Seeds the images and the labels drawn.", low=0, high=SEED_MAX)
 
     def __post_init__(self) -> None:
         options.check(self)

@@ -48,6 +48,38 @@ def test_refuses_to_overwrite(tmp_path):
         generate(tmp_path / "d", spec)
 
 
+def test_the_data_set_follows_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = generate(tmp_path / "d", SynthSpec(n_train=4, n_test=0, n_classes=2, image_size=16))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # others can read it, as its subfolders
+    assert stat.S_IMODE((out / "images_train").stat().st_mode) == 0o755
+
+
+def test_a_replacement_stopped_midway_leaves_the_old_set_as_it_was(tmp_path, monkeypatch):
+    import dalipipe.data.synthetic
+
+    spec = SynthSpec(n_train=6, n_test=2, n_classes=2, image_size=16)
+    out = generate(tmp_path / "d", spec)
+    before = _digest(out)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dalipipe.data.synthetic, "render", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        generate(out, SynthSpec(n_train=6, n_test=2, n_classes=2, image_size=16, seed=1), force=True)
+    assert _digest(out) == before and [p.name for p in tmp_path.iterdir()] == ["d"]  # no temporary folder left
+    monkeypatch.undo()
+    generate(out, SynthSpec(n_train=6, n_test=2, n_classes=2, image_size=16, seed=1), force=True)
+    assert _digest(out) != before and [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
 def test_statistics_close_to_the_real_data():
     rng = np.random.default_rng(0)
     y = _labels(1500, 9, rng, 2)

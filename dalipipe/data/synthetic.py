@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dalipipe.atomic import current_umask
 from dalipipe.constants import FILE_PATTERN, REAL_CLASS_COUNTS
 from dalipipe.errors import DataError
 from dalipipe.settings import SynthSpec
@@ -26,7 +27,8 @@ from dalipipe.settings import SynthSpec
 # Per-channel gains chosen so that the default set lands near the real statistics
 # (0-255 means blue 32.9, red 33.6, yellow 37.5; std 56.5, 42.1, 40.6); tests/test_synthetic.py checks it.
 _GAIN = {"blue": 240.0, "red": 218.0, "yellow": 145.0}
-_BATCH = 256
+# Pixels rendered at once (256 samples at 64 px): the render's float arrays stay near a gigabyte at any size.
+_BATCH_PIXELS = 256 * 64 * 64
 
 
 def class_names(n_classes: int) -> list[str]:
@@ -160,9 +162,10 @@ def render(y: np.ndarray, size: int, rng: np.random.Generator, n_classes: int) -
 def _write_split(folder: Path, ids: np.ndarray, y: np.ndarray, *, spec: SynthSpec, rng: np.random.Generator,
                  desc: str) -> None:
     folder.mkdir(parents=True)
+    batch = max(1, _BATCH_PIXELS // spec.image_size**2)
     with tqdm(total=len(ids), desc=desc, unit="sample", leave=False) as bar:
-        for start in range(0, len(ids), _BATCH):
-            sl = slice(start, start + _BATCH)
+        for start in range(0, len(ids), batch):
+            sl = slice(start, start + batch)
             chans = render(y[sl], spec.image_size, rng, spec.n_classes)
             for j, fid in enumerate(ids[sl]):
                 for name, arr in chans.items():
@@ -172,12 +175,15 @@ def _write_split(folder: Path, ids: np.ndarray, y: np.ndarray, *, spec: SynthSpe
 
 
 def generate(out_dir: str | Path, spec: SynthSpec = SynthSpec(), force: bool = False) -> Path:
-    """Write the dataset to out_dir atomically (into a temporary sibling, then renamed)."""
+    """Write the dataset to out_dir atomically: into a temporary sibling, renamed into place once complete;
+    with force, an existing out_dir is replaced only then (a stop before leaves it as it was)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise DataError(f"{out}: exists and is not empty; choose another folder or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # mkdtemp makes the folder 0700; the data set follows the user's umask like its subfolders.
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         rng = np.random.default_rng(spec.seed)
         names = np.array(class_names(spec.n_classes), dtype=object)
@@ -190,10 +196,26 @@ def generate(out_dir: str | Path, spec: SynthSpec = SynthSpec(), force: bool = F
         pd.DataFrame({"file_id": train_ids, "cell_line": names[y_train]}).to_csv(tmp / "y_train.csv", index=False)
         pd.DataFrame({"file_id": test_ids, "cell_line": names[y_test]}).to_csv(tmp / "y_test.csv", index=False)
         pd.DataFrame({"file_id": test_ids, "cell_line": names[0]}).to_csv(tmp / "sample_submission.csv", index=False)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """new renamed to out; an existing out is moved aside first and removed only once new is in place."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / "data")
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "data", out)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
