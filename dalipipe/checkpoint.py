@@ -79,12 +79,16 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its best checkpoint, else its last)."""
+    """A checkpoint file, or a run directory: its best checkpoint, the model of its best validated epoch. A
+    run without one (stopped or still in its first epoch) is refused: its last.pt was never validated, and is
+    used only when named."""
     p = Path(path)
     if p.is_dir():
-        for name in (CKPT_BEST, CKPT_LAST):
-            if (p / name).is_file():
-                return p / name
+        if (p / CKPT_BEST).is_file():
+            return p / CKPT_BEST
+        if (p / CKPT_LAST).is_file():
+            raise DataError(f"{p}: no {CKPT_BEST} yet (no epoch of this run has been validated); to predict with its "
+                            f"unvalidated {CKPT_LAST} anyway, give {p / CKPT_LAST}")
         raise DataError(f"{p}: run directory holds no {CKPT_BEST} or {CKPT_LAST}")
     if not p.is_file():
         raise DataError(f"{p}: checkpoint not found")

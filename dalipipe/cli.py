@@ -149,8 +149,12 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
     result = run(cfg, resume=bool(resume_dir))
     if result.epochs and result.main:  # under torchrun: rank 0 speaks
         # as the epoch lines round it (from metrics.jsonl's 5 decimals), so that the two never differ in the last digit
-        best = max(row["val_balanced_accuracy"] for row in result.history)
-        click.echo(f"best validation balanced accuracy {best:.4f}; run in {cfg.out_dir}")
+        best = next((row for row in result.history if row["epoch"] == result.best_epoch), None) or max(
+            result.history, key=lambda row: row["val_balanced_accuracy"])  # (a run of an older dalipipe)
+        click.echo(f"best validation balanced accuracy {best['val_balanced_accuracy']:.4f} (epoch {best['epoch']}); "
+                   f"run in {cfg.out_dir}")
+        if result.best_report:
+            click.echo(f"epoch {best['epoch']} per class (validation):\n{result.best_report}")
     if result.stopped_early:  # not finished (train said where it stopped): a job script can requeue it
         sys.exit(EXIT_TIME_LIMIT)
 
@@ -160,7 +164,8 @@ def train(images_dir, labels_csv, out_dir, resume_dir, **opts):
 @click.argument("images_dir", type=click.Path())
 @options_of(PredictSettings)
 def predict(checkpoints_or_runs, images_dir, **opts):
-    """Predict the cell line of every sample in IMAGES_DIR with a checkpoint (or a run's best).
+    """Predict the cell line of every sample in IMAGES_DIR with a checkpoint, or a run's best.pt (its best
+    validated epoch; a run without one is refused: name its last.pt to use that).
 
     Several checkpoints or runs (k folds, say) before IMAGES_DIR predict as an ensemble: their probabilities
     are averaged, each model with its own preprocessing; their classes must be the same."""
@@ -208,14 +213,17 @@ def preview(**opts):
 @click.argument("submission_csv", type=click.Path())
 @click.argument("answers_csv", type=click.Path())
 def score(submission_csv, answers_csv):
-    """Balanced accuracy of SUBMISSION_CSV against ANSWERS_CSV (file_id,cell_line).
+    """Balanced accuracy of SUBMISSION_CSV against ANSWERS_CSV (file_id,cell_line), and each class's
+    precision, recall and F1.
 
     Every id of ANSWERS_CSV needs a prediction (a missing one is an error naming it); predictions for ids
     that are not in ANSWERS_CSV are ignored with a warning that counts them. Other columns of either file
     (a submission's probabilities) are ignored."""
-    from dalipipe.infer.score import score as run
+    from dalipipe.infer.score import scored
 
-    click.echo(f"balanced accuracy {run(submission_csv, answers_csv):.4f}")
+    result = scored(submission_csv, answers_csv)
+    click.echo(f"balanced accuracy {result.balanced_accuracy:.4f}\n\nper class (recall is each class's accuracy; "
+               f"balanced accuracy is their mean):\n{result.report}")
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ LABELS_FILE = "labels.json"
 CURVES_PNG = "learning_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 VAL_PREDICTIONS = "val_predictions.csv"
+VAL_PER_CLASS = "val_per_class.csv"  # the best epoch's precision, recall and F1 of each class
 TRAIN_BATCH_PNG = "train_batch.png"  # the first training batch as the model receives it
 TENSORBOARD_DIR = "tensorboard"  # train --tensorboard: the event files
 MAX_BATCH_PICTURE = 64  # images of the first batch drawn in train_batch.png

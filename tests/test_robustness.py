@@ -20,6 +20,7 @@ from dalipipe.cli import cli
 from dalipipe.config import may_change_text
 from dalipipe.data.index import build_index, inspect_images
 from dalipipe.data.stats import channel_stats
+from dalipipe.errors import DataError
 from dalipipe.run import run_dir
 from tests.conftest import write_labels, write_sample
 
@@ -177,7 +178,12 @@ def test_score_reads_submissions_by_the_rules_of_training(tmp_path):
     one_line_error(invoke("score", sub, answers), "sub.csv:3", "not an integer")
     sub.write_text("file_id,cell_line,p_A,p_B\n1, A ,0.9,0.1\n2,B,0.2,0.8\n3,A ,0.7,0.3\n")
     r = invoke("score", sub, answers)
-    assert r.exit_code == 0 and r.output.strip() == "balanced accuracy 1.0000", r.output
+    assert r.exit_code == 0 and r.output.splitlines()[0] == "balanced accuracy 1.0000", r.output
+    # each class's precision, recall, F1 and support, as scikit-learn's classification report gives them
+    rows = {line.split()[0]: line.split()[1:] for line in r.output.splitlines()[1:] if line.split()[:1] in (["A"], ["B"])}
+    assert rows == {"A": ["1.0000", "1.0000", "1.0000", "2"], "B": ["1.0000", "1.0000", "1.0000", "1"]}, r.output
+    sub.write_text("file_id,cell_line\n1,A\n3,B\n")
+    one_line_error(invoke("score", sub, answers), "answers.csv:3: no prediction for file_id 2", "1 in all")
 
 
 def test_a_latin1_csv_is_a_one_line_error_not_a_bug(small_synth, tmp_path):
@@ -265,12 +271,30 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path
     assert out.read_text() == "old" and os.listdir(tmp_path) == ["labels.json"]
 
 
-def test_a_run_folder_stands_for_its_best_checkpoint_else_its_last(tmp_path):
+def test_a_run_folder_stands_for_its_best_checkpoint_and_an_unvalidated_one_is_used_only_when_named(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"last")
-    assert checkpoint.resolve(tmp_path) == tmp_path / "last.pt"
+    with pytest.raises(DataError, match=f"no best.pt yet .*give {tmp_path / 'last.pt'}"):
+        checkpoint.resolve(tmp_path)
+    assert checkpoint.resolve(tmp_path / "last.pt") == tmp_path / "last.pt"  # a file is itself
     (tmp_path / "best.pt").write_bytes(b"best")
     assert checkpoint.resolve(tmp_path) == tmp_path / "best.pt"
-    assert checkpoint.resolve(tmp_path / "last.pt") == tmp_path / "last.pt"  # a file is itself
+
+
+@pytest.mark.parametrize("partial", [None, {"steps": 7}])
+def test_predict_names_a_checkpoint_from_the_middle_of_an_epoch_as_never_validated(tmp_path, caplog, partial):
+    from dalipipe.infer.predict import load_models
+
+    path = tmp_path / "last.pt"
+    checkpoint.write({"class_names": ["a", "b"], "mean": [0.0] * 3, "std": [1.0] * 3, "image_size": 16, "model": {},
+                      "config": {}, "epoch": 2, "partial": partial}, path)
+    with caplog.at_level(logging.WARNING, logger="dalipipe"):
+        load_models([str(path)])
+    said = [r.getMessage() for r in caplog.records]
+    if partial is None:  # an epoch's end: that epoch was validated
+        assert said == []
+    else:
+        assert said == [f"warning: {path} is the model in the middle of epoch 3 (after step 7), never validated; a "
+                        "run's best.pt holds its best validated epoch"]
 
 
 def test_two_predictions_to_one_file_at_once_the_second_refuses(trained, small_synth, monkeypatch):

@@ -50,8 +50,13 @@ def warn_seen_samples(index: pd.DataFrame, card: ModelCard, images_dir: str | Pa
 
 
 def load_models(paths: list[str]) -> list[tuple[Path, ModelCard]]:
-    """Every checkpoint (a run's best), refused before any work unless all have the same classes."""
+    """Every checkpoint (a run's best), refused before any work unless all have the same classes; one line for
+    each that was saved in the middle of an epoch (never validated)."""
     cards = [(checkpoint.resolve(p), ModelCard.read(p)) for p in paths]
+    for path, card in cards:
+        if card.partial_steps is not None:
+            log.warning(f"warning: {path} is the model in the middle of epoch {card.epoch + 1} (after step "
+                        f"{card.partial_steps}), never validated; a run's best.pt holds its best validated epoch")
     first_path, first = cards[0]
     for path, card in cards[1:]:
         if card.class_names != first.class_names:

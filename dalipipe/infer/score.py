@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from dalipipe.data.csv_files import read_labels
 from dalipipe.errors import DataError
+from dalipipe.infer.class_report import class_report
 
 log = logging.getLogger("dalipipe")
 
 
+@dataclass(frozen=True)
+class Scored:
+    balanced_accuracy: float
+    report: str  # per-class precision, recall and F1 (class_report)
+
+
 def score(submission_csv: str, answers_csv: str) -> float:
-    """Balanced accuracy of a submission against a labels file, both read by the rules of training
-    (names stripped, ids integers, no duplicates); every answer needs a prediction of a known class."""
+    """Balanced accuracy of a submission against a labels file (see scored)."""
+    return scored(submission_csv, answers_csv).balanced_accuracy
+
+
+def scored(submission_csv: str, answers_csv: str) -> Scored:
+    """A submission against a labels file, both read by the rules of training (names stripped, ids integers,
+    no duplicates); every answer needs a prediction of a known class."""
     from sklearn.metrics import balanced_accuracy_score
 
     truth = read_labels(answers_csv, what="answers file")
@@ -32,4 +45,7 @@ def score(submission_csv: str, answers_csv: str) -> float:
     extra = len(set(sub["file_id"]) - set(truth["file_id"]))
     if extra:
         log.warning(f"warning: {extra} prediction(s) in {submission_csv} for ids not in {answers_csv}; ignored")
-    return float(balanced_accuracy_score(merged["cell_line"], merged["cell_line_pred"]))
+    names = sorted(classes)
+    y_true, y_pred = (merged[c].map({n: k for k, n in enumerate(names)}).to_numpy() for c in ("cell_line", "cell_line_pred"))
+    return Scored(float(balanced_accuracy_score(merged["cell_line"], merged["cell_line_pred"])),
+                  class_report(y_true, y_pred, names)[0])

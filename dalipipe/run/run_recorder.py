@@ -38,7 +38,7 @@ from dalipipe import checkpoint
 from dalipipe.atomic import write_atomic, write_file
 from dalipipe.child_processes import worker_pool
 from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE, METRICS_FILE,
-                                TENSORBOARD_DIR, TRAIN_BATCH_PNG, VAL_PREDICTIONS)
+                                TENSORBOARD_DIR, TRAIN_BATCH_PNG, VAL_PER_CLASS, VAL_PREDICTIONS)
 from dalipipe.errors import DataError
 from dalipipe.run.snapshot import HostStaging
 from dalipipe.viz import plots, tensorboard_log
@@ -55,6 +55,7 @@ _to_csv = functools.partial(pd.DataFrame.to_csv, index=False)  # (frame, path): 
 class BestEpoch:
     """What is written when an epoch is the best so far, besides best.pt."""
     predictions: pd.DataFrame  # the validation predictions, to see which samples it gets wrong
+    per_class: pd.DataFrame  # each class's precision, recall, F1 and support (class_report)
     confusion: np.ndarray
     class_names: list[str]
     title: str
@@ -112,6 +113,7 @@ RUN_FILES = (
     RunFile(TRAIN_BATCH_PNG, FIRST_BATCH, IN_WORKER, plots.batch_grid_png,
             lambda b: (b.pictures, b.captions, b.title)),
     RunFile(VAL_PREDICTIONS, NEW_BEST, IN_WORKER, _to_csv, lambda e: (e.best.predictions,)),
+    RunFile(VAL_PER_CLASS, NEW_BEST, IN_WORKER, _to_csv, lambda e: (e.best.per_class,)),
     RunFile(CONFUSION_PNG, NEW_BEST, IN_WORKER, plots.confusion_png,
             lambda e: (e.best.confusion, e.best.class_names, e.best.title)),
     # The whole file again (one short line per epoch), to a temporary name and renamed, as every other

@@ -21,6 +21,7 @@ from dalipipe import device as dev
 from dalipipe import distributed
 from dalipipe.config import TrainConfig
 from dalipipe.data.index import available_cores
+from dalipipe.infer.class_report import class_report, from_confusion
 from dalipipe.infer.inference import cross_entropy, prediction_frame, probabilities, scores_by_position
 from dalipipe.loading.loader_rules import default_workers, local_processes
 from dalipipe.progress import quiet_unless
@@ -109,6 +110,8 @@ class TrainResult:
     best_val_balanced_accuracy: float
     epochs: int  # epochs done, over the whole run
     history: list[dict]  # metrics.jsonl's rows
+    best_epoch: int  # the epoch of best.pt (0 before a first epoch)
+    best_report: str  # its per-class precision, recall and F1 on the validation split ('' before a first epoch)
     timings: dict[str, float]  # seconds of each phase
     steps_per_epoch: int
     setup_s: float  # from the start to the first epoch
@@ -168,8 +171,12 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World, device: tor
         run.timings["record_wait_s"] = time.perf_counter() - t_close  # the last writes, waited for at the end
     run.close()
     run.timings["total_s"] = time.perf_counter() - t_start
+    best = progress.best_confusion
     return TrainResult(stopped_early=done.stopped_early, main=world.is_main, best_val_balanced_accuracy=progress.best,
-                       epochs=len(progress.history), history=progress.history, timings=run.timings,
+                       epochs=len(progress.history), history=progress.history,
+                       best_epoch=best["epoch"] if best else 0,
+                       best_report=from_confusion(best["matrix"], list(run.labels.names))[0] if best else "",
+                       timings=run.timings,
                        steps_per_epoch=done.steps_per_epoch, setup_s=done.setup_s, epoch_walls=done.epoch_walls,
                        partial_steps=done.partial_steps, partial_train_s=done.partial_train_s)
 
@@ -238,7 +245,7 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
         if world.is_main:
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  val loss "
                        f"{row['val_loss']:.4f}  val balanced acc {row['val_balanced_accuracy']:.4f}"
-                       f"{' *' if best else ''}  {row['train_images_per_s']:.0f} img/s  data wait "
+                       f"{' *' if best else ''}  {_rate(row['train_images_per_s'])} img/s  data wait "
                        f"{shown(row['data_wait_share'])}")
             said = advisor.after_epoch(epoch + 1, row["data_wait_share"])
             if said:
@@ -253,6 +260,11 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
             break
     return _EpochsDone(stopped_early=stopped_early, steps_per_epoch=steps_per_epoch, setup_s=setup_s,
                        epoch_walls=epoch_walls, partial_steps=partial_steps, partial_train_s=partial_s)
+
+
+def _rate(per_s: float) -> str:
+    """Images per second as the epoch line shows them: tenths below 10 (0.3, not 0), as metrics.jsonl has them."""
+    return f"{per_s:.1f}" if per_s < 10 else f"{per_s:.0f}"
 
 
 @dataclass(frozen=True)
@@ -321,4 +333,4 @@ def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums, train_time
         return row, None
     frame = prediction_frame(run.val_df.file_id.to_numpy()[pos], probabilities(logits), names, probs=True)
     frame.insert(1, "true_cell_line", run.labels.decode(y))
-    return row, BestEpoch(frame, cm, names, title)
+    return row, BestEpoch(frame, class_report(y, pred, names)[1], cm, names, title)
