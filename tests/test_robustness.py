@@ -118,12 +118,50 @@ def test_resume_with_moved_data(trained, tmp_path):
     shutil.move(trained / "data", tmp_path / "gone")  # now they do not
     try:
         r = invoke("train", "--resume", run, "--epochs", "4")
-        one_line_error(r, "not a directory")
+        one_line_error(r, f"{trained / 'data' / 'images_train'}: not found; it is the images folder recorded in "
+                          f"{run}; if the data moved, give its new place: dalipipe train --resume {run} IMAGES_DIR "
+                          "LABELS_CSV")
         r = invoke("train", moved / "images_train", moved / "y_train.csv", "--resume", run, "--epochs", "4")
         assert r.exit_code == 0, r.output
     finally:
         shutil.move(tmp_path / "gone", trained / "data")
     assert json.loads((run / "config.json").read_text())["images_dir"] == str(moved / "images_train")
+    # Other labels: the refusal says what differs.
+    labels = (moved / "y_train.csv").read_text().replace(",", ",x-", 1).replace("file_id,x-cell_line", "file_id,cell_line")
+    relabelled = moved / "y_other.csv"
+    relabelled.write_text("".join(line.rsplit(",", 1)[0] + ",Other\n" if k % 2 else line + "\n"
+                                  for k, line in enumerate(labels.splitlines())))
+    r = invoke("train", moved / "images_train", relabelled, "--resume", run, "--epochs", "5")
+    one_line_error(r, "the data differs from the run being resumed (classes not in the run: Other")
+
+
+def test_resumed_data_differences_are_said_in_words():
+    from types import SimpleNamespace
+
+    from dalipipe.run.train_setup import resumed_data_differs
+
+    card = SimpleNamespace(class_names=("A", "B"), split=SimpleNamespace(val_ids=[1, 2, 3]))
+    assert resumed_data_differs(card, ["A", "B"], [1, 2, 3]) is None
+    assert resumed_data_differs(card, ["A", "C"], [1, 2, 3]) == "classes of the run missing now: B; classes not in the run: C"
+    assert resumed_data_differs(card, ["B", "A"], [1, 2, 3]) == "the classes are in another order"
+    assert resumed_data_differs(card, ["A", "B"], [1, 2, 4, 5]) == (
+        "the validation split is not the run's: 1 of its 3 validation samples are not in it now, and it has 2 others")
+
+
+def test_an_edited_config_json_is_named_and_the_checkpoints_settings_are_kept(trained, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "lr": 0.5, "seed": 7}))
+    with caplog.at_level(logging.WARNING, logger="dalipipe"):
+        r = invoke("train", "--resume", run, "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    said = [rec.getMessage() for rec in caplog.records if "config.json" in rec.getMessage()]
+    assert said == [f"warning: {run / 'config.json'} differs from the run's checkpoint (lr, seed); it is a record of "
+                    "the settings, not read back: the checkpoint's are used and the file is written again; to change a "
+                    "setting, give its option with --resume"]
+    # written again from the checkpoint (in the folder the run is in now)
+    assert json.loads((run / "config.json").read_text()) == {**config, "out_dir": str(run)}
 
 
 @pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs a read-only /sys (Linux)")

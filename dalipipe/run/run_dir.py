@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import json
 import logging
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ from dalipipe import device as dev
 from dalipipe import distributed
 from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig, may_change_text
 from dalipipe.config import spelling as option
-from dalipipe.constants import CKPT_BEST, CKPT_LAST, LOCK_FILE, METRICS_FILE
+from dalipipe.constants import CKPT_BEST, CKPT_LAST, CONFIG_FILE, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
 from dalipipe.run.run_recorder import metrics_text
 from dalipipe.run_state import ModelCard, SavedRun
@@ -138,7 +139,29 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
         changes["images_dir"] = str(Path(images_dir).resolve())
     if labels_csv:
         changes["labels_csv"] = str(Path(labels_csv).resolve())
+    for given_now, recorded, what in ((images_dir, cfg.images_dir, "images folder"),
+                                      (labels_csv, cfg.labels_csv, "labels file")):
+        if not given_now and not Path(recorded).exists():
+            raise DataError(f"{recorded}: not found; it is the {what} recorded in {run}; if the data moved, give "
+                            f"its new place: dalipipe train --resume {run} IMAGES_DIR LABELS_CSV")
+    warn_if_config_edited(run, card.config)
     return fit_to_device(dataclasses.replace(cfg, out_dir=str(run.resolve()), **changes), given)
+
+
+def warn_if_config_edited(run: Path, saved: dict) -> None:
+    """config.json is a record of the run's settings (written by each command), not read back: a resume takes
+    the checkpoint's. One line when the file says otherwise, so that an edit is not silently undone."""
+    try:
+        on_disk = json.loads((run / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    saved = json.loads(json.dumps(saved))  # as the file writes it (tuples become lists)
+    if not isinstance(on_disk, dict) or on_disk == saved or distributed.launched_rank() != 0:
+        return
+    names = sorted(k for k in set(on_disk) | set(saved) if on_disk.get(k) != saved.get(k))
+    log.warning(f"warning: {run / CONFIG_FILE} differs from the run's checkpoint ({', '.join(names)}); it is a "
+                "record of the settings, not read back: the checkpoint's are used and the file is written again; "
+                "to change a setting, give its option with --resume")
 
 
 def fit_to_device(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:

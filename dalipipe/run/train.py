@@ -161,7 +161,7 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World, device: tor
         run = train_setup.build(cfg, resume, world, device)
         progress = run.state.progress
         recorder.run_start(cfg.to_dict(), list(run.labels.names))
-        if cfg.tensorboard:
+        if cfg.tensorboard and progress.epochs_done < cfg.epochs:  # (a resume with nothing to train logs nothing)
             recorder.start_tensorboard(progress.history, resumed=resume, best=progress.best_confusion,
                                        class_names=list(run.labels.names))
         done = _epochs(run, recorder, t_start, new_run=not resume)

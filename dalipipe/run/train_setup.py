@@ -123,6 +123,21 @@ def check_options(cfg: TrainConfig, world: distributed.World) -> torch.device:
     return device
 
 
+def resumed_data_differs(card, class_names: list[str], val_ids: list[int]) -> str | None:
+    """What differs between a run's data and the data found at its resume, in words; None if nothing."""
+    if list(card.class_names) != class_names:
+        gone = [n for n in card.class_names if n not in class_names]
+        new = [n for n in class_names if n not in card.class_names]
+        parts = ([f"classes of the run missing now: {', '.join(gone)}"] if gone else []) + (
+            [f"classes not in the run: {', '.join(new)}"] if new else [])
+        return "; ".join(parts) or "the classes are in another order"
+    if card.split.val_ids != val_ids:
+        lost = len(set(card.split.val_ids) - set(val_ids))
+        return (f"the validation split is not the run's: {lost} of its {len(card.split.val_ids)} validation samples "
+                f"are not in it now, and it has {len(set(val_ids) - set(card.split.val_ids))} others")
+    return None
+
+
 def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torch.device) -> Setup:
     """Check the data, then build (or restore) everything the loop needs, timing each part. device: what
     check_options returned, the options checked against it."""
@@ -138,8 +153,10 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
     timings["data_check_s"] = time.perf_counter() - t0
     if saved is not None:
         card = saved.card
-        if list(card.class_names) != list(labels.names) or card.split.val_ids != val_df.file_id.tolist():
-            raise DataError(f"{out}: the data or split differs from the run being resumed")
+        differs = resumed_data_differs(card, list(labels.names), val_df.file_id.tolist())
+        if differs:
+            raise DataError(f"{out}: the data differs from the run being resumed ({differs}); resume with the run's "
+                            "images and labels")
         norm = card.norm
     lr = cfg.effective_lr()
     if world.is_main:
