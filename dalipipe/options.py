@@ -124,6 +124,15 @@ def _given(x: Any) -> str:
     return repr(x) if isinstance(x, float) else str(x)
 
 
+def spoken(value: Any) -> str:
+    """A setting's value in a message, as a user would say it: on/off, not set, 0 rather than 0.0."""
+    if value is None:
+        return "not set"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _given(value)
+
+
 def table(cls: type) -> list[Option]:
     """The options of a settings class, in declaration order; the fields of a nested settings dataclass
     (TrainConfig's augment) are its options too."""

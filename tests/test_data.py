@@ -69,6 +69,7 @@ def test_images_without_label_warn_and_are_dropped(synth_copy, caplog):
         ("file_id,cell_line\n1,RT4\nabc,RT4\n", r":3: file_id 'abc' is not an integer"),
         ("file_id,cell_line\n1,RT4\n+2,RT4\n", r":3: file_id '\+2' is not an integer"),
         ("file_id,cell_line\n1_000,RT4\n", r":2: file_id '1_000' is not an integer"),
+        ("file_id,cell_line\n1,RT4\n-3,RT4\n", r":3: file_id -3 is negative; ids are the numbers of the image files"),
         ("file_id,cell_line\n1,RT4\n2,HeLa\n1,HeLa\n", r":4: duplicate file_id 1 \(first on line 2\)"),
         ("file_id,cell_line\n1,RT4\n2,\n", r":3: empty cell_line"),
         ('file_id,cell_line\n1,"RT4\n', "malformed CSV"),

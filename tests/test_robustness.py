@@ -118,7 +118,7 @@ def test_resume_with_moved_data(trained, tmp_path):
     shutil.move(trained / "data", tmp_path / "gone")  # now they do not
     try:
         r = invoke("train", "--resume", run, "--epochs", "4")
-        one_line_error(r, f"{trained / 'data' / 'images_train'}: not found; it is the images folder recorded in "
+        one_line_error(r, f"{trained / 'data' / 'images_train'}: not found; it is the images folder of the run in "
                           f"{run}; if the data moved, give its new place: dalipipe train --resume {run} IMAGES_DIR "
                           "LABELS_CSV")
         r = invoke("train", moved / "images_train", moved / "y_train.csv", "--resume", run, "--epochs", "4")

@@ -69,6 +69,9 @@ def read_ids(csv_path: str | Path, what: str, columns: tuple[str, ...] = ("file_
     first_line: dict[int, int] = {}
     for fid, line in zip(out["file_id"], out["csv_line"]):
         # Digits only: int() would also take '+1', '1_000' and other spellings no file name has.
+        if re.fullmatch(r"-[0-9]+", fid):
+            raise DataError(f"{csv_path}:{line}: file_id {fid} is negative; ids are the numbers of the image files "
+                            "(00001_blue.png is 1)")
         if not re.fullmatch(r"[0-9]+", fid):
             raise DataError(f"{csv_path}:{line}: file_id '{fid}' is not an integer")
         n = int(fid)

@@ -20,6 +20,7 @@ from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, Train
 from dalipipe.config import spelling as option
 from dalipipe.constants import CKPT_BEST, CKPT_LAST, CONFIG_FILE, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
+from dalipipe.options import spoken
 from dalipipe.run.run_recorder import metrics_text
 from dalipipe.run_state import ModelCard, SavedRun
 
@@ -131,7 +132,7 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
         if name == "weights":
             value = str(Path(value).resolve())
         if not _same(current[name], value):
-            raise DataError(f"--resume {run}: {option(name)} is {current[name]} in the run, got {value}; "
+            raise DataError(f"--resume {run}: {option(name)} is {spoken(current[name])} in the run, got {spoken(value)}; "
                             f"only {may_change_text().replace('`', '')} may change")
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     # Moved data: new paths are accepted; training checks that classes and split are the run's.
@@ -139,13 +140,16 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
         changes["images_dir"] = str(Path(images_dir).resolve())
     if labels_csv:
         changes["labels_csv"] = str(Path(labels_csv).resolve())
-    for given_now, recorded, what in ((images_dir, cfg.images_dir, "images folder"),
-                                      (labels_csv, cfg.labels_csv, "labels file")):
-        if not given_now and not Path(recorded).exists():
-            raise DataError(f"{recorded}: not found; it is the {what} recorded in {run}; if the data moved, give "
-                            f"its new place: dalipipe train --resume {run} IMAGES_DIR LABELS_CSV")
     warn_if_config_edited(run, card.config)
     return fit_to_device(dataclasses.replace(cfg, out_dir=str(run.resolve()), **changes), given)
+
+
+def check_data_is_there(cfg: TrainConfig) -> None:
+    """A resumed run's data where the run says it is: if not, the data moved, and a resume can be told where."""
+    for path, what in ((cfg.images_dir, "images folder"), (cfg.labels_csv, "labels file")):
+        if not Path(path).exists():
+            raise DataError(f"{path}: not found; it is the {what} of the run in {cfg.out_dir}; if the data moved, "
+                            f"give its new place: dalipipe train --resume {cfg.out_dir} IMAGES_DIR LABELS_CSV")
 
 
 def warn_if_config_edited(run: Path, saved: dict) -> None:

@@ -145,8 +145,10 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed + world.rank)
     saved = SavedRun.read(out / CKPT_LAST) if resume else None
-    if saved is not None and world.is_main:
-        run_dir.repair_run_dir(out, saved)
+    if saved is not None:
+        run_dir.check_data_is_there(cfg)
+        if world.is_main:
+            run_dir.repair_run_dir(out, saved)
 
     t0 = time.perf_counter()
     labels, train_df, val_df, norm = prepare_data(cfg, world)
