@@ -126,6 +126,7 @@ def measure_row(job: dict) -> dict:
     norm = Normalization(tuple(job["mean"]), tuple(job["std"]))
     spec = AugmentSpec(image_size=job["image_size"])
     device = dev.resolve(job["device"])
+    dev.configure(device, job["threads"])  # torch's threads, cuDNN and TF32, as `dalipipe train` sets them
     kind, workers, bs = job["row"], job["workers"], job["batch_size"]
     build = "torch" if kind == "torch" else "dali"
     decoder = "cpu" if kind == "dali-cpudec" else "mixed"
@@ -143,7 +144,6 @@ def measure_row(job: dict) -> dict:
         from dalipipe.model import build_model
 
         model = dev.place_model(build_model(int(index["y"].max()) + 1), device)
-        dev.configure(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
         if kind == "ceiling-compile":  # as `dalipipe train --compile`; the compile falls in the warm-up epoch
             from dalipipe.model import compiled
@@ -343,6 +343,7 @@ def plot(results: list[dict], info: dict, settings: dict, path: Path) -> None:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=MIN_IMAGE_SIZE))
 @click.option("--workers", type=click.IntRange(min=1), help="Loader workers/threads. [default: as `dalipipe train`: the cores, at most 8]")
+@click.option("--threads", type=click.IntRange(min=1), help="torch's threads in each row's process. [default: as `dalipipe train`: the cores that --workers leaves free, at least 1]")
 @click.option("--epochs", type=click.IntRange(min=1), help="Timed epochs after one warm-up epoch. [default: 3; 1 for --train on a CPU]")
 @click.option("--limit", type=click.IntRange(min=2), help="Use at most this many samples. [default: all; 128 for --train on a CPU]")
 @click.option("--train", "train_mode", is_flag=True, help="Also time an efficientnet-b1 training step per batch.")
@@ -358,7 +359,7 @@ def plot(results: list[dict], info: dict, settings: dict, path: Path) -> None:
 @click.option("--rows", "only_rows", multiple=True, type=click.Choice(ROWS),
               help="Run only these rows (repeatable; rows that do not apply on this device are left out). [default: all]")
 @click.option("--row-job", hidden=True, type=click.Path())
-def main(data, device, batch_size, image_size, workers, epochs, limit, train_mode, sweep, json_out, plot_out,
+def main(data, device, batch_size, image_size, workers, threads, epochs, limit, train_mode, sweep, json_out, plot_out,
          profile_dir, profile_rows, profile_steps, only_rows, row_job):
     """Images/s, CPU time and memory of each loader, and the data stall in training."""
     if row_job:
@@ -378,10 +379,11 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
     except DataError as e:
         raise click.ClickException(str(e)) from None
     on_cpu = torch_device.type == "cpu"
-    from dalipipe.loading.loader_rules import default_workers
+    from dalipipe.loading.loader_rules import default_threads, default_workers
 
     cores = os.cpu_count() or 1
     workers = default_workers() if workers is None else workers
+    threads = default_threads(workers) if threads is None else threads
     train_mode = train_mode or bool(profile_dir)
     if epochs is None:
         epochs = 1 if train_mode and on_cpu else 3
@@ -398,7 +400,8 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
                    f"measure (the loaders' prefetched batches would be timed as instant); use at least "
                    f"{MIN_TIMED_BATCHES} batches, --limit {MIN_TIMED_BATCHES * batch_size} or more", err=True)
     info = machine()
-    settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs, "samples": len(index),
+    settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs, "threads": threads,
+                "samples": len(index),
                 "batches_per_epoch": batches, "too_short_to_measure": batches < MIN_TIMED_BATCHES,
                 "data": str(root), "command": " ".join(["python", "benchmarks/loader_speed.py", *sys.argv[1:]])}
     from dalipipe.atomic import save_json
@@ -407,7 +410,7 @@ def main(data, device, batch_size, image_size, workers, epochs, limit, train_mod
         index_csv = Path(tmp) / "index.csv"
         index.to_csv(index_csv, index=False)
         base = {"index_csv": str(index_csv), "mean": list(norm.mean), "std": list(norm.std), "image_size": image_size,
-                "device": device, "batch_size": batch_size, "epochs": epochs}
+                "device": device, "batch_size": batch_size, "epochs": epochs, "threads": threads}
         # On a GPU the DALI decoder arrangement is a choice (--decoder): both rows. On the CPU they are one.
         loaders = ("torch", "dali", "dali-cpudec", "dali-cache") if not on_cpu else ("torch", "dali")
         jobs = [dict(base, row=row, workers=workers, train=False) for row in loaders]

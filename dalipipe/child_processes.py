@@ -16,13 +16,13 @@ def ignore_interrupts() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def die_with_parent() -> None:
-    """On Linux, be killed when the process (the thread) that started this one ends, however it ends: a
-    kill -9 of a run must not leave its workers behind."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """On Linux, get `sig` (by default be killed) when the process (the thread) that started this one ends,
+    however it ends: a kill -9 of a run must not leave its workers behind."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux
         pass
 

@@ -110,6 +110,9 @@ LOADER_HELP = "dali: NVIDIA DALI (decoding and augmentation on the GPU where the
 DEVICE_HELP = "auto: the GPU when torch sees one, else the CPU; gpu: fail without one."
 WORKERS_HELP = "Loader threads (DALI) or processes (torch)."
 WORKERS_DEFAULT = f"the cores divided among the processes, at most {MAX_DEFAULT_WORKERS}"
+THREADS_HELP = ("torch's threads for the model's work on the CPU. More than the cores the loader leaves free "
+                "makes them spin against it and against other busy processes.")
+THREADS_DEFAULT = "the process's cores that --workers leaves free, at least 1"
 CACHE_HELP = "--cache: trust the checks remembered for unchanged files; --no-cache: check every image again."
 AS_REFERENCE = "off, as the reference"
 
@@ -139,6 +142,8 @@ class TrainConfig:
     device: DeviceName = opt("auto", DEVICE_HELP, resume=True)
     # Loader threads (DALI) or processes (torch) per training process; None: loader_rules.default_workers().
     workers: int | None = opt(None, WORKERS_HELP, low=1, resume=True, default_text=WORKERS_DEFAULT)
+    # None: loader_rules.default_threads()
+    threads: int | None = opt(None, THREADS_HELP, low=1, resume=True, default_text=THREADS_DEFAULT)
     decoder: DecoderPlacement = opt(
         "mixed", "DALI on a GPU: a mixed decoder per channel, or one CPU pool and one copy per batch.", resume=True)
     # DALI's decoder cache: needs --loader dali --decoder mixed and a GPU (decode_cache_applies).

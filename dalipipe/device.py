@@ -108,9 +108,11 @@ def memory_in_use(device: torch.device) -> dict[str, float]:
             "device_memory_used_mb": round((total - free) / 2**20, 1)}
 
 
-def configure(device: torch.device) -> None:
-    """Process-wide settings for fast training on a GPU: cuDNN picks the fastest convolution algorithms
-    for our fixed input size (measured once, on the first batches), TF32 matmuls. Nothing on the CPU."""
+def configure(device: torch.device, threads: int) -> None:
+    """Process-wide settings: torch's threads for the model's own CPU work (see loader_rules.default_threads);
+    on a GPU, cuDNN picks the fastest convolution algorithms for our fixed input size (measured once, on the
+    first batches), TF32 matmuls."""
+    torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from dalipipe import options
-from dalipipe.config import (AS_REFERENCE, CACHE_HELP, DEVICE_HELP, LOADER_HELP, WORKERS_DEFAULT, WORKERS_HELP,
-                             AugmentSpec, DeviceName, LoaderKind, TrainConfig)
+from dalipipe.config import (AS_REFERENCE, CACHE_HELP, DEVICE_HELP, LOADER_HELP, THREADS_DEFAULT, THREADS_HELP,
+                             WORKERS_DEFAULT, WORKERS_HELP, AugmentSpec, DeviceName, LoaderKind, TrainConfig)
 from dalipipe.constants import (MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, REAL_CLASS_COUNTS, REAL_IMAGE_SIZE, REAL_N_TEST,
                                 REAL_N_TRAIN, SEED_MAX, SYNTH_MAX_SAMPLES, SYNTH_MAX_SIZE)
 from dalipipe.errors import DataError
@@ -51,6 +51,7 @@ class PredictSettings(_Checked):
     device: DeviceName = opt("auto", DEVICE_HELP)
     batch_size: int = opt(64, "Samples per inference batch (memory and speed).", low=1)
     workers: int | None = _workers()
+    threads: int | None = opt(None, THREADS_HELP, low=1, default_text=THREADS_DEFAULT)
     tta: bool = opt(False, "Average each image's probabilities over it and its horizontal, vertical and double "
                     "flips (4x the compute of a plain prediction).", default_text=AS_REFERENCE)
     force: bool = opt(False, "Replace --out if it exists.", switch=True)

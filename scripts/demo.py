@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from dalipipe.cli import NO_INTERRUPT_HINT
-from dalipipe.constants import CKPT_LAST, CONFIG_FILE, EXIT_INTERRUPTED, METRICS_FILE
+from dalipipe.child_processes import die_with_parent
+from dalipipe.cli import NO_INTERRUPT_HINT, Terminated
+from dalipipe.constants import CKPT_LAST, CONFIG_FILE, EXIT_INTERRUPTED, EXIT_TERMINATED, METRICS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMISSION = "submission.csv"
@@ -30,10 +31,18 @@ def run(*args: str) -> None:
     child = subprocess.Popen([sys.executable, "-m", "dalipipe", *args], env={**os.environ, NO_INTERRUPT_HINT: "1"})
     try:
         code = child.wait()
+    except Terminated:
+        # A SIGTERM for the demo (or for `make demo`, passed on by stop_with_make) did not reach dalipipe:
+        # pass it on, and let dalipipe stop as it does at a SIGTERM of its own (its pending writes done).
+        child.send_signal(signal.SIGTERM)
+        child.wait()
+        raise
     except KeyboardInterrupt:
         # Ctrl-C reached dalipipe too: let it finish stopping cleanly (it says what it leaves on disk).
         child.wait()
         raise
+    if code in (EXIT_TERMINATED, -signal.SIGTERM):
+        raise Terminated
     if code in (EXIT_INTERRUPTED, -signal.SIGINT):
         raise KeyboardInterrupt
     if code != 0:
@@ -99,17 +108,34 @@ def demo(root: Path) -> None:
           f"dalipipe preview {data.relative_to(root) / 'images_train'} {data.relative_to(root) / 'y_train.csv'}")
 
 
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def stop_with_make() -> None:
+    """A SIGTERM for `make demo` (`kill`, a scheduler) ends make at once and would leave this script running
+    on its own, unseen: Linux is asked to send it a SIGTERM when its parent ends, and a SIGTERM stops the demo
+    as Ctrl-C does, saying what is on disk."""
+    parent = os.getppid()
+    signal.signal(signal.SIGTERM, _terminated)
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(root: Path = ROOT) -> None:
     try:
+        stop_with_make()
         demo(root)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         run_dir, action = plan(root / "runs")  # what the next demo will do
         name = run_dir.relative_to(root)
         what = {"resume": f"resumes {name} from its last checkpoint, then predicts and scores",
                 "predict": f"predicts with {name} and scores"}.get(action) or (
             f"trains {name} again from the start" if run_dir.exists() else "starts a new run")
-        print(f"\ndemo interrupted; run `make demo` again: it {what}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"\ndemo {how}; run `make demo` again: it {what}", file=sys.stderr)
+        sys.exit(EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

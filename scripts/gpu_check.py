@@ -364,6 +364,7 @@ def _ceiling_child(job_file: Path) -> None:
 
     from dalipipe import device as dev
     from dalipipe.atomic import save_json
+    from dalipipe.loading.loader_rules import default_threads, default_workers
     from dalipipe.model import build_model
     from dalipipe.run.train import train_step
     from dalipipe.run.train_setup import make_optimizer
@@ -372,7 +373,7 @@ def _ceiling_child(job_file: Path) -> None:
     device = dev.resolve(job["device"])
     t = time.perf_counter()
     model = dev.place_model(build_model(job["classes"]), device)
-    dev.configure(device)
+    dev.configure(device, default_threads(default_workers()))  # as `dalipipe train`
     opt = make_optimizer(model, 1e-3, 1e-6, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device))
     n, size = job["batch_size"], job["image_size"]

@@ -80,3 +80,29 @@ def test_an_epochs_training_figures_count_every_process():
         assert figures["train_images_per_s"] == 2.0  # 8 images in the slowest process's 4 s
         # the most starved process is the one that waited the largest share of its time
         assert (figures["data_wait_s"], figures["data_wait_share"]) == (0.5, 0.25)
+
+
+def test_the_thread_setting_reaches_torch_in_train_and_predict(small_synth, tmp_path, monkeypatch):
+    import torch
+
+    from dalipipe.infer.predict import predict
+    from dalipipe.settings import PredictSettings
+
+    d, run = small_synth, tmp_path / "run"
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    cfg = TrainConfig(images_dir=str(d / "images_train"), labels_csv=str(d / "y_train.csv"), out_dir=str(run),
+                      epochs=1, batch_size=32, device="cpu", workers=1, augment=AugmentSpec(image_size=16),
+                      threads=3, time_limit_minutes=1e-6)  # stops after its first step
+    train(cfg)
+    predict(PredictSettings(checkpoints=(str(run / "last.pt"),), images_dir=str(d / "images_test"),
+                            out_csv=str(tmp_path / "sub.csv"), device="cpu", workers=1, threads=2))
+    assert calls == [3, 2]
+
+
+def test_by_default_torch_gets_the_cores_its_loader_leaves_free(monkeypatch):
+    from dalipipe.loading import loader_rules
+
+    monkeypatch.setattr(loader_rules, "available_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two training processes: 8 cores each
+    assert [loader_rules.default_threads(w) for w in (2, 6, 8, 12)] == [6, 2, 1, 1]

@@ -16,6 +16,7 @@ from dalipipe.data.csv_files import read_ids
 from dalipipe.data.index import inspect_images, scan_images
 from dalipipe.errors import DataError
 from dalipipe.infer.inference import prediction_frame, probabilities, scores_by_position
+from dalipipe.loading.loader_rules import default_threads, default_workers
 from dalipipe.loading.loaders import make_loader
 from dalipipe.model import build_model
 from dalipipe.run_state import ModelCard
@@ -85,7 +86,8 @@ def predict(settings: PredictSettings) -> pd.DataFrame:
         warn_seen_samples(index, card, images_dir)
     index = inspect_images(index, cache=s.check_cache)
     torch_device = dev.resolve(s.device)
-    dev.configure(torch_device)  # cuDNN autotuning and TF32, as in training
+    # torch's threads, cuDNN autotuning and TF32, as in training
+    dev.configure(torch_device, s.threads or default_threads(s.workers or default_workers()))
     total = np.zeros((len(index), len(names)))
     for k, (path, card) in enumerate(cks):
         desc = "predicting" + (f" ({k + 1}/{len(cks)} {path.parent.name}/{path.name})" if len(cks) > 1 else "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from dalipipe.constants import MAX_DEFAULT_WORKERS, MIN_TRAIN_BATCH
+from dalipipe.data.index import available_cores
 from dalipipe.errors import DataError
 
 
@@ -18,6 +19,14 @@ def default_workers() -> int:
     """The cores of this machine shared among its training processes, at most MAX_DEFAULT_WORKERS.
     `dalipipe train`, `predict` and the benchmark's rows all use this."""
     return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) // local_processes()))
+
+
+def default_threads(workers: int) -> int:
+    """torch's threads in a training (or predicting) process: the cores of its share of the machine that
+    its loader's `workers` leave free, at least 1. torch's own default is every core of the machine; its
+    threads then spin against the loader's and against every other busy process, and a step slowed down
+    many times over on a busy machine (measured: see the README's "Threads")."""
+    return max(1, available_cores() // local_processes() - workers)
 
 
 def train_plan(n: int, batch_size: int, num_shards: int) -> tuple[int, int]:

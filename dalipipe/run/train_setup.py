@@ -21,7 +21,7 @@ from dalipipe.data.index import LabelMap, build_index, inspect_images
 from dalipipe.data.split import kfold_split, stratified_split, stratified_subset
 from dalipipe.data.stats import channel_stats
 from dalipipe.errors import DataError
-from dalipipe.loading.loader_rules import train_plan
+from dalipipe.loading.loader_rules import default_threads, default_workers, train_plan
 from dalipipe.loading.loaders import decode_cache_mb, make_loader
 from dalipipe.model import build_model, compiled
 from dalipipe.run import run_dir, train_state
@@ -161,11 +161,15 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
                             "images and labels")
         norm = card.norm
     lr = cfg.effective_lr()
+    workers = cfg.workers or default_workers()
+    threads = cfg.threads or default_threads(workers)
+    dev.configure(device, threads)
     if world.is_main:
         start = (run_dir.resume_point(saved.card) if saved else f"weights {cfg.weights}" if cfg.weights
                  else "pretrained" if cfg.pretrained else "from scratch")
         log.info(f"{len(train_df)} training / {len(val_df)} validation samples, {len(labels.names)} classes; "
-                 f"device {device}, loader {cfg.loader}, {world.size} process(es), lr {lr:g}, {start}")
+                 f"device {device}, loader {cfg.loader} ({workers} workers), {world.size} process(es), {threads} "
+                 f"torch thread(s), lr {lr:g}, {start}")
 
     t0 = time.perf_counter()
     model, net = _model(cfg, saved, len(labels.names), device, world)
@@ -225,7 +229,6 @@ def _model(cfg: TrainConfig, saved: SavedRun | None, n_classes: int, device: tor
     if saved:
         model.load_state_dict(saved.model)
     model = dev.place_model(model, device)
-    dev.configure(device)
     net = model
     if world.size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
