@@ -76,7 +76,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DataError as e:
-            raise UserError(str(e)) from None
+            # One line, whatever it quotes: a class name or a path may hold a line break.
+            raise UserError(str(e).replace("\r", "\\r").replace("\n", "\\n")) from None
         except KeyboardInterrupt as e:
             # What is true at this moment, as the command in progress knows it (ctx.meta is shared with it).
             hint = ctx.meta.get(ON_INTERRUPT)

@@ -47,6 +47,8 @@ VAL_PREDICTIONS = "val_predictions.csv"
 VAL_PER_CLASS = "val_per_class.csv"  # the best epoch's precision, recall and F1 of each class
 TRAIN_BATCH_PNG = "train_batch.png"  # the first training batch as the model receives it
 TENSORBOARD_DIR = "tensorboard"  # train --tensorboard: the event files
+# `dalipipe preview --out`: the picture's format follows its name.
+PICTURE_FORMATS: dict[str, str] = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
 MAX_BATCH_PICTURE = 64  # images of the first batch drawn in train_batch.png
 LOCK_FILE = ".dalipipe.lock"
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from dalipipe import options
 from dalipipe.config import (AS_REFERENCE, CACHE_HELP, DEVICE_HELP, LOADER_HELP, THREADS_DEFAULT, THREADS_HELP,
                              WORKERS_DEFAULT, WORKERS_HELP, AugmentSpec, DeviceName, LoaderKind, TrainConfig)
-from dalipipe.constants import (MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, REAL_CLASS_COUNTS, REAL_IMAGE_SIZE, REAL_N_TEST,
-                                REAL_N_TRAIN, SEED_MAX, SYNTH_MAX_SAMPLES, SYNTH_MAX_SIZE)
+from dalipipe.constants import (MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, PICTURE_FORMATS, REAL_CLASS_COUNTS, REAL_IMAGE_SIZE,
+                                REAL_N_TEST, REAL_N_TRAIN, SEED_MAX, SYNTH_MAX_SAMPLES, SYNTH_MAX_SIZE)
 from dalipipe.errors import DataError
 from dalipipe.options import opt
 
@@ -63,7 +64,8 @@ class PreviewSettings(_Checked):
 
     images_dir: str
     labels_csv: str
-    out_png: str = opt("preview.png", "The picture to write.", flag="out", path="file")
+    out_png: str = opt("preview.png", "The picture to write: .png, .jpg, .pdf or .svg (the format follows the name).",
+                       flag="out", path="file")
     loader: Literal["dali", "torch", "both"] = opt("both", "Whose output to show; both: side by side.")
     # A training loader (--augment) drops a batch smaller than MIN_TRAIN_BATCH.
     n: int = opt(16, "Samples (rows), drawn in the classes' proportions.", low=MIN_TRAIN_BATCH)
@@ -77,6 +79,16 @@ class PreviewSettings(_Checked):
     workers: int | None = _workers()
     force: bool = opt(False, "Replace --out if it exists.", switch=True)
     check_cache: bool = _cache()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if Path(self.out_png).suffix.lower() not in PICTURE_FORMATS:
+            raise DataError(f"--out {self.out_png}: name a .png, .jpg, .pdf or .svg file (the picture's format follows "
+                            "its name)")
+
+    @property
+    def picture_format(self) -> str:
+        return PICTURE_FORMATS[Path(self.out_png).suffix.lower()]
 
 @dataclass(frozen=True)
 class CheckSettings(_Checked):

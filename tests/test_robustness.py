@@ -335,6 +335,28 @@ def test_predict_names_a_checkpoint_from_the_middle_of_an_epoch_as_never_validat
                         "run's best.pt holds its best validated epoch"]
 
 
+def test_predicting_a_models_own_samples_is_named_once_per_model(trained, tmp_path, caplog):
+    run = trained / "run"
+    shutil.copytree(run, tmp_path / "twin")
+    with caplog.at_level(logging.WARNING, logger="dalipipe"):
+        r = invoke("predict", run, tmp_path / "twin", trained / "data" / "images_train", "--out", tmp_path / "s.csv",
+                   "--device", "cpu", "--workers", "1")
+    assert r.exit_code == 0, r.output
+    said = [rec.getMessage() for rec in caplog.records if "overstates" in rec.getMessage()]
+    assert len(said) == 2, said
+    assert f"split of {run / 'best.pt'} and" in said[0] and f"split of {tmp_path / 'twin' / 'best.pt'} and" in said[1]
+    assert all(text.startswith("warning: 168 of the 240 samples") for text in said)
+
+
+def test_an_error_that_quotes_a_line_break_stays_one_line(tmp_path):
+    for fid in (1, 2, 3):
+        write_sample(tmp_path / "img", fid, *(np.full((8, 8), 9) for _ in range(3)))
+    (tmp_path / "y.csv").write_text('file_id,cell_line\n1,HeLa\n2,HeLa\n3,"Lonely\nline"\n')
+    r = invoke("check", tmp_path / "img", tmp_path / "y.csv")
+    one_line_error(r, "y.csv:4: class 'Lonely\\nline' has 1 sample(s)")
+    assert len(r.output.strip().splitlines()) == 1, r.output
+
+
 def test_two_predictions_to_one_file_at_once_the_second_refuses(trained, small_synth, monkeypatch):
     import dalipipe.infer.predict
 

@@ -106,3 +106,39 @@ def test_by_default_torch_gets_the_cores_its_loader_leaves_free(monkeypatch):
     monkeypatch.setattr(loader_rules, "available_cores", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two training processes: 8 cores each
     assert [loader_rules.default_threads(w) for w in (2, 6, 8, 12)] == [6, 2, 1, 1]
+
+
+def test_the_progress_bars_last_data_wait_is_the_epoch_lines(monkeypatch):
+    """The bar's last figure is drawn once the pass is over, from the seconds the epoch's row is made of."""
+    import torch
+    from torch import nn
+
+    import dalipipe.run.train as loop
+    from dalipipe.run.data_wait import shown
+
+    drawn = []
+
+    class Bar(loop.tqdm):
+        def set_postfix_str(self, s="", refresh=True):
+            drawn.append(s)
+            super().set_postfix_str(s, refresh)
+
+    class Plain:  # the loop's recipe, reduced to a loss
+        loss = staticmethod(nn.functional.cross_entropy)
+
+        def before_step(self, opt, step):
+            pass
+
+        def after_step(self):
+            pass
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.arange(4) % 3) for _ in range(5)]
+    sums = loop.train_epoch(net=net, loader=batches, y_train=torch.arange(3), opt=torch.optim.SGD(net.parameters(), 0.1),
+                            scaler=torch.amp.GradScaler("cuda", enabled=False), device=torch.device("cpu"),
+                            precision="fp32", recipe=Plain(), first_global_step=0, start=None, hooks=[],
+                            desc="", show=True, record=False)
+    figures = loop.training_figures([loop.RankFigures(loss_sum=0.0, seen=sums.seen, train_s=sums.train_s,
+                                                      data_wait_s=sums.data_wait_s, memory={})])
+    assert len(drawn) == 6 and drawn[-1] == f"data wait {shown(figures['data_wait_share'])}"

@@ -38,15 +38,16 @@ def select_ids(index: pd.DataFrame, ids_csv: str | Path, images_dir: str | Path)
     return by_id.loc[ids["file_id"].to_numpy()].reset_index()
 
 
-def warn_seen_samples(index: pd.DataFrame, card: ModelCard, images_dir: str | Path) -> None:
+def warn_seen_samples(index: pd.DataFrame, card: ModelCard, images_dir: str | Path, model: Path) -> None:
     """One warning when samples to predict carry ids of the model's own training or validation split: a
-    score on them says how well it remembers, not how well it predicts."""
+    score on them says how well it remembers, not how well it predicts. model: its file, named in the
+    warning (an ensemble's members each have their own split)."""
     ids = set(index["file_id"].tolist())
     trained = len(ids & set(card.split.train_ids)) if card.split else 0
     validated = len(ids & set(card.split.val_ids)) if card.split else 0
     if trained or validated:
-        log.warning(f"warning: {trained} of the {len(index)} samples in {images_dir} have the ids of this model's "
-                    f"training split and {validated} those of its validation split; scoring predictions on them "
+        log.warning(f"warning: {trained} of the {len(index)} samples in {images_dir} have the ids of the training "
+                    f"split of {model} and {validated} those of its validation split; scoring predictions on them "
                     "overstates its accuracy")
 
 
@@ -82,8 +83,8 @@ def predict(settings: PredictSettings) -> pd.DataFrame:
     index = scan_images(images_dir, skip_incomplete=True)
     if ids_csv:
         index = select_ids(index, ids_csv, images_dir)
-    for _, card in cks:
-        warn_seen_samples(index, card, images_dir)
+    for path, card in cks:
+        warn_seen_samples(index, card, images_dir, path)
     index = inspect_images(index, cache=s.check_cache)
     torch_device = dev.resolve(s.device)
     # torch's threads, cuDNN autotuning and TF32, as in training

@@ -52,6 +52,11 @@ class Machine:
     workers: int  # loader threads or worker processes per training process
 
 
+def share_of(wait_s: float, train_s: float) -> float:
+    """The data wait's share of a pass's training time, as metrics.jsonl keeps it (4 decimals)."""
+    return round(wait_s / max(train_s, 1e-9), 4)
+
+
 def shown(share: float) -> str:
     """A share as the epoch line and the progress bar show it: tenths of a percent below 10%, where the
     usual figures lie (0.4%, not 0%)."""

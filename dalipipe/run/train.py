@@ -26,7 +26,7 @@ from dalipipe.infer.inference import cross_entropy, prediction_frame, probabilit
 from dalipipe.loading.loader_rules import default_workers, local_processes
 from dalipipe.progress import quiet_unless
 from dalipipe.run import run_dir, train_setup, train_state
-from dalipipe.run.data_wait import Advisor, DataWait, Machine, shown
+from dalipipe.run.data_wait import Advisor, DataWait, Machine, share_of, shown
 from dalipipe.run.recipe import Recipe
 from dalipipe.run.run_recorder import BestEpoch, EpochRecord, RunRecorder
 from dalipipe.run.train_hooks import CalibrateBatchNorm, FirstBatchPicture, Hook, MidEpochCheckpoints
@@ -55,6 +55,7 @@ class EpochSums:
     seen: int  # samples trained on
     positions: np.ndarray  # the row positions trained on, in order, if recorded
     data_wait_s: float  # time spent waiting for the loader's batches (data_wait.py)
+    train_s: float  # the pass's own time, to the end of its last step on the device
 
 
 def train_epoch(*, net, loader, y_train: torch.Tensor, opt, scaler, device: torch.device, precision: str,
@@ -69,10 +70,9 @@ def train_epoch(*, net, loader, y_train: torch.Tensor, opt, scaler, device: torc
     seen = start.seen if start else 0
     positions = []
     wait, t0 = DataWait(), time.perf_counter()
-    # The bar is outside the timed loader: its own drawing is not time waited for data.
-    bar = tqdm(wait.timed(loader), desc=desc, unit="batch", leave=False, initial=start_step, total=len(loader),
-               **quiet_unless(show))
-    for step, (images, pos) in enumerate(bar, start=start_step + 1):
+    # Drawn in the steps, not in the timed loader: its own drawing is not time waited for data.
+    bar = tqdm(desc=desc, unit="batch", leave=False, initial=start_step, total=len(loader), **quiet_unless(show))
+    for step, (images, pos) in enumerate(wait.timed(loader), start=start_step + 1):
         y = y_train[pos]
         if record:  # a copy to the host syncs the GPU: only when asked for
             positions.append(pos.cpu())
@@ -90,8 +90,13 @@ def train_epoch(*, net, loader, y_train: torch.Tensor, opt, scaler, device: torc
             hook.after_step(step, first_global_step + step, loss_sum, seen)
         # host clocks only (no sync); tqdm draws it at its own pace
         bar.set_postfix_str(f"data wait {shown(wait.seconds / max(time.perf_counter() - t0, 1e-9))}", refresh=False)
+        bar.update()
     dev.synchronize(device)
-    return EpochSums(loss_sum=loss_sum, seen=seen, data_wait_s=wait.seconds,
+    train_s = time.perf_counter() - t0
+    # The bar's last figure is the epoch line's (of this process): the same seconds, once the device is done.
+    bar.set_postfix_str(f"data wait {shown(share_of(wait.seconds, train_s))}")
+    bar.close()
+    return EpochSums(loss_sum=loss_sum, seen=seen, data_wait_s=wait.seconds, train_s=train_s,
                      positions=torch.cat(positions).numpy() if positions else np.zeros(0, dtype=np.int64))
 
 
@@ -233,11 +238,10 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, t_start: float, new_r
                      f"{epoch + 1}; saved; continue with: dalipipe train --resume {out} (a time limit applies "
                      "to the command that gives it: give --time-limit again for the next slot)")
             break
-        train_time = time.perf_counter() - t0
-        timings["train_s"] += train_time
+        timings["train_s"] += time.perf_counter() - t0
         if sample_log:
             write_sample_log(sample_log, world.rank, epoch + 1, run.train_df.file_id.to_numpy()[sums.positions])
-        row, best = _validate(run, epoch, sums=sums, train_time=train_time, t0=t0)
+        row, best = _validate(run, epoch, sums=sums, t0=t0)
         # The next epoch's start, on every rank; written by rank 0 in the background.
         ranks = train_state.capture(run.train_loader, key=run.loader_key, device=device, world=world)
         recorder.epoch_end(run.checkpoint(ranks), EpochRecord(row, list(progress.history), best))
@@ -286,14 +290,14 @@ def training_figures(ranks: list[RankFigures]) -> dict[str, float]:
     return {"train_loss": round(sum(r.loss_sum for r in ranks) / max(seen, 1), 5),
             "train_images_per_s": round(seen / max(max(r.train_s for r in ranks), 1e-9), 1),
             "data_wait_s": round(starved.data_wait_s, 3),
-            "data_wait_share": round(starved.data_wait_s / max(starved.train_s, 1e-9), 4)}
+            "data_wait_share": share_of(starved.data_wait_s, starved.train_s)}
 
 
 def _largest(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: max(r[k] for r in rows) for k in rows[0]}
 
 
-def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums, train_time: float,
+def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums,
               t0: float) -> tuple[dict, BestEpoch | None]:
     """Score the epoch on the validation split and update the run's progress: (metrics row, what to write
     if it is the best epoch so far). The training figures are summed over every process; the data wait is
@@ -308,7 +312,7 @@ def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums, train_time
     run.timings["val_s"] += val_time
     # Every process's training figures and (on a GPU) memory, in one collective once validation has run (its
     # memory counted too).
-    ranks = distributed.gather(RankFigures(loss_sum=float(sums.loss_sum.item()), seen=sums.seen, train_s=train_time,
+    ranks = distributed.gather(RankFigures(loss_sum=float(sums.loss_sum.item()), seen=sums.seen, train_s=sums.train_s,
                                            data_wait_s=sums.data_wait_s, memory=dev.memory_in_use(run.device)), world)
     y = run.y_val[pos]
     pred = logits.argmax(1)

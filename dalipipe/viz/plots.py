@@ -14,7 +14,7 @@ import numpy as np
 from dalipipe.constants import DATA_WAIT_ADVICE_SHARE
 
 log = logging.getLogger("dalipipe")
-_told: set[str] = set()
+_told: set[str] = set()  # class names already named in the missing-font notice
 LAST_RESORT = "Last Resort"  # characters already reported as missing from every font
 
 
@@ -53,11 +53,13 @@ def fonts_for(texts: list[str]) -> Iterator[None]:
             break
     if missing:
         families += sorted({e.name for e in font_manager.fontManager.ttflist if e.name.startswith(LAST_RESORT)})
-    new = "".join(sorted(missing - _told))
-    if new:
-        _told.update(new)
-        names = [t for t in texts if set(t) & set(new)]
-        log.warning(f"warning: no installed font has the characters {new} of {', '.join(repr(n) for n in names[:3])}: "
+    # Each name drawn with boxes is named once per process, the first time a plot draws it: a later plot may
+    # draw other names with the same characters.
+    names = [t for t in dict.fromkeys(texts) if set(t) & missing and t not in _told]
+    if names:
+        _told.update(names)
+        chars = "".join(sorted(missing & set("".join(names))))
+        log.warning(f"warning: no installed font has the characters {chars} of {', '.join(repr(n) for n in names)}: "
                     "the plots draw them as boxes (install a font that has them, e.g. Noto Sans CJK, to see them)")
     with matplotlib.rc_context({"font.family": families}), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
@@ -82,10 +84,17 @@ def _write_png(fig, path: str) -> None:
 
 
 def learning_curves_png(history: list[dict], path: str) -> None:
+    _write_png(learning_curves_figure(history), path)
+
+
+def learning_curves_figure(history: list[dict]):
+    """Losses, balanced accuracy, learning rate and data wait per epoch, side by side; each panel's labels
+    clear of its neighbours (matplotlib's constrained layout)."""
     from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
     fig = _figure((18, 3.8))
+    fig.set_layout_engine("constrained")
     ax1, ax2, ax3, ax4 = fig.subplots(1, 4)
     ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     ax1.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
@@ -113,7 +122,7 @@ def learning_curves_png(history: list[dict], path: str) -> None:
     for ax in (ax1, ax2, ax3, ax4):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
-    _write_png(fig, path)
+    return fig
 
 
 def confusion_png(cm: np.ndarray, names: list[str], title: str, path: str) -> None:
@@ -163,10 +172,11 @@ def batch_grid_png(images: np.ndarray, captions: list[str], title: str, path: st
         fig.savefig(path, format="png", dpi=GRID_DPI, bbox_inches="tight", pad_inches=0.1)
 
 
-def preview_png(rows: list[tuple[str, list[np.ndarray]]], column_titles: list[str], title: str, path: str) -> None:
+def preview_picture(rows: list[tuple[str, list[np.ndarray]]], column_titles: list[str], title: str, fmt: str,
+                    path: str) -> None:
     """One row per sample: (its label, its cells); a cell is gray (H, W) or RGB (H, W, 3) uint8, drawn
     without smoothing. The picture is LABEL_IN + CELL_IN per column wide and TITLE_IN + CELL_IN per row
-    high, at GRID_DPI."""
+    high, at GRID_DPI, in the format fmt (matplotlib's name: png, jpeg, pdf, svg)."""
     n_rows, n_cols = len(rows), len(column_titles)
     with fonts_for([label for label, _ in rows]):
         width, height = LABEL_IN + CELL_IN * n_cols, TITLE_IN + CELL_IN * n_rows
@@ -187,4 +197,4 @@ def preview_png(rows: list[tuple[str, list[np.ndarray]]], column_titles: list[st
                     ax.set_title(column_titles[c], fontsize=8, pad=3)
                 if c == 0:
                     ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
-        fig.savefig(path, format="png", dpi=GRID_DPI)
+        fig.savefig(path, format=fmt, dpi=GRID_DPI)

@@ -92,6 +92,6 @@ def preview(settings: PreviewSettings) -> dict:
                                                if difference is not None else ""))
     title = (f"{len(samples)} samples of {Path(images_dir).name}, {image_size} px, {how}\n"
              "model input: R = ER (yellow file), G = microtubules (red file), B = nucleus (blue file)")
-    atomic.write_output(out_path, lambda tmp: plots.preview_png(rows, titles, title, tmp), force)
+    atomic.write_output(out_path, lambda tmp: plots.preview_picture(rows, titles, title, s.picture_format, tmp), force)
     return {"file_ids": samples["file_id"].tolist(), "images": delivered, "max_difference": difference,
             "samples": len(samples), "loaders": kinds}
