@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import math
 import sys
 from pathlib import Path
+
+from tests import processes
+
+# Each command here takes 19-36 s (2026-12-06, 2-core CPU, two tests at once): about 5x that.
+BENCH_TIMEOUT_S = 180
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "loader_speed.py"
 
 
 def test_benchmark_json_has_every_row_and_the_machine(small_synth, tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(BENCH), "--data", str(small_synth), "--device", "cpu", "--image-size", "32",
+    r = processes.run([sys.executable, str(BENCH), "--data", str(small_synth), "--device", "cpu", "--image-size", "32",
                         "--batch-size", "32", "--workers", "1", "--epochs", "1", "--limit", "96", "--train",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+                        "--json", str(out)], timeout=BENCH_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"]
@@ -35,10 +40,10 @@ def test_benchmark_json_has_every_row_and_the_machine(small_synth, tmp_path):
 
 def test_profile_writes_a_chrome_trace_and_a_table_of_ranges(small_synth, tmp_path):
     out, prof = tmp_path / "bench.json", tmp_path / "prof"
-    r = subprocess.run([sys.executable, str(BENCH), "--data", str(small_synth), "--device", "cpu", "--image-size", "32",
+    r = processes.run([sys.executable, str(BENCH), "--data", str(small_synth), "--device", "cpu", "--image-size", "32",
                         "--batch-size", "16", "--workers", "1", "--epochs", "1", "--limit", "48", "--profile", str(prof),
                         "--loader", "dali", "--profile-steps", "4", "--json", str(out)],
-                       capture_output=True, text=True, timeout=600)
+                       timeout=BENCH_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-2000:]
     (row,) = json.loads(out.read_text())["results"]
     p = row["profile"]
@@ -61,13 +66,14 @@ def test_profile_writes_a_chrome_trace_and_a_table_of_ranges(small_synth, tmp_pa
 def test_record_cost_reports_each_setting_and_fsync_delay(tmp_path):
     out = tmp_path / "cost.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "record_cost.py"
-    r = subprocess.run([sys.executable, str(script), "--settings", "tiny", "--epochs", "1", "2", "--fsync-delay", "0",
-                        "--fsync-delay", "0.05", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    r = processes.run([sys.executable, str(script), "--settings", "tiny", "--epochs", "1", "2", "--fsync-delay", "0",
+                        "--fsync-delay", "0.05", "--json", str(out)], timeout=BENCH_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(x["setting"], x["fsync_delay_s"]) for x in rows] == [("tiny", 0.0), ("tiny", 0.05)]
     for row in rows:
         assert row["epochs"] == [1, 2] and row["steps_per_epoch"] >= 2
-        assert row["per_epoch_steps_s"] > 0 and row["epoch_end_in_loop_s"] >= 0
+        # differences of two runs' wall times on a shared machine: reported, either side of 0 by chance
+        assert all(math.isfinite(row[k]) for k in ("per_epoch_wall_s", "per_epoch_steps_s", "epoch_end_in_loop_s"))
         assert abs(row["outside_steps_s"] - (row["per_epoch_wall_s"] - row["per_epoch_steps_s"])) <= 0.002  # rounding
     assert "outside s" in r.stdout

@@ -6,10 +6,7 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -19,13 +16,18 @@ import torch
 from dalipipe import checkpoint
 from dalipipe.data.synthetic import generate
 from dalipipe.settings import SynthSpec
+from tests import processes
 from tests.conftest import pngsuite
 
+# A dalipipe command of the tests: the longest (the end-to-end training and its resume) take 122 s together
+# with the predictions of their test, 45 s the killed run and its resume (2026-12-06, 2-core CPU, two tests
+# at once).
+COMMAND_TIMEOUT_S = 300
 
-def dalipipe(*args, check=True, timeout=600):
+
+def dalipipe(*args, check=True, timeout=COMMAND_TIMEOUT_S):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-m", "dalipipe", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, env=env)
+    r = processes.run([sys.executable, "-m", "dalipipe", *map(str, args)], timeout=timeout, env=env)
     if check and r.returncode != 0:
         raise AssertionError(f"dalipipe {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return r
@@ -141,34 +143,16 @@ def test_kill_mid_epoch_then_resume(e2e_data, tmp_path):
     # 336 training samples, batch 16: 21 steps an epoch, a mid-epoch checkpoint every 5.
     cmd = [sys.executable, "-m", "dalipipe", "train", d / "images_train", d / "y_train.csv", "--out", run,
            "--epochs", "3", "--image-size", "32", "--batch-size", "16", "--device", "cpu", "--checkpoint-every", "5"]
-    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Killed from outside (as a pre-emption would) once last.pt holds a checkpoint from inside the second
-    # epoch: whatever the machine's speed, the kill falls after epoch 1 and that step, wherever the run has
-    # got to by then (maybe into a checkpoint write). Each new last.pt is read once (renamed into place
-    # whole, so it never reads half-written).
-    seen, stamp = None, None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            now = (run / "last.pt").stat().st_mtime_ns
-        except FileNotFoundError:
-            now = None
-        if now is not None and now != stamp:
-            stamp, saved = now, checkpoint.load(run / "last.pt")
-            if saved["epoch"] >= 1 and saved["partial"]:
-                seen = (saved["epoch"], saved["partial"]["steps"])
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert seen is not None, "no mid-epoch checkpoint of epoch 2 appeared before the run ended"
-    saved = checkpoint.load(run / "last.pt")  # whatever the moment, the file is whole and not older
-    assert (saved["epoch"], (saved["partial"] or {}).get("steps", 0)) >= seen
+    # Killed with SIGKILL inside the second epoch (as a pre-emption would), after its step 10 (global step
+    # 31) and the checkpoints handed over until then, at the same point on any machine.
+    r = processes.run(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore", DALIPIPE_KILL_AT_STEP="31"),
+                      timeout=COMMAND_TIMEOUT_S)
+    assert r.returncode == -9, r.stderr[-3000:]
+    # The last checkpoint written: global step 30 (every 5 over the whole run), epoch 2's step 9.
+    saved = checkpoint.load(run / "last.pt")
+    assert saved["epoch"] == 1 and saved["partial"]["steps"] == 9, saved["partial"]
     r = dalipipe("train", "--resume", run)
-    if saved["partial"]:  # the resume continues from what the file holds
-        assert f"resumed at epoch {saved['epoch'] + 1}, after step {saved['partial']['steps']}" in r.stderr
-    elif saved["epoch"] < 3:
-        assert f"resumed after epoch {saved['epoch']}" in r.stderr
+    assert "resumed at epoch 2, after step 9" in r.stderr  # the resume continues from what the file holds
     best = checkpoint.load(run / "best.pt")
     assert checkpoint.load(run / "last.pt")["epoch"] == 3
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -6,12 +6,16 @@ import importlib.util
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
+from tests import processes
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
+# The demo of these tests (one epoch at 16 px, predict, score): both runs of it 16 s together here
+# (2026-12-06, 2-core CPU, two tests at once).
+DEMO_TIMEOUT_S = 120
 
 
 def demo_module():
@@ -72,24 +76,30 @@ def test_ctrl_c_stops_the_demo_in_one_line_and_the_next_demo_goes_on_from_there(
     (tmp_path / "wrapper.py").write_text(WRAPPER)
     command = [sys.executable, str(tmp_path / "wrapper.py"), str(SCRIPT), str(root)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    with open(tmp_path / "out1", "w") as out, open(tmp_path / "err1", "w") as err:
-        # Its own process group, as a terminal's foreground job: Ctrl-C reaches the demo and its dalipipe.
-        proc = subprocess.Popen(command, stdout=out, stderr=err, env=env, start_new_session=True)
-        fd = None
+    with open(tmp_path / "out1", "w") as out, open(tmp_path / "err1", "w") as err, \
+            processes.started(command, timeout=DEMO_TIMEOUT_S, stdout=out, stderr=err, env=env,
+                              # its own process group, as a terminal's foreground job: Ctrl-C reaches the
+                              # demo and its dalipipe
+                              start_new_session=True) as proc:
+        ended, ours = threading.Event(), []
+
+        def read_end_when_the_demo_ends():  # so that the open below returns, however the demo ends
+            proc.wait()
+            ended.set()
+            ours.append(os.open(image, os.O_RDONLY | os.O_NONBLOCK))
+
+        watcher = threading.Thread(target=read_end_when_the_demo_ends, daemon=True)
+        watcher.start()
+        fd = os.open(image, os.O_WRONLY)  # returns once predict has opened the pipe to read it (no polling)
         try:
-            while fd is None:
-                try:  # succeeds once predict has opened the pipe to read it
-                    fd = os.open(image, os.O_WRONLY | os.O_NONBLOCK)
-                except OSError:
-                    assert proc.poll() is None, (tmp_path / "err1").read_text()[-3000:]
-                    time.sleep(0.1)
+            assert not ended.is_set(), (tmp_path / "err1").read_text()[-3000:]
             os.killpg(proc.pid, signal.SIGINT)
-            assert proc.wait(timeout=120) == 130
+            assert proc.wait() == 130
         finally:
-            if fd is not None:
-                os.close(fd)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            os.close(fd)
+            if ended.is_set():  # (else the block's end kills the demo, and the watcher ends then)
+                watcher.join()
+                os.close(ours[0])
     stderr = (tmp_path / "err1").read_text()
     assert "Traceback" not in stderr, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip() and "\r" not in ln]
@@ -102,7 +112,7 @@ def test_ctrl_c_stops_the_demo_in_one_line_and_the_next_demo_goes_on_from_there(
 
     image.unlink()
     shutil.copy(small_synth / "images_test" / image.name, image)
-    r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    r = processes.run(command, env=env, timeout=DEMO_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "has trained all its epochs" in r.stdout and "$ dalipipe train" not in r.stdout, r.stdout
     assert f"$ dalipipe predict {run}" in r.stdout and "balanced accuracy" in r.stdout, r.stdout

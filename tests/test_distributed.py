@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import pandas as pd
@@ -15,7 +14,11 @@ import pytest
 from dalipipe import checkpoint
 from dalipipe.data.synthetic import generate
 from dalipipe.settings import SynthSpec
+from tests import processes
 from tests.test_cli import dalipipe
+
+# Two ranks, two epochs: 17-19 s here (2026-12-06, 2-core CPU, two tests at once); about 6x that.
+TORCHRUN_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def test_two_process_epoch_is_sharded_and_validated_once(uneven, tmp_path, loade
            "-m", "dalipipe", "train", str(d / "images_train"), str(d / "y_train.csv"), "--out", str(run),
            "--epochs", "2", "--image-size", "32", "--batch-size", "16", "--device", "cpu", "--workers", "1",
            "--loader", loader]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    r = processes.run(cmd, env=env, timeout=TORCHRUN_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
 
     # Training: each epoch, the ranks' samples are disjoint, as many on each rank (17 = 35 // 2, the

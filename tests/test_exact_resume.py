@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from dalipipe import checkpoint
+from tests import processes
 from tests.test_cli import dalipipe
+
+# Each run of these tests: under 20 s here (2026-12-06, 2-core CPU, two tests at once; a whole test, three
+# runs, 45-57 s); about 4x the longest whole test's share.
+RUN_TIMEOUT_S = 240
 
 # what a machine's speed and memory decide, not the training
 TIMING = ("train_images_per_s", "val_seconds", "epoch_seconds", "data_wait_s", "data_wait_share",
@@ -46,7 +50,7 @@ def assert_twins(a, b):
 
 
 def killed_at(cmd, env):
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    r = processes.run(cmd, env=env, timeout=RUN_TIMEOUT_S)
     assert r.returncode != 0, "the run was meant to be killed"
     return r
 
@@ -77,12 +81,12 @@ def test_torchrun_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(smal
     base = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dalipipe", "train", str(d / "images_train"),
             str(d / "y_train.csv"), *opts, *RECIPE]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    r = subprocess.run(base + ["--out", str(tmp_path / "twin")], capture_output=True, text=True, env=env, timeout=600)
+    r = processes.run(base + ["--out", str(tmp_path / "twin")], env=env, timeout=RUN_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     killed_at(base + ["--out", str(tmp_path / "run")], dict(env, DALIPIPE_KILL_AT_STEP=str(KILL_AT)))
     saved = checkpoint.load(tmp_path / "run" / "last.pt")
     assert saved["epoch"] == 0 and saved["partial"] == {"steps": 2} and len(saved["ranks"]) == 2
-    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dalipipe", "train", "--resume",
-                        str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600)
+    r = processes.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dalipipe", "train", "--resume",
+                        str(tmp_path / "run")], env=env, timeout=RUN_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_twins(tmp_path / "twin", tmp_path / "run")

@@ -9,13 +9,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from tests import processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
+# The quick check takes 122 s here (2026-12-06, 2-core CPU, two tests at once): its budget (what its steps'
+# timeouts are bounded by) is about 4x that, so that a busy machine does not decide the test, and the
+# test's timeout a little past it.
+QUICK_BUDGET_S = 480
+# Up to the killing of the check (its fourth step begins): 3 s here.
+CHECK_TIMEOUT_S = 120
 # The check's own GPU test steps, narrowed (pytest reads PYTEST_ADDOPTS) to one GPU test that builds a DALI
 # GPU pipeline: it passes where torch and DALI see a GPU and skips elsewhere, in seconds either way (the
 # step without DALI then selects nothing). The whole GPU suite is the outer run's, not to be run a second
@@ -38,10 +46,8 @@ def gpu_check_module():
 
 def test_gpu_check_quick_on_the_cpu_writes_a_complete_report(tmp_path):
     out = tmp_path / "report"
-    # A budget far above what the quick run needs (about 100 s alone, more beside other tests): the steps'
-    # timeouts are bounded by what is left of it, and a busy machine must not decide this test.
-    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out),
-                        "--budget-s", "1500"], capture_output=True, text=True, timeout=1800, env=check_env())
+    r = processes.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out),
+                       "--budget-s", str(QUICK_BUDGET_S)], timeout=QUICK_BUDGET_S + 120, env=check_env())
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     steps = {s["step"]: s for s in report["steps"]}
@@ -94,21 +100,18 @@ def test_gpu_check_quick_on_the_cpu_writes_a_complete_report(tmp_path):
 
 def test_the_report_is_on_disk_after_every_step_even_when_the_check_is_killed(tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out),
-                             "--work", str(tmp_path / "work")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=check_env())
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                steps = json.loads((out / "report.json").read_text())["steps"]
-            except (OSError, ValueError):  # not written yet
-                steps = []
-            if len(steps) >= 3:
+    with processes.started([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out),
+                            "--work", str(tmp_path / "work")], timeout=CHECK_TIMEOUT_S, stdout=subprocess.PIPE,
+                           stderr=open(tmp_path / "stderr", "w"), text=True, start_new_session=True,
+                           env=check_env()) as proc:
+        # Each step starts with a line "== STEP", said once the report holds every step before it: the
+        # fourth's means three are on disk. (A blocking read of the check's output: no polling.)
+        headers = 0
+        for line in proc.stdout:
+            headers += line.startswith("== ")
+            if headers == 4:
                 break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the check ended before it could be killed"
-    finally:
+        assert headers == 4, "the check ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)  # as a time limit or a native crash would: no chance to clean up
         proc.wait()
     report = json.loads((out / "report.json").read_text())
@@ -131,22 +134,25 @@ def test_projection_counts_every_epoch_cost_per_epoch(walls, partial, expected, 
 
 
 def test_projection_of_a_run_with_a_known_cost_per_epoch(small_synth, tmp_path, monkeypatch):
-    """Each epoch's end is made to cost at least 0.5 s more in the training loop (as a hand-off that has
-    to wait for a slow disk would): the projection for 10 epochs from the 2 measured must include 10 such
-    costs, not 2."""
+    """Each epoch's end is made to cost 0.5 s more in the training loop (as a hand-off that has to wait for a
+    slow disk would), on a stand-in clock of the loop that only this cost and the steps (1 s each) advance:
+    the projection for 10 epochs from the 2 measured must include 10 such costs, not 2."""
     from dalipipe.config import AugmentSpec, TrainConfig
+    from dalipipe.run import train as loop
     from dalipipe.run.run_recorder import RunRecorder
-    from dalipipe.run.train import train
+    from tests.test_data_wait import Clock
 
-    extra = 0.5
-    hand_off = RunRecorder.epoch_end
-    monkeypatch.setattr(RunRecorder, "epoch_end", lambda *a, **k: (time.sleep(extra), hand_off(*a, **k)))
+    extra, clock = 0.5, Clock()
+    hand_off, step = RunRecorder.epoch_end, loop.train_step
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: (clock.advance(1.0), step(*a, **k))[1])
+    monkeypatch.setattr(RunRecorder, "epoch_end", lambda *a, **k: (clock.advance(extra), hand_off(*a, **k)))
     cfg = TrainConfig(images_dir=str(small_synth / "images_train"), labels_csv=str(small_synth / "y_train.csv"),
                       out_dir=str(tmp_path / "run"), epochs=2, batch_size=32, device="cpu", subset=96,
                       augment=AugmentSpec(image_size=16))
-    result = train(cfg)
-    assert len(result.epoch_walls) == 2 and all(w > extra for w in result.epoch_walls)
-    projected, _ = gpu_check_module().project_recipe(result.setup_s, result.epoch_walls, 10,
-                                                     result.steps_per_epoch, 0, 0.0)
-    per_epoch_steps = min(h["epoch_seconds"] for h in result.history)  # steps and validation, no records
-    assert projected >= result.setup_s + 10 * (per_epoch_steps + extra)
+    result = loop.train(cfg)
+    steps = result.steps_per_epoch
+    assert result.setup_s == 0.0 and result.epoch_walls == [steps + extra] * 2
+    projected, _ = gpu_check_module().project_recipe(result.setup_s, result.epoch_walls, 10, steps, 0, 0.0)
+    assert [h["epoch_seconds"] for h in result.history] == [steps] * 2  # steps and validation, no records
+    assert projected == 10 * (steps + extra)

@@ -22,8 +22,9 @@ from dalipipe.data.index import build_index
 from dalipipe.data.split import stratified_split, stratified_subset
 from dalipipe.distributed import World
 from dalipipe.errors import DataError
+from tests import processes
 from tests.conftest import write_labels, write_sample
-from tests.test_cli import assert_one_line_error, dalipipe
+from tests.test_cli import COMMAND_TIMEOUT_S, assert_one_line_error, dalipipe
 
 
 def invoke(*args):
@@ -217,7 +218,6 @@ def test_check_table_aligns_wide_class_names(tmp_path):
 def test_matplotlib_keeps_its_info_lines_to_itself():
     """In a process of its own: pytest's logging set-up (its handlers on the root logger, which make the
     command's basicConfig a no-op) would hide whether the command itself keeps matplotlib's INFO lines out."""
-    import subprocess
     import sys
 
     code = ("import logging\n"
@@ -226,7 +226,7 @@ def test_matplotlib_keeps_its_info_lines_to_itself():
             "logging.getLogger('matplotlib.font_manager').info('matplotlib-info-line')\n"
             "logging.getLogger('matplotlib').warning('matplotlib-warning-line')\n"
             "logging.getLogger('dalipipe').info('dalipipe-info-line')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = processes.run([sys.executable, "-c", code], timeout=COMMAND_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-2000:]
     # dalipipe's INFO lines and matplotlib's warnings reach the user; matplotlib's INFO lines do not.
     assert "dalipipe-info-line" in r.stderr and "matplotlib-warning-line" in r.stderr, r.stderr[-2000:]
@@ -254,9 +254,9 @@ def test_tqdm_disable_silences_the_bars_a_command_shows(small_synth, tmp_path):
     d, env = small_synth, dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "dalipipe", "train", str(d / "images_train"), str(d / "y_train.csv"), "--epochs",
             "1", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--subset", "96", "--no-cache"]
-    shown = subprocess.run([*args, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env)
-    quiet = subprocess.run([*args, "--out", str(tmp_path / "b")], capture_output=True, text=True,
-                           env=dict(env, TQDM_DISABLE="1"))
+    shown = processes.run([*args, "--out", str(tmp_path / "a")], env=env, timeout=COMMAND_TIMEOUT_S)
+    quiet = processes.run([*args, "--out", str(tmp_path / "b")], env=dict(env, TQDM_DISABLE="1"),
+                          timeout=COMMAND_TIMEOUT_S)
     assert shown.returncode == quiet.returncode == 0, quiet.stderr
     for bar in ("checking images", "epoch 1/1:"):
         assert bar in shown.stderr and bar not in quiet.stderr, bar
@@ -298,29 +298,24 @@ def test_a_bare_dalipipe_prints_its_help():
 def test_sigterm_stops_a_run_as_ctrl_c_does_and_it_resumes(small_synth, tmp_path):
     """`kill PID` (docker stop, a scheduler's notice) once the run has saved a checkpoint: one line saying
     what is on disk, exit 143, no traceback, and the run resumes from there."""
-    import time
-
     d, run = small_synth, tmp_path / "run"
+    # So many epochs that the run is still going when the signal comes, whatever the machine's speed.
     args = [sys.executable, "-m", "dalipipe", "train", str(d / "images_train"), str(d / "y_train.csv"), "--out",
-            str(run), "--epochs", "40", "--image-size", "16", "--batch-size", "32", "--device", "cpu",
+            str(run), "--epochs", "1000", "--image-size", "16", "--batch-size", "32", "--device", "cpu",
             "--checkpoint-every", "1"]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 300
-        while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+    with processes.started(args, timeout=COMMAND_TIMEOUT_S, stdout=subprocess.PIPE, text=True,
+                           stderr=open(tmp_path / "stderr", "w"), env=dict(env, PYTHONUNBUFFERED="1")) as proc:
+        # The first epoch's line comes after its checkpoints were handed over (a blocking read: no polling).
+        assert any(line.startswith("epoch 1/") for line in proc.stdout), (tmp_path / "stderr").read_text()[-3000:]
         proc.terminate()  # SIGTERM to the main process only, as `kill PID`
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        proc.wait()
+    stderr = (tmp_path / "stderr").read_text()
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr, stderr
     (line,) = [ln for ln in stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
     assert f"continue with: dalipipe train --resume {run}" in line
     # The resumed run starts from the checkpoint (a time limit stops it again at its first step).
-    r = subprocess.run([sys.executable, "-m", "dalipipe", "train", "--resume", str(run), "--time-limit", "0.001"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = processes.run([sys.executable, "-m", "dalipipe", "train", "--resume", str(run), "--time-limit", "0.001"],
+                      env=env, timeout=COMMAND_TIMEOUT_S)
     assert r.returncode == 75 and "resumed " in r.stderr, r.stderr[-3000:]

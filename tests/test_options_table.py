@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,9 +15,11 @@ from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, Train
 from dalipipe.errors import DataError
 from dalipipe.run import run_dir
 from dalipipe.settings import CheckSettings, PredictSettings, PreviewSettings, SynthSpec
+from tests import processes
 from tests.test_resume_options import saved_run
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+HELP_TIMEOUT_S = 60  # the command of the help test: under 2 s here (2026-12-06, 2-core CPU)
 COMMANDS = {"train": TrainConfig, "predict": PredictSettings, "preview": PreviewSettings, "check": CheckSettings,
             "synth": SynthSpec}
 
@@ -133,5 +134,5 @@ assert r.exit_code == 0 and "balanced accuracy 1.0000" in r.output, r.output
 assert not [m for m in ("torch", "nvidia.dali") if m in sys.modules]
 print("light")
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = processes.run([sys.executable, "-c", code], timeout=HELP_TIMEOUT_S)
     assert r.returncode == 0 and "light" in r.stdout, r.stderr[-3000:]

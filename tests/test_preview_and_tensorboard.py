@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -17,9 +16,13 @@ from dalipipe.run.train import train
 from dalipipe.settings import PreviewSettings
 from dalipipe.viz import plots, tensorboard_log
 from dalipipe.viz.preview import preview
+from tests import processes
 from tests.conftest import pngsuite
 from tests.test_cli import assert_one_line_error, dalipipe
 from tests.test_exact_resume import OPTS
+
+# The killed run and its resume: 40 s together here (2026-12-06, 2-core CPU, two tests at once).
+RUN_TIMEOUT_S = 180
 
 # 6 steps an epoch (see OPTS): the kill after global step 9 falls in epoch 2, after epoch 1 was logged.
 KILL_IN_EPOCH_2 = 9
@@ -114,8 +117,8 @@ def test_train_batch_and_tensorboard_after_a_kill_and_resume(small_synth, tmp_pa
     d, run = small_synth, tmp_path / "run"
     args = ["train", d / "images_train", d / "y_train.csv", *OPTS, "--epochs", "3", "--tensorboard", "--out", run]
     env = dict(os.environ, DALIPIPE_KILL_AT_STEP=str(KILL_IN_EPOCH_2), PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-m", "dalipipe", *map(str, args)], capture_output=True, text=True, env=env,
-                       timeout=600)
+    r = processes.run([sys.executable, "-m", "dalipipe", *map(str, args)], env=env,
+                       timeout=RUN_TIMEOUT_S)
     assert r.returncode == -9, r.stderr[-2000:]
     batch = run / "train_batch.png"
     drawn = batch.stat().st_mtime_ns

@@ -129,17 +129,18 @@ def test_a_resume_of_a_run_still_before_its_first_checkpoint_says_it_is_running(
     import subprocess
     import sys
 
+    from tests import processes
+
     folder = tmp_path / "run"
     folder.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from dalipipe.run import run_dir\n"
-        f"with run_dir.locked({str(folder)!r}):\n    print('held', flush=True); sys.stdin.read()")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
+    with processes.started([sys.executable, "-c", (
+            "import sys; from dalipipe.run import run_dir\n"
+            f"with run_dir.locked({str(folder)!r}):\n    print('held', flush=True); sys.stdin.read()")],
+            timeout=120,  # (it imports dalipipe and takes a lock: a second or two)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(DataError, match="another dalipipe train is running in this folder"):
             run_dir.check_run_dir(folder, resume=True)
-    finally:
         holder.communicate("")
     with pytest.raises(DataError, match="no last.pt to resume from"):  # nobody holds it now
         run_dir.check_run_dir(folder, resume=True)

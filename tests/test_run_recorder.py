@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 
@@ -21,7 +20,8 @@ from dalipipe.run import train_setup
 from dalipipe.run.run_recorder import KILL_IN_WRITE, EpochRecord, RunRecorder
 from dalipipe.run.train import train
 from dalipipe.run_state import SavedRun
-from tests.test_cli import assert_one_line_error, dalipipe
+from tests import processes
+from tests.test_cli import COMMAND_TIMEOUT_S, assert_one_line_error, dalipipe
 from tests.test_exact_resume import assert_twins
 
 
@@ -74,17 +74,34 @@ def test_the_file_holds_the_state_handed_over_while_training_goes_on(tmp_path, g
     assert saved["history"] == [{"epoch": 1}]
 
 
-def test_one_checkpoint_in_flight_the_next_hand_off_waits_for_it(tmp_path, gated):
+def test_one_checkpoint_in_flight_the_next_hand_off_waits_for_it(tmp_path, gated, monkeypatch):
+    """The order of what happens, as the code does it: the second hand-off is made while the first
+    checkpoint's write is held, and stages its snapshot only once that write has finished."""
     model, opt = small_state()
+    events, second_waits = [], threading.Event()
+    write = checkpoint.write  # the gated one
+    monkeypatch.setattr(checkpoint, "write", lambda state, path: (write(state, path),
+                                                                   events.append(f"write {state['n']}")))
     with recorder(tmp_path) as rec:
+        stage, wait = rec.staging.stage, rec.checkpoint_done.wait
+        monkeypatch.setattr(rec.staging, "stage", lambda state: (events.append(f"stage {state['n']}"), stage(state))[1])
+
+        def waiting(*args):
+            if threading.current_thread().name == "second hand-off":
+                events.append("hand-off 2 waits")
+                second_waits.set()
+            return wait(*args)
+
+        monkeypatch.setattr(rec.checkpoint_done, "wait", waiting)
         rec.checkpoint({"model": model.state_dict(), "n": 1})
-        second = threading.Thread(target=rec.checkpoint, args=({"model": model.state_dict(), "n": 2},))
+        second = threading.Thread(target=rec.checkpoint, args=({"model": model.state_dict(), "n": 2},),
+                                  name="second hand-off")
         second.start()
-        second.join(timeout=0.5)
-        assert second.is_alive(), "a second checkpoint was staged while the first was still being written"
+        assert second_waits.wait(timeout=60), "the second hand-off never began"
         gated.set()
         second.join(timeout=60)
         assert not second.is_alive()
+    assert events == ["stage 1", "hand-off 2 waits", "write 1", "stage 2", "write 2"], events
     assert checkpoint.load(tmp_path / "last.pt")["n"] == 2
 
 
@@ -211,8 +228,8 @@ def test_killed_while_a_background_write_is_in_flight_keeps_the_previous_last_pt
     # Killed while the second checkpoint (epoch 2's end) is being written: its temporary file is complete,
     # not yet renamed over last.pt.
     env = dict(os.environ, PYTHONWARNINGS="ignore", **{KILL_IN_WRITE: "2"})
-    r = subprocess.run([sys.executable, "-m", "dalipipe", "train", *map(str, args), "--out", str(tmp_path / "run")],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = processes.run([sys.executable, "-m", "dalipipe", "train", *map(str, args), "--out", str(tmp_path / "run")],
+                      env=env, timeout=COMMAND_TIMEOUT_S)
     assert r.returncode == -9, r.stderr[-2000:]
     run = tmp_path / "run"
     assert list(run.glob(".last.pt.*.tmp")), "the kill was meant to fall in the middle of a write"
@@ -225,8 +242,8 @@ def test_killed_while_a_background_write_is_in_flight_keeps_the_previous_last_pt
 def _can_mount_tmpfs(where) -> bool:
     if shutil.which("unshare") is None:
         return False
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {where}"],
-                       capture_output=True)
+    r = processes.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {where}"],
+                      timeout=COMMAND_TIMEOUT_S)
     return r.returncode == 0
 
 
@@ -249,7 +266,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_previous_checkpoin
     script = (f"mount -t tmpfs -o size={size_mb}m tmpfs {disk} && {{ {train_cmd} 2> {tmp_path}/stderr; "
               f"echo $? > {tmp_path}/rc; {sys.executable} {look} {disk}/run > {tmp_path}/saved.json; }}")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, timeout=600, check=True)
+    processes.run(["unshare", "-rm", "sh", "-c", script], env=env, timeout=COMMAND_TIMEOUT_S, check=True)
 
     class R:
         returncode = int((tmp_path / "rc").read_text())

@@ -6,8 +6,12 @@ dali_loader.py): batches of (images, targets), images normalized float NCHW on t
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
+import os
+import select
+import threading
 
 import numpy as np
 import torch
@@ -78,6 +82,19 @@ def _worker_context():
     return ctx
 
 
+def _end_with(pid: int, worker_id: int) -> None:
+    """A worker's start (DataLoader's worker_init_fn): the worker ends when process `pid`, the training
+    process, does, however it ends. Its parent is the forkserver's server, which lives as long as the
+    workers do: DataLoader's own check (is my parent alive?) would keep a killed run's workers waiting
+    for ever, holding its output open."""
+    try:
+        ended = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux 5.3+: a normal end still stops the workers
+        return
+    threading.Thread(target=lambda: (select.select([ended], [], []), os._exit(0)), daemon=True,
+                     name="dalipipe-end-with-run").start()
+
+
 class TorchLoader:
     """Iterable of (images, targets) with len(); each epoch a new seeded order (train) or file order."""
 
@@ -99,6 +116,7 @@ class TorchLoader:
                                  pin_memory=device.type == "cuda", drop_last=False,
                                  persistent_workers=workers > 0,
                                  multiprocessing_context=_worker_context() if workers > 0 else None,
+                                 worker_init_fn=functools.partial(_end_with, os.getpid()),
                                  # a stuck worker: an error naming the batch (see _batches), not a silent hang
                                  timeout=constants.TORCH_LOADER_TIMEOUT_S if workers > 0 else 0,
                                  # its own generator: drawing the workers' base seed from torch's global
