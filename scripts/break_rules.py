@@ -142,7 +142,7 @@ BREAKAGES = [
              "improved = score > self.best + 1e-9", "improved = score > self.best", (T_TRAIN,)),
     Breakage("the repair after a kill never links best.pt", "dalipipe/run/run_dir.py",
              "if saved.partial_steps is None and saved.progress.last_epoch_was_best() and (",
-             "if False and (", ("tests/test_resume_options.py",)),
+             "if False and (", ("tests/test_resume_options.py", T_ROBUST)),
     Breakage("the last epoch counts as the best whatever its score", "dalipipe/run_state.py",
              'return self.best_confusion["epoch"] == self.epochs_done', "return True",
              ("tests/test_resume_options.py",)),

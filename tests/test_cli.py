@@ -111,8 +111,12 @@ def test_train_resume_predict_end_to_end(e2e_data, tmp_path):
     val = pd.read_csv(run / "val_predictions.csv")
     labels = pd.read_csv(d / "y_train.csv")
     labels[labels.file_id.isin(val.file_id)].to_csv(tmp_path / "val_answers.csv", index=False)
-    score = float(dalipipe("score", run / "val_predictions.csv", tmp_path / "val_answers.csv").stdout.split()[-1])
+    score = float(dalipipe("score", run / "val_predictions.csv", tmp_path / "val_answers.csv").stdout.split()[2])
     assert score == pytest.approx(best["val_balanced_accuracy"], abs=1e-4)
+    # the best epoch's per-class figures: their recalls average to that balanced accuracy
+    per_class = pd.read_csv(run / "val_per_class.csv")
+    assert sorted(per_class.cell_line) == sorted(best["class_names"]) and per_class.support.sum() == len(val)
+    assert per_class.recall.mean() == pytest.approx(best["val_balanced_accuracy"], abs=1e-4)
     val[["file_id"]].to_csv(tmp_path / "val_ids.csv", index=False)
     dalipipe("predict", run / "best.pt", d / "images_train", "--out", tmp_path / "val.csv", "--ids",
              tmp_path / "val_ids.csv", "--probs", "--device", "cpu")

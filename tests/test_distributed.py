@@ -58,7 +58,7 @@ def test_two_process_epoch_is_sharded_and_validated_once(uneven, tmp_path, loade
     # Only rank 0 wrote: one set of outputs (and the run folder's lock file).
     assert sorted(p.name for p in run.iterdir() if p.name != ".dalipipe.lock") == sorted(
         ["best.pt", "last.pt", "config.json", "labels.json", "metrics.jsonl", "learning_curves.png",
-         "confusion_matrix.png", "val_predictions.csv", "train_batch.png"])
+         "confusion_matrix.png", "val_predictions.csv", "val_per_class.csv", "train_batch.png"])
 
     # Validation over the whole set once, with exactly the saved weights and BatchNorm statistics:
     # predict from the best checkpoint on the validation ids gives the recorded predictions.

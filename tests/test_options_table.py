@@ -92,7 +92,7 @@ def test_the_resume_rule_covers_the_fold_pair_and_the_weights(tmp_path):
     run = saved_run(tmp_path / "run", folds=5, fold=2)
     with pytest.raises(DataError, match="--fold is 2 in the run, got 3"):
         run_dir.resume_config(str(run), {"folds": 5, "fold": 3}, None, None, None)
-    with pytest.raises(DataError, match="--weights is None in the run"):
+    with pytest.raises(DataError, match="--weights is not set in the run"):
         run_dir.resume_config(str(run), {"weights": str(tmp_path / "w.pth")}, None, None, None)
 
 
@@ -136,3 +136,57 @@ print("light")
 """
     r = processes.run([sys.executable, "-c", code], timeout=HELP_TIMEOUT_S)
     assert r.returncode == 0 and "light" in r.stdout, r.stderr[-3000:]
+
+
+# The arguments each command's settings need besides its options.
+POSITIONAL = {TrainConfig: ("", "", ""), PredictSettings: (("run",), "images"), PreviewSettings: ("images", "y.csv"),
+              CheckSettings: ("images",), SynthSpec: ()}
+
+
+def _made_with(settings, o: options.Option, value):
+    """The settings made with this one option set (the model input's side lives in the augmentation)."""
+    kw = {"augment": AugmentSpec(image_size=value)} if o.path == ("augment", "image_size") else {o.name: value}
+    return settings(*POSITIONAL[settings], **kw)
+
+
+def _outside(o: options.Option) -> list:
+    """Values just past each of the option's bounds, and a choice it does not have."""
+    s, step = o.spec, (1 if o.type is int else 1e-6)
+    out = []
+    if s.low is not None:
+        out.append(o.type(s.low if s.low_open else s.low - step))
+    if s.high is not None:
+        out.append(o.type(s.high if s.high_open else s.high + step))
+    if o.choices:
+        out.append("nonsense")
+    return out
+
+
+@pytest.mark.parametrize("command, settings", COMMANDS.items())
+def test_each_commands_settings_check_every_bound_and_choice_of_the_table_themselves(command, settings):
+    """Made directly (not through the CLI, whose other layers might refuse the value first), each command's
+    settings refuse a value past any bound, or outside the choices, with the table's own message, and take the
+    bound itself where it is closed."""
+    checked = 0
+    for o in options.table(settings):
+        for value in _outside(o):
+            with pytest.raises(DataError) as e:
+                _made_with(settings, o, value)
+            assert str(e.value) == o.bound_error(value), (command, o.name, value)
+            checked += 1
+        for bound, is_open in ((o.spec.low, o.spec.low_open), (o.spec.high, o.spec.high_open)):
+            if bound is not None and not is_open:
+                try:
+                    _made_with(settings, o, o.type(bound))
+                except DataError as e:  # another rule may refuse the whole, never this option's bound
+                    assert not str(e).startswith(f"{o.flag} must be"), (command, o.name, str(e))
+    assert checked >= (10 if settings is TrainConfig else 2), command
+
+
+def test_a_resume_refusal_says_the_values_as_a_user_writes_them(tmp_path):
+    run = str(saved_run(tmp_path / "run"))
+    for given, said in [({"ema": 0.99}, "--ema is not set in the run, got 0.99"),
+                        ({"tta_val": True}, "--[no-]tta-val is off in the run, got on"),
+                        ({"warmup_epochs": 1.0}, "--warmup-epochs is 0 in the run, got 1;")]:
+        with pytest.raises(DataError, match=re.escape(said)):
+            run_dir.resume_config(run, given, None, None, None)

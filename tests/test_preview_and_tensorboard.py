@@ -79,13 +79,13 @@ def test_preview_of_bad_data_gives_the_one_line_errors_of_train(synth_copy, tmp_
 
 def test_a_preview_that_another_command_wrote_meanwhile_is_left_alone(small_synth, tmp_path, monkeypatch):
     out = tmp_path / "p.png"
-    real = plots.preview_png
+    real = plots.preview_picture
 
     def meanwhile(*args):  # the other preview writes --out after this one's start check
         out.write_bytes(b"theirs")
         real(*args)
 
-    monkeypatch.setattr(plots, "preview_png", meanwhile)
+    monkeypatch.setattr(plots, "preview_picture", meanwhile)
     with pytest.raises(DataError, match=r"p\.png: exists; choose another --out or pass --force"):
         preview(PreviewSettings(str(small_synth / "images_train"), str(small_synth / "y_train.csv"), out_png=str(out), loader="torch", n=2,
                 image_size=16, device="cpu"))
@@ -145,3 +145,30 @@ def test_train_batch_and_tensorboard_after_a_kill_and_resume(small_synth, tmp_pa
     scores = [row["val_balanced_accuracy"] for row in rows]
     improved = [e for e in (2, 3) if scores[e - 1] > max(scores[:e - 1])]
     assert images["validation/confusion_matrix"] == [1, *improved]
+
+
+def test_the_preview_is_written_in_the_format_its_name_says(small_synth, tmp_path):
+    with pytest.raises(DataError, match=r"--out .*pv\.gif: name a \.png, \.jpg, \.pdf or \.svg file"):
+        PreviewSettings("i", "y.csv", out_png=str(tmp_path / "pv.gif"))
+    starts = {"pv.jpg": b"\xff\xd8\xff", "pv.png": b"\x89PNG", "pv.pdf": b"%PDF"}
+    for name, magic in starts.items():
+        preview(PreviewSettings(str(small_synth / "images_train"), str(small_synth / "y_train.csv"),
+                                out_png=str(tmp_path / name), loader="torch", n=2, image_size=16, device="cpu"))
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+
+
+def test_each_learning_curve_panels_labels_clear_the_panel_before_it():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rows = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "val_balanced_accuracy": 0.1 * e, "lr": 1e-3 * e,
+             "data_wait_share": 0.01 * e} for e in (1, 2, 3)]
+    fig = plots.learning_curves_figure(rows)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for left, right in zip(fig.axes, fig.axes[1:]):
+        # the y label and the tick labels of a panel start clear of everything the panel before it draws (a
+        # few hundredths of an inch, not touching it)
+        starts = min(right.yaxis.label.get_window_extent(renderer).x0,
+                     *(t.get_window_extent(renderer).x0 for t in right.get_yticklabels() if t.get_text()))
+        assert starts - left.get_tightbbox(renderer).x1 >= 0.04 * fig.dpi, (left.get_ylabel(), right.get_ylabel())

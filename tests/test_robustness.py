@@ -357,6 +357,51 @@ def test_an_error_that_quotes_a_line_break_stays_one_line(tmp_path):
     assert len(r.output.strip().splitlines()) == 1, r.output
 
 
+def _epoch_end_checkpoint(path: Path, run: Path, epoch: int, best_epoch: int) -> None:
+    """An epoch-end checkpoint as every release lays it out (placeholder weights), at this epoch and best."""
+    from dalipipe.config import TrainConfig
+    from tests import checkpoint_layout
+
+    history = [{"epoch": e, "val_balanced_accuracy": 0.1 * e} for e in range(1, epoch + 1)]
+    ck = checkpoint_layout.build(checkpoint_layout.pinned()["epoch_end"], {
+        ("model",): {}, ("optimizer",): {}, ("scaler",): {}, ("ema",): None, ("partial",): None,
+        ("config",): TrainConfig("/d/i", "/d/y.csv", str(run)).to_dict(), ("epoch",): epoch, ("history",): history,
+        ("best_confusion",): {"epoch": best_epoch, "matrix": [[1]], "title": f"epoch {best_epoch}"}})
+    ck.pop("format")  # checkpoint.write's
+    checkpoint.write(ck, path)
+
+
+@pytest.mark.parametrize("best_epoch", [2, 1])
+def test_the_repair_after_a_kill_between_last_and_best_links_best_pt_when_the_last_epoch_was_the_best(tmp_path,
+                                                                                                     best_epoch):
+    """A kill after epoch 2's last.pt was renamed into place and before best.pt followed: the resume's repair
+    makes best.pt that last.pt when epoch 2 was the best, leaves epoch 1's best.pt when it was not; and removes
+    temporary files and writes metrics.jsonl from the checkpoint's history either way."""
+    from dalipipe.run_state import SavedRun
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _epoch_end_checkpoint(run / "best.pt", run, epoch=1, best_epoch=1)
+    _epoch_end_checkpoint(run / "last.pt", run, epoch=2, best_epoch=best_epoch)
+    (run / ".metrics.jsonl.x.tmp").write_text("half")
+    run_dir.repair_run_dir(run, SavedRun.read(run / "last.pt"))
+    assert os.path.samefile(run / "best.pt", run / "last.pt") is (best_epoch == 2)
+    assert checkpoint.load(run / "best.pt")["epoch"] == best_epoch
+    assert not list(run.glob(".*.tmp"))
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_an_existing_out_is_refused_before_any_work(small_synth, tmp_path, monkeypatch):
+    """Checked first, not only when the predictions are written: a long inference is not spent to be refused."""
+    import dalipipe.infer.predict
+
+    (tmp_path / "sub.csv").write_text("mine")
+    monkeypatch.setattr(dalipipe.infer.predict, "load_models", lambda paths: pytest.fail("work began"))
+    one_line_error(invoke("predict", tmp_path, small_synth / "images_test", "--out", tmp_path / "sub.csv"),
+                   "sub.csv: exists; choose another --out or pass --force")
+    assert (tmp_path / "sub.csv").read_text() == "mine"
+
+
 def test_two_predictions_to_one_file_at_once_the_second_refuses(trained, small_synth, monkeypatch):
     import dalipipe.infer.predict
 

@@ -145,9 +145,11 @@ def test_a_short_run_from_scratch_tells_samples_apart(fold_runs):
 
 def test_folds_and_val_fraction_exclude_each_other(small_synth, tmp_path):
     d = small_synth
+    # (a short run's settings: were a refusal missing, the run would end soon, not train the whole recipe)
+    short = ["--epochs", "1", "--image-size", "16", "--batch-size", "32", "--device", "cpu", "--time-limit", "0.001"]
     r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", tmp_path / "r", "--folds", "3", "--fold",
-                 "1", "--val-fraction", "0.2", check=False)
+                 "1", "--val-fraction", "0.2", *short, check=False)
     assert_one_line_error(r, "--folds and --val-fraction exclude each other")
     r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", tmp_path / "r", "--folds", "70",
-                 "--fold", "1", check=False)
+                 "--fold", "1", *short, check=False)
     assert_one_line_error(r, "--folds 70: every class needs at least 70 samples")
