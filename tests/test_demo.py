@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import select
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import psutil
+import pytest
 
 from tests import processes
 
@@ -117,3 +122,37 @@ def test_ctrl_c_stops_the_demo_in_one_line_and_the_next_demo_goes_on_from_there(
     assert "has trained all its epochs" in r.stdout and "$ dalipipe train" not in r.stdout, r.stdout
     assert f"$ dalipipe predict {run}" in r.stdout and "balanced accuracy" in r.stdout, r.stdout
     assert [p.name for p in (root / "runs").iterdir()] == [run.name] and (run / "submission.csv").is_file()
+
+
+def test_a_sigterm_for_make_stops_the_demo_as_ctrl_c_does(small_synth, tmp_path):
+    """`kill` of `make demo` (or a scheduler's SIGTERM) ends make at once: the demo, make's child, is then
+    sent a SIGTERM by Linux, passes it on to its dalipipe, and says in one line what the next demo does."""
+    root = tmp_path / "repo"
+    data = root / "data" / "synthetic"
+    shutil.copytree(small_synth, data)
+    image = sorted((data / "images_test").glob("*_blue.png"))[0]  # predict blocks on it (see the Ctrl-C test)
+    image.unlink()
+    os.mkfifo(image)
+    (tmp_path / "wrapper.py").write_text(WRAPPER)
+    # A stand-in for make: a shell that runs the demo as its child and waits for it.
+    make = ["sh", "-c", '"$@"; exit $?', "make", sys.executable, str(tmp_path / "wrapper.py"), str(SCRIPT), str(root)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    with processes.started(make, timeout=DEMO_TIMEOUT_S, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        fd = os.open(image, os.O_WRONLY)  # returns once predict has opened the pipe to read it
+        try:
+            (demo,) = psutil.Process(proc.pid).children()
+            demo_ended = os.pidfd_open(demo.pid)
+            proc.send_signal(signal.SIGTERM)  # make alone, as `kill PID`
+            assert proc.wait() == -signal.SIGTERM
+            # The demo is make's no more: it must end by itself (a pidfd turns readable when it has).
+            if not select.select([demo_ended], [], [], DEMO_TIMEOUT_S)[0]:
+                processes.stop(demo.pid, dump=False)
+                pytest.fail("the demo went on after make ended")
+            stderr = proc.stderr.read()
+        finally:
+            os.close(fd)
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and "\r" not in ln]
+    run = next((root / "runs").iterdir())
+    assert lines[-1].startswith("demo stopped by SIGTERM; run `make demo` again: it predicts with"), stderr
+    assert f"runs/{run.name}" in lines[-1] and not (run / "submission.csv").exists()

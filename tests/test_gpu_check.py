@@ -156,3 +156,15 @@ def test_projection_of_a_run_with_a_known_cost_per_epoch(small_synth, tmp_path, 
     projected, _ = gpu_check_module().project_recipe(result.setup_s, result.epoch_walls, 10, steps, 0, 0.0)
     assert [h["epoch_seconds"] for h in result.history] == [steps] * 2  # steps and validation, no records
     assert projected == 10 * (steps + extra)
+
+
+@pytest.mark.parametrize("gpu", [None, "NVIDIA H100 80GB HBM3"])
+def test_the_smoke_verdict_says_what_ran_on_this_machine(gpu):
+    check = gpu_check_module()
+    report = {"quick": False, "environment": {"gpu": gpu}, "recipe": {}, "benchmark": {},
+              "steps": [{"step": "DALI smoke", "status": "ok"}]}
+    (row,) = [r for r in check.verdict(report) if r["target"].startswith("DALI's")]
+    if gpu:
+        assert "three mixed decoders and a GPU warp_affine" in row["target"], row
+    else:  # not a GPU result: nothing of the GPU path ran here
+        assert "CPU decoders and a CPU warp_affine: no GPU here" in row["target"] and "mixed decoders" not in row["target"]

@@ -172,3 +172,19 @@ def test_each_learning_curve_panels_labels_clear_the_panel_before_it():
         starts = min(right.yaxis.label.get_window_extent(renderer).x0,
                      *(t.get_window_extent(renderer).x0 for t in right.get_yticklabels() if t.get_text()))
         assert starts - left.get_tightbbox(renderer).x1 >= 0.04 * fig.dpi, (left.get_ylabel(), right.get_ylabel())
+
+
+def test_a_resume_with_nothing_to_train_writes_no_tensorboard_log(small_synth, tmp_path):
+    pytest.importorskip("tensorboard")
+    import dataclasses
+
+    d = small_synth
+    cfg = TrainConfig(images_dir=str(d / "images_train"), labels_csv=str(d / "y_train.csv"), out_dir=str(tmp_path / "r"),
+                      epochs=1, batch_size=32, device="cpu", workers=1, augment=AugmentSpec(image_size=16),
+                      tensorboard=True)
+    train(cfg)
+    logs = sorted(p.name for p in (tmp_path / "r" / "tensorboard").rglob("*") if p.is_file())
+    assert logs
+    for _ in range(2):  # already trained for its epochs: it says so, and logs nothing
+        assert train(dataclasses.replace(cfg), resume=True).epochs == 1
+    assert sorted(p.name for p in (tmp_path / "r" / "tensorboard").rglob("*") if p.is_file()) == logs
