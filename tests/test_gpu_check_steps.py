@@ -76,7 +76,7 @@ def test_without_dali_the_smoke_fails_in_one_line_and_the_dali_steps_are_skipped
     for name in ("reference recipe", "loader benchmark"):
         assert steps[name]["status"] == "skipped" and steps[name]["error"].startswith("DALI smoke failed"), steps
     report = json.loads((out / "report.json").read_text())
-    (line,) = [v for v in report["verdict"] if v["target"].startswith("DALI's pipeline")]
+    (line,) = [v for v in report["verdict"] if v["target"].startswith("DALI's training pipeline")]
     assert line["met"] is False and "nvidia.dali" in line["measured"]
     assert any("ModuleNotFoundError" in ln for ln in report["smoke"]["stderr_tail"])  # the exact error
 
