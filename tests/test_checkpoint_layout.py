@@ -55,7 +55,7 @@ def test_a_checkpoint_of_the_pinned_layout_predicts_with_its_weight_average(smal
     assert card.norm.mean == (10.0, 20.0, 30.0) and card.norm.std == (1.0, 2.0, 3.0)
     assert card.weights.keys() == average.keys() and all(torch.equal(card.weights[k], average[k]) for k in average)
     assert card.split.train_ids == [3, 4]
-    (loaded_path, loaded), = predict.load_models([str(tmp_path / "run")])
+    (loaded_path, loaded), = predict.load_models([str(path)])  # (a run folder without best.pt is refused)
     assert loaded_path == path and loaded.class_names == card.class_names
     sub = predict.predict(PredictSettings(checkpoints=(str(path),), images_dir=str(small_synth / "images_test"),
                                           out_csv=str(tmp_path / "sub.csv"), loader="torch", device="cpu",

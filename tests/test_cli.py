@@ -188,7 +188,7 @@ def test_internal_errors_are_reported_as_bugs_not_as_bad_input(monkeypatch, tmp_
     def broken(*args):
         raise ValueError("Expected more than 1 value per channel when training")
 
-    monkeypatch.setattr(dalipipe.infer.score, "score", broken)
+    monkeypatch.setattr(dalipipe.infer.score, "scored", broken)
     (tmp_path / "a.csv").write_text("file_id,cell_line\n1,A\n")
     r = CliRunner().invoke(cli, ["score", str(tmp_path / "a.csv"), str(tmp_path / "a.csv")])
     assert r.exit_code == 3

@@ -138,8 +138,18 @@ def test_a_sigterm_for_make_stops_the_demo_as_ctrl_c_does(small_synth, tmp_path)
     make = ["sh", "-c", '"$@"; exit $?', "make", sys.executable, str(tmp_path / "wrapper.py"), str(SCRIPT), str(root)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     with processes.started(make, timeout=DEMO_TIMEOUT_S, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        ended, ours = threading.Event(), []
+
+        def read_end_when_make_ends():  # so that the open below returns, however the demo ends
+            proc.wait()
+            ended.set()
+            ours.append(os.open(image, os.O_RDONLY | os.O_NONBLOCK))
+
+        watcher = threading.Thread(target=read_end_when_make_ends, daemon=True)
+        watcher.start()
         fd = os.open(image, os.O_WRONLY)  # returns once predict has opened the pipe to read it
         try:
+            assert not ended.is_set(), proc.stderr.read()[-3000:]
             (demo,) = psutil.Process(proc.pid).children()
             demo_ended = os.pidfd_open(demo.pid)
             proc.send_signal(signal.SIGTERM)  # make alone, as `kill PID`
@@ -151,6 +161,10 @@ def test_a_sigterm_for_make_stops_the_demo_as_ctrl_c_does(small_synth, tmp_path)
             stderr = proc.stderr.read()
         finally:
             os.close(fd)
+            if proc.poll() is None:  # an assertion failed before the kill
+                processes.stop(proc.pid, dump=False)
+            watcher.join()
+            os.close(ours[0])
     assert "Traceback" not in stderr, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip() and "\r" not in ln]
     run = next((root / "runs").iterdir())
