@@ -82,8 +82,12 @@ def test_an_epochs_training_figures_count_every_process():
         assert (figures["data_wait_s"], figures["data_wait_share"]) == (0.5, 0.25)
 
 
-def test_the_thread_setting_reaches_torch_in_train_and_predict(small_synth, tmp_path, monkeypatch):
+def test_the_thread_setting_reaches_torch_in_train_and_predict(small_synth, tmp_path, monkeypatch, caplog):
+    import logging
+
     import torch
+
+    from dalipipe.loading import loader_rules
 
     from dalipipe.infer.predict import predict
     from dalipipe.settings import PredictSettings
@@ -91,10 +95,16 @@ def test_the_thread_setting_reaches_torch_in_train_and_predict(small_synth, tmp_
     d, run = small_synth, tmp_path / "run"
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(loader_rules, "available_cores", lambda: 2)  # the loader's 1 worker leaves 1 core
     cfg = TrainConfig(images_dir=str(d / "images_train"), labels_csv=str(d / "y_train.csv"), out_dir=str(run),
                       epochs=1, batch_size=32, device="cpu", workers=1, augment=AugmentSpec(image_size=16),
                       threads=3, time_limit_minutes=1e-6)  # stops after its first step
-    train(cfg)
+    with caplog.at_level(logging.INFO, logger="dalipipe"):
+        train(cfg)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("1 workers), 1 process(es), 3 torch thread(s)" in line for line in said), said
+    # more threads than the loader leaves free: named, once
+    assert len([line for line in said if line.startswith("note: --threads 3 and 1 loader workers share")]) == 1
     predict(PredictSettings(checkpoints=(str(run / "last.pt"),), images_dir=str(d / "images_test"),
                             out_csv=str(tmp_path / "sub.csv"), device="cpu", workers=1, threads=2))
     assert calls == [3, 2]

@@ -17,7 +17,7 @@ from dalipipe import device as dev
 from dalipipe import distributed
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
-from dalipipe.data.index import LabelMap, build_index, inspect_images
+from dalipipe.data.index import LabelMap, available_cores, build_index, inspect_images
 from dalipipe.data.split import kfold_split, stratified_split, stratified_subset
 from dalipipe.data.stats import channel_stats
 from dalipipe.errors import DataError
@@ -170,6 +170,10 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
         log.info(f"{len(train_df)} training / {len(val_df)} validation samples, {len(labels.names)} classes; "
                  f"device {device}, loader {cfg.loader} ({workers} workers), {world.size} process(es), {threads} "
                  f"torch thread(s), lr {lr:g}, {start}")
+        if device.type == "cpu" and threads > default_threads(workers):
+            log.info(f"note: --threads {threads} and {workers} loader workers share {available_cores()} cores: "
+                     "torch's threads spin against the loader's and any other busy process (measured 3-6x slower "
+                     "on a busy 2-core machine); the default, --threads omitted, leaves the loader its cores")
 
     t0 = time.perf_counter()
     model, net = _model(cfg, saved, len(labels.names), device, world)
