@@ -383,7 +383,7 @@ def main(data, device, batch_size, image_size, workers, threads, epochs, limit, 
 
     cores = os.cpu_count() or 1
     workers = default_workers() if workers is None else workers
-    threads = default_threads(workers) if threads is None else threads
+    threads_given = threads
     train_mode = train_mode or bool(profile_dir)
     if epochs is None:
         epochs = 1 if train_mode and on_cpu else 3
@@ -400,8 +400,8 @@ def main(data, device, batch_size, image_size, workers, threads, epochs, limit, 
                    f"measure (the loaders' prefetched batches would be timed as instant); use at least "
                    f"{MIN_TIMED_BATCHES} batches, --limit {MIN_TIMED_BATCHES * batch_size} or more", err=True)
     info = machine()
-    settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs, "threads": threads,
-                "samples": len(index),
+    settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs,
+                "threads": threads_given or "as train: the cores the row's workers leave free", "samples": len(index),
                 "batches_per_epoch": batches, "too_short_to_measure": batches < MIN_TIMED_BATCHES,
                 "data": str(root), "command": " ".join(["python", "benchmarks/loader_speed.py", *sys.argv[1:]])}
     from dalipipe.atomic import save_json
@@ -410,7 +410,7 @@ def main(data, device, batch_size, image_size, workers, threads, epochs, limit, 
         index_csv = Path(tmp) / "index.csv"
         index.to_csv(index_csv, index=False)
         base = {"index_csv": str(index_csv), "mean": list(norm.mean), "std": list(norm.std), "image_size": image_size,
-                "device": device, "batch_size": batch_size, "epochs": epochs, "threads": threads}
+                "device": device, "batch_size": batch_size, "epochs": epochs}
         # On a GPU the DALI decoder arrangement is a choice (--decoder): both rows. On the CPU they are one.
         loaders = ("torch", "dali", "dali-cpudec", "dali-cache") if not on_cpu else ("torch", "dali")
         jobs = [dict(base, row=row, workers=workers, train=False) for row in loaders]
@@ -429,6 +429,8 @@ def main(data, device, batch_size, image_size, workers, threads, epochs, limit, 
             if not jobs:
                 raise click.ClickException(f"--rows {' '.join(only_rows)}: none of these rows runs here "
                                            f"({'no GPU; ' if on_cpu else ''}the compile and ceiling rows need --train)")
+        for job in jobs:  # torch's threads as `dalipipe train` would give them beside the row's workers
+            job["threads"] = threads_given or default_threads(job["workers"])
         # Most telling first (PRIORITY), so that a run stopped part-way (a time limit) still answers the main
         # questions.
         jobs.sort(key=lambda j: (bool(j.get("sweep")), PRIORITY.index((j["row"], j["train"]))

@@ -87,8 +87,9 @@ def resolve(path: str | Path) -> Path:
         if (p / CKPT_BEST).is_file():
             return p / CKPT_BEST
         if (p / CKPT_LAST).is_file():
-            raise DataError(f"{p}: no {CKPT_BEST} yet (no epoch of this run has been validated); to predict with its "
-                            f"unvalidated {CKPT_LAST} anyway, give {p / CKPT_LAST}")
+            raise DataError(f"{p}: no {CKPT_BEST} (no epoch of this run validated yet, or the file was removed: "
+                            f"`dalipipe train --resume {p}` makes it again); to predict with its {CKPT_LAST} anyway, "
+                            f"give {p / CKPT_LAST}")
         raise DataError(f"{p}: run directory holds no {CKPT_BEST} or {CKPT_LAST}")
     if not p.is_file():
         raise DataError(f"{p}: checkpoint not found")

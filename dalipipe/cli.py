@@ -68,6 +68,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame) -> None:
+    # Once: a second SIGTERM (a group signalled twice, a wrapper passing it on) must not break into the
+    # stopping itself, whose pending writes finish first; SIGKILL still ends the process.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 

@@ -117,7 +117,7 @@ class ModelCard:
 
     @classmethod
     def read(cls, path: str | Path) -> ModelCard:
-        """A checkpoint file, or a run folder's best (else last) checkpoint."""
+        """A checkpoint file, or a run folder's best checkpoint (checkpoint.resolve)."""
         return cls.of(checkpoint.load(path))
 
 

@@ -31,6 +31,9 @@ def _cache() -> Any:
     return opt(True, CACHE_HELP, flag="cache")
 
 
+PICTURE_NAMES = ", ".join(PICTURE_FORMATS)  # as the messages list them: .png, .jpg, .jpeg, .pdf, .svg
+
+
 class _Checked:
     """Settings whose options the table checks (bounds, choices) as they are made."""
 
@@ -64,7 +67,7 @@ class PreviewSettings(_Checked):
 
     images_dir: str
     labels_csv: str
-    out_png: str = opt("preview.png", "The picture to write: .png, .jpg, .pdf or .svg (the format follows the name).",
+    out_png: str = opt("preview.png", f"The picture to write: {PICTURE_NAMES} (the format follows the name).",
                        flag="out", path="file")
     loader: Literal["dali", "torch", "both"] = opt("both", "Whose output to show; both: side by side.")
     # A training loader (--augment) drops a batch smaller than MIN_TRAIN_BATCH.
@@ -83,12 +86,13 @@ class PreviewSettings(_Checked):
     def __post_init__(self) -> None:
         super().__post_init__()
         if Path(self.out_png).suffix.lower() not in PICTURE_FORMATS:
-            raise DataError(f"--out {self.out_png}: name a .png, .jpg, .pdf or .svg file (the picture's format follows "
-                            "its name)")
+            raise DataError(f"--out {self.out_png}: name a {PICTURE_NAMES} file (the picture's format follows its "
+                            "name)")
 
     @property
     def picture_format(self) -> str:
         return PICTURE_FORMATS[Path(self.out_png).suffix.lower()]
+
 
 @dataclass(frozen=True)
 class CheckSettings(_Checked):

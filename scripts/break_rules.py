@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests import processes  # noqa: E402  (the tests' own process-tree kill; needs the test extra)
 # Longer than the slowest guarding tests take on a busy 2-core machine; a breakage that makes a test hang
 # is caught all the same (reported as such).
 TIMEOUT_S = 1200
@@ -151,7 +153,7 @@ BREAKAGES = [
     Breakage("a run folder does not stand for its best.pt", "dalipipe/checkpoint.py",
              "        if (p / CKPT_BEST).is_file():\n            return p / CKPT_BEST\n", "", (T_ROBUST,)),
     Breakage("a run folder without best.pt predicts with its unvalidated last.pt", "dalipipe/checkpoint.py",
-             '            raise DataError(f"{p}: no {CKPT_BEST} yet', '            return p / CKPT_LAST\n            raise DataError(f"{p}: no {CKPT_BEST} yet',
+             '            raise DataError(f"{p}: no {CKPT_BEST} (no', '            return p / CKPT_LAST\n            raise DataError(f"{p}: no {CKPT_BEST} (no',
              (T_ROBUST,)),
     Breakage("predict says nothing of a checkpoint from the middle of an epoch", "dalipipe/infer/predict.py",
              "        if card.partial_steps is not None:\n", "        if False:\n", (T_ROBUST,)),
@@ -313,13 +315,21 @@ def run_tests(scratch: Path, tests: tuple[str, ...], workers: int) -> tuple[str,
     if workers > 1:
         cmd += ["-n", str(workers)]
     t = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=scratch, env=environment(scratch), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        r = subprocess.run(cmd, cwd=scratch, env=environment(scratch), capture_output=True, text=True,
-                           timeout=TIMEOUT_S, start_new_session=True)
+        out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        # pytest, its workers and every command they started (torchrun's ranks live in sessions of their own)
+        processes.stop(proc.pid, dump=False)
+        proc.communicate()
         return "caught (a test hung)", time.monotonic() - t
+    finally:
+        if proc.poll() is None:  # (this script interrupted)
+            processes.stop(proc.pid, dump=False)
     took = time.monotonic() - t
-    tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
+    tail = (out + err).strip().splitlines()[-3:]
+    r = proc
     if r.returncode == 0:
         return "survived", took
     # 1: a test failed; 2: pytest-xdist stopped at the first failure (-x)

@@ -109,6 +109,7 @@ def demo(root: Path) -> None:
 
 
 def _terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the stopping (dalipipe's pending writes) goes on
     raise Terminated()
 
 

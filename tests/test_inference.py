@@ -51,3 +51,8 @@ def test_each_class_gets_its_precision_recall_and_f1_and_their_mean_recall_is_th
 def test_a_class_never_predicted_has_precision_zero_not_an_error():
     _, rows = class_report(np.array([0, 1, 2]), np.array([0, 0, 0]), ["a", "b", "c"])
     assert rows.precision.tolist()[1:] == [0.0, 0.0] and rows.recall.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_classes_named_like_the_reports_summary_rows_keep_their_own_figures():
+    _, rows = class_report(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["accuracy", "macro avg"])
+    assert rows.cell_line.tolist() == ["accuracy", "macro avg"] and rows.recall.tolist() == [0.5, 1.0]

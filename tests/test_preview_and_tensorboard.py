@@ -148,7 +148,7 @@ def test_train_batch_and_tensorboard_after_a_kill_and_resume(small_synth, tmp_pa
 
 
 def test_the_preview_is_written_in_the_format_its_name_says(small_synth, tmp_path):
-    with pytest.raises(DataError, match=r"--out .*pv\.gif: name a \.png, \.jpg, \.pdf or \.svg file"):
+    with pytest.raises(DataError, match=r"--out .*pv\.gif: name a \.png, \.jpg, \.jpeg, \.pdf, \.svg file"):
         PreviewSettings("i", "y.csv", out_png=str(tmp_path / "pv.gif"))
     starts = {"pv.jpg": b"\xff\xd8\xff", "pv.png": b"\x89PNG", "pv.pdf": b"%PDF"}
     for name, magic in starts.items():

@@ -162,6 +162,13 @@ def test_an_edited_config_json_is_named_and_the_checkpoints_settings_are_kept(tr
                     "setting, give its option with --resume"]
     # written again from the checkpoint (in the folder the run is in now)
     assert json.loads((run / "config.json").read_text()) == {**config, "out_dir": str(run)}
+    # What a command may change (--epochs, here), or a key an older release did not write, is no edit: each
+    # command writes the file at its start, before its first checkpoint records what it changed.
+    (run / "config.json").write_text(json.dumps({**{k: v for k, v in config.items() if k != "threads"}, "epochs": 9}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dalipipe"):
+        assert invoke("train", "--resume", run, "--epochs", "1").exit_code == 0
+    assert not [rec for rec in caplog.records if "config.json" in rec.getMessage()]
 
 
 @pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs a read-only /sys (Linux)")
@@ -311,7 +318,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path
 
 def test_a_run_folder_stands_for_its_best_checkpoint_and_an_unvalidated_one_is_used_only_when_named(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"last")
-    with pytest.raises(DataError, match=f"no best.pt yet .*give {tmp_path / 'last.pt'}"):
+    with pytest.raises(DataError, match=f"no best.pt \\(no epoch of this run validated yet.*give {tmp_path / 'last.pt'}"):
         checkpoint.resolve(tmp_path)
     assert checkpoint.resolve(tmp_path / "last.pt") == tmp_path / "last.pt"  # a file is itself
     (tmp_path / "best.pt").write_bytes(b"best")

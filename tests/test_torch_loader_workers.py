@@ -41,11 +41,14 @@ def test_a_stuck_worker_is_one_line_naming_the_loader_and_the_batch(tmp_path, mo
         assert "\n" not in message
     finally:
         # Release the workers: a writer opens the pipe (the blocked opens return), the name goes (every later
-        # open fails at once), the writer closes (the reads end); then they stop when told to.
-        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        fifo.unlink()
-        os.close(writer)
-        stuck.close()
+        # open fails at once), the writer closes (the reads end); then they stop when told to. (O_RDWR: on
+        # Linux it never blocks nor fails, whether or not a worker has opened the pipe yet.)
+        try:
+            writer = os.open(fifo, os.O_RDWR)
+            fifo.unlink()
+            os.close(writer)
+        finally:
+            stuck.close()
 
 
 def test_persistent_workers_draw_each_epoch_from_seed_epoch_and_sample(small_synth):
@@ -70,3 +73,17 @@ def test_persistent_workers_draw_each_epoch_from_seed_epoch_and_sample(small_syn
     assert not torch.equal(first[1], second[1])  # a new order
     same_sample = torch.argsort(first[1]), torch.argsort(second[1])
     assert not torch.equal(first[0][same_sample[0]], second[0][same_sample[1]])  # a new augmentation
+
+
+def test_a_file_that_went_bad_in_a_worker_is_its_own_one_line_error(tmp_path):
+    """Checked before the run, damaged since: the worker's DataError reaches the user as itself, not as
+    DataLoader's report of a worker's traceback."""
+    bad = tmp_path / "00001_blue.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    broken = loader([[str(bad)] * 3] * 4, train=False, batch_size=2)
+    try:
+        with pytest.raises(DataError) as e:
+            next(iter(broken))
+    finally:
+        broken.close()
+    assert str(e.value).startswith(f"{bad}: PNG does not decode") and "\n" not in str(e.value), str(e.value)

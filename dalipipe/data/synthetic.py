@@ -9,8 +9,10 @@ has to learn. Images are rendered in batches with numpy (no per-pixel Python).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from dalipipe.atomic import current_umask
 from dalipipe.constants import FILE_PATTERN, REAL_CLASS_COUNTS
 from dalipipe.errors import DataError
 from dalipipe.settings import SynthSpec
+
+log = logging.getLogger("dalipipe")
 
 # Per-channel gains chosen so that the default set lands near the real statistics
 # (0-255 means blue 32.9, red 33.6, yellow 37.5; std 56.5, 42.1, 40.6); tests/test_synthetic.py checks it.
@@ -217,5 +221,22 @@ def _replace_folder(new: Path, out: Path) -> None:
             old.rmdir()
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_replaced(old)
+
+
+def _remove_replaced(folder: Path) -> None:
+    """The replaced set, removed. The new one is in place by now: a Ctrl-C here would leave gigabytes in a
+    hidden folder and a message saying nothing was written, so the removal finishes first (seconds)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: no signal reaches this thread anyway
+        previous = None
+    try:
+        shutil.rmtree(folder)
+    except OSError as e:
+        log.warning(f"warning: the replaced data set is left in {folder} ({e.strerror or type(e).__name__}); "
+                    "remove it by hand")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 

@@ -10,15 +10,15 @@ import pandas as pd
 def class_report(y_true, y_pred, names: list[str]) -> tuple[str, pd.DataFrame]:
     """(the report as text, one row per class: cell_line, precision, recall, f1, support). Every class of
     `names` has a row, predicted or not (a class never predicted has precision 0, not an error)."""
-    from sklearn.metrics import classification_report
+    from sklearn.metrics import classification_report, precision_recall_fscore_support
 
     labels = list(range(len(names)))
-    kw = dict(labels=labels, target_names=[str(n) for n in names], zero_division=0)
-    text = classification_report(y_true, y_pred, digits=4, **kw)
-    rows = classification_report(y_true, y_pred, output_dict=True, **kw)
-    frame = pd.DataFrame([{"cell_line": name, "precision": round(rows[str(name)]["precision"], 5),
-                           "recall": round(rows[str(name)]["recall"], 5), "f1": round(rows[str(name)]["f1-score"], 5),
-                           "support": int(rows[str(name)]["support"])} for name in names])
+    text = classification_report(y_true, y_pred, labels=labels, target_names=[str(n) for n in names], digits=4,
+                                 zero_division=0)
+    # By position, not by name: a class may be called "accuracy" or "macro avg", as the report's summary rows.
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    frame = pd.DataFrame({"cell_line": list(names), "precision": np.round(precision, 5), "recall": np.round(recall, 5),
+                          "f1": np.round(f1, 5), "support": support.astype(int)})
     return text, frame
 
 

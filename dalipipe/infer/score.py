@@ -46,6 +46,7 @@ def scored(submission_csv: str, answers_csv: str) -> Scored:
     if extra:
         log.warning(f"warning: {extra} prediction(s) in {submission_csv} for ids not in {answers_csv}; ignored")
     names = sorted(classes)
-    y_true, y_pred = (merged[c].map({n: k for k, n in enumerate(names)}).to_numpy() for c in ("cell_line", "cell_line_pred"))
+    position = {n: k for k, n in enumerate(names)}
+    y_true, y_pred = (merged[c].map(position).to_numpy() for c in ("cell_line", "cell_line_pred"))
     return Scored(float(balanced_accuracy_score(merged["cell_line"], merged["cell_line_pred"])),
                   class_report(y_true, y_pred, names)[0])

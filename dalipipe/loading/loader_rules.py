@@ -18,7 +18,7 @@ def local_processes() -> int:
 def default_workers() -> int:
     """The cores of this machine shared among its training processes, at most MAX_DEFAULT_WORKERS.
     `dalipipe train`, `predict` and the benchmark's rows all use this."""
-    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) // local_processes()))
+    return max(1, min(MAX_DEFAULT_WORKERS, available_cores() // local_processes()))
 
 
 def default_threads(workers: int) -> int:

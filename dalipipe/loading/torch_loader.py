@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import select
 import threading
+import time
 
 import numpy as np
 import torch
@@ -24,6 +25,11 @@ from dalipipe.data.pngio import read_gray
 from dalipipe.errors import DataError
 from dalipipe.loading import augment
 from dalipipe.loading.loader_rules import train_plan
+
+
+# How often a worker that cannot watch the training process through a pidfd asks whether it still runs (as
+# often as DataLoader's own check of its parent).
+WORKER_CHECK_S = 5.0
 
 
 class ChannelDataset(Dataset):
@@ -87,12 +93,35 @@ def _end_with(pid: int, worker_id: int) -> None:
     process, does, however it ends. Its parent is the forkserver's server, which lives as long as the
     workers do: DataLoader's own check (is my parent alive?) would keep a killed run's workers waiting
     for ever, holding its output open."""
+    threading.Thread(target=_exit_when_ended, args=(pid,), daemon=True, name="dalipipe-end-with-run").start()
+
+
+def _exit_when_ended(pid: int) -> None:
     try:
-        ended = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # not Linux 5.3+: a normal end still stops the workers
-        return
-    threading.Thread(target=lambda: (select.select([ended], [], []), os._exit(0)), daemon=True,
-                     name="dalipipe-end-with-run").start()
+        ended = os.pidfd_open(pid)  # readable once the process has ended
+    except (AttributeError, OSError):  # not Linux 5.3+, or refused (seccomp): ask every few seconds instead
+        while _alive(pid):
+            time.sleep(WORKER_CHECK_S)
+    else:
+        select.select([ended], [], [])
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, but another user's: not ours any more, as our run's pid was reused
+        return False
+    return True
+
+
+def _worker_message(e: DataError) -> str:
+    """A DataError raised in a worker comes back as DataLoader's report ("Caught DataError in DataLoader worker
+    process 0. Original Traceback ..."), whose last line is the error itself."""
+    last = str(e).strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(("DataError: ", "dalipipe.errors.DataError: ")) else last
 
 
 class TorchLoader:
@@ -154,6 +183,8 @@ class TorchLoader:
                 batch = next(batches)
             except StopIteration:
                 return
+            except DataError as e:  # a file that went bad since the check, raised in a worker: its own line
+                raise DataError(_worker_message(e)) from None
             except RuntimeError as e:
                 if not str(e).startswith("DataLoader timed out"):
                     raise

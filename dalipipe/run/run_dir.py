@@ -160,9 +160,15 @@ def warn_if_config_edited(run: Path, saved: dict) -> None:
     except (OSError, ValueError):
         return
     saved = json.loads(json.dumps(saved))  # as the file writes it (tuples become lists)
-    if not isinstance(on_disk, dict) or on_disk == saved or distributed.launched_rank() != 0:
+    if not isinstance(on_disk, dict) or distributed.launched_rank() != 0:
         return
-    names = sorted(k for k in set(on_disk) | set(saved) if on_disk.get(k) != saved.get(k))
+    # Only what no command changes: each command writes the file at its start, with what it may change
+    # (--epochs, moved data, ...) before its first checkpoint records them; and a key one release lacks
+    # (a run of an older dalipipe) is no edit.
+    may_differ = set(RESUME_MAY_CHANGE) | {"images_dir", "labels_csv", "out_dir"}
+    names = sorted(k for k in set(on_disk) & set(saved) if k not in may_differ and on_disk[k] != saved[k])
+    if not names:
+        return
     log.warning(f"warning: {run / CONFIG_FILE} differs from the run's checkpoint ({', '.join(names)}); it is a "
                 "record of the settings, not read back: the checkpoint's are used and the file is written again; "
                 "to change a setting, give its option with --resume")

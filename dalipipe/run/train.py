@@ -72,30 +72,33 @@ def train_epoch(*, net, loader, y_train: torch.Tensor, opt, scaler, device: torc
     wait, t0 = DataWait(), time.perf_counter()
     # Drawn in the steps, not in the timed loader: its own drawing is not time waited for data.
     bar = tqdm(desc=desc, unit="batch", leave=False, initial=start_step, total=len(loader), **quiet_unless(show))
-    for step, (images, pos) in enumerate(wait.timed(loader), start=start_step + 1):
-        y = y_train[pos]
-        if record:  # a copy to the host syncs the GPU: only when asked for
-            positions.append(pos.cpu())
-        if step == start_step + 1:
+    try:
+        for step, (images, pos) in enumerate(wait.timed(loader), start=start_step + 1):
+            y = y_train[pos]
+            if record:  # a copy to the host syncs the GPU: only when asked for
+                positions.append(pos.cpu())
+            if step == start_step + 1:
+                for hook in hooks:
+                    hook.first_batch(images, y)
+            images = dev.batch_layout(images, device)
+            recipe.before_step(opt, first_global_step + step - 1)
+            loss = train_step(net, images, y, opt=opt, scaler=scaler, device=device, precision=precision,
+                              loss_fn=recipe.loss)
+            recipe.after_step()
+            loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
+            seen += len(y)
             for hook in hooks:
-                hook.first_batch(images, y)
-        images = dev.batch_layout(images, device)
-        recipe.before_step(opt, first_global_step + step - 1)
-        loss = train_step(net, images, y, opt=opt, scaler=scaler, device=device, precision=precision,
-                          loss_fn=recipe.loss)
-        recipe.after_step()
-        loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
-        seen += len(y)
-        for hook in hooks:
-            hook.after_step(step, first_global_step + step, loss_sum, seen)
-        # host clocks only (no sync); tqdm draws it at its own pace
-        bar.set_postfix_str(f"data wait {shown(wait.seconds / max(time.perf_counter() - t0, 1e-9))}", refresh=False)
-        bar.update()
-    dev.synchronize(device)
-    train_s = time.perf_counter() - t0
-    # The bar's last figure is the epoch line's (of this process): the same seconds, once the device is done.
-    bar.set_postfix_str(f"data wait {shown(share_of(wait.seconds, train_s))}")
-    bar.close()
+                hook.after_step(step, first_global_step + step, loss_sum, seen)
+            # host clocks only (no sync); tqdm draws it at its own pace
+            bar.set_postfix_str(f"data wait {shown(wait.seconds / max(time.perf_counter() - t0, 1e-9))}",
+                                refresh=False)
+            bar.update()
+        dev.synchronize(device)
+        train_s = time.perf_counter() - t0
+        # The bar's last figure is the epoch line's (of this process): the same seconds, once the device is done.
+        bar.set_postfix_str(f"data wait {shown(share_of(wait.seconds, train_s))}")
+    finally:  # however the pass ends (a --time-limit stop, Ctrl-C): no stale bar under the next line
+        bar.close()
     return EpochSums(loss_sum=loss_sum, seen=seen, data_wait_s=wait.seconds, train_s=train_s,
                      positions=torch.cat(positions).numpy() if positions else np.zeros(0, dtype=np.int64))
 
@@ -164,17 +167,20 @@ def _train(cfg: TrainConfig, resume: bool, world: distributed.World, device: tor
     # Made before the model and loaders: its worker process is forked from a process without CUDA.
     with RunRecorder(out, world.is_main, lambda: run_dir.interrupt_hint(out)) as recorder:
         run = train_setup.build(cfg, resume, world, device)
-        progress = run.state.progress
-        recorder.run_start(cfg.to_dict(), list(run.labels.names))
-        if cfg.tensorboard and progress.epochs_done < cfg.epochs:  # (a resume with nothing to train logs nothing)
-            recorder.start_tensorboard(progress.history, resumed=resume, best=progress.best_confusion,
-                                       class_names=list(run.labels.names))
-        done = _epochs(run, recorder, t_start, new_run=not resume)
-        recorder.end_tensorboard(None if done.stopped_early else cfg.to_dict(), progress.best, progress.epochs_done)
-        t_close = time.perf_counter()
-        recorder.close()
-        run.timings["record_wait_s"] = time.perf_counter() - t_close  # the last writes, waited for at the end
-    run.close()
+        try:  # the loaders' workers end with the command, however it ends
+            progress = run.state.progress
+            recorder.run_start(cfg.to_dict(), list(run.labels.names))
+            if cfg.tensorboard and progress.epochs_done < cfg.epochs:  # (a resume with nothing to train logs nothing)
+                recorder.start_tensorboard(progress.history, resumed=resume, best=progress.best_confusion,
+                                           class_names=list(run.labels.names))
+            done = _epochs(run, recorder, t_start, new_run=not resume)
+            recorder.end_tensorboard(None if done.stopped_early else cfg.to_dict(), progress.best,
+                                     progress.epochs_done)
+            t_close = time.perf_counter()
+            recorder.close()
+            run.timings["record_wait_s"] = time.perf_counter() - t_close  # the last writes, waited for at the end
+        finally:
+            run.close()
     run.timings["total_s"] = time.perf_counter() - t_start
     best = progress.best_confusion
     return TrainResult(stopped_early=done.stopped_early, main=world.is_main, best_val_balanced_accuracy=progress.best,
