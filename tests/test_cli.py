@@ -194,3 +194,17 @@ def test_internal_errors_are_reported_as_bugs_not_as_bad_input(monkeypatch, tmp_
     assert r.exit_code == 3
     assert "internal error" in r.output and "report" in r.output
     assert not any(line.startswith("Error:") for line in r.output.splitlines())  # not disguised as bad input
+
+
+def test_a_second_sigterm_does_not_break_into_the_stopping(monkeypatch):
+    """The first SIGTERM stops the command as Ctrl-C does, pending writes included; a second one (a group
+    signalled twice, a wrapper passing it on) is ignored from then on."""
+    import signal
+
+    from dalipipe import cli
+
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: seen.append((sig, handler)))
+    seen = []
+    with pytest.raises(cli.Terminated):
+        cli._on_sigterm(signal.SIGTERM, None)
+    assert seen == [(signal.SIGTERM, signal.SIG_IGN)]

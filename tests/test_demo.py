@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import select
@@ -69,6 +70,31 @@ demo.main(Path(sys.argv[2]))
 """
 
 
+@contextlib.contextmanager
+def holding_the_pipe(image: Path, proc):
+    """The write end of the named pipe `image` (predict blocks reading it), opened once predict has opened it
+    to read (no polling); yields an event set when `proc` has ended. A watcher opens the read end when `proc`
+    ends, so that the open returns however the demo ends; at the end `proc` is stopped if it still runs."""
+    ended, ours = threading.Event(), []
+
+    def read_end_when_it_ends():
+        proc.wait()
+        ended.set()
+        ours.append(os.open(image, os.O_RDONLY | os.O_NONBLOCK))
+
+    watcher = threading.Thread(target=read_end_when_it_ends, daemon=True)
+    watcher.start()
+    fd = os.open(image, os.O_WRONLY)
+    try:
+        yield ended
+    finally:
+        os.close(fd)
+        if proc.poll() is None:  # an assertion failed before it was stopped
+            processes.stop(proc.pid, dump=False)
+        watcher.join()
+        os.close(ours[0])
+
+
 def test_ctrl_c_stops_the_demo_in_one_line_and_the_next_demo_goes_on_from_there(small_synth, tmp_path):
     root = tmp_path / "repo"
     data = root / "data" / "synthetic"
@@ -85,26 +111,10 @@ def test_ctrl_c_stops_the_demo_in_one_line_and_the_next_demo_goes_on_from_there(
             processes.started(command, timeout=DEMO_TIMEOUT_S, stdout=out, stderr=err, env=env,
                               # its own process group, as a terminal's foreground job: Ctrl-C reaches the
                               # demo and its dalipipe
-                              start_new_session=True) as proc:
-        ended, ours = threading.Event(), []
-
-        def read_end_when_the_demo_ends():  # so that the open below returns, however the demo ends
-            proc.wait()
-            ended.set()
-            ours.append(os.open(image, os.O_RDONLY | os.O_NONBLOCK))
-
-        watcher = threading.Thread(target=read_end_when_the_demo_ends, daemon=True)
-        watcher.start()
-        fd = os.open(image, os.O_WRONLY)  # returns once predict has opened the pipe to read it (no polling)
-        try:
-            assert not ended.is_set(), (tmp_path / "err1").read_text()[-3000:]
-            os.killpg(proc.pid, signal.SIGINT)
-            assert proc.wait() == 130
-        finally:
-            os.close(fd)
-            if ended.is_set():  # (else the block's end kills the demo, and the watcher ends then)
-                watcher.join()
-                os.close(ours[0])
+                              start_new_session=True) as proc, holding_the_pipe(image, proc) as ended:
+        assert not ended.is_set(), (tmp_path / "err1").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait() == 130
     stderr = (tmp_path / "err1").read_text()
     assert "Traceback" not in stderr, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip() and "\r" not in ln]
@@ -137,34 +147,18 @@ def test_a_sigterm_for_make_stops_the_demo_as_ctrl_c_does(small_synth, tmp_path)
     # A stand-in for make: a shell that runs the demo as its child and waits for it.
     make = ["sh", "-c", '"$@"; exit $?', "make", sys.executable, str(tmp_path / "wrapper.py"), str(SCRIPT), str(root)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    with processes.started(make, timeout=DEMO_TIMEOUT_S, stderr=subprocess.PIPE, text=True, env=env) as proc:
-        ended, ours = threading.Event(), []
-
-        def read_end_when_make_ends():  # so that the open below returns, however the demo ends
-            proc.wait()
-            ended.set()
-            ours.append(os.open(image, os.O_RDONLY | os.O_NONBLOCK))
-
-        watcher = threading.Thread(target=read_end_when_make_ends, daemon=True)
-        watcher.start()
-        fd = os.open(image, os.O_WRONLY)  # returns once predict has opened the pipe to read it
-        try:
-            assert not ended.is_set(), proc.stderr.read()[-3000:]
-            (demo,) = psutil.Process(proc.pid).children()
-            demo_ended = os.pidfd_open(demo.pid)
-            proc.send_signal(signal.SIGTERM)  # make alone, as `kill PID`
-            assert proc.wait() == -signal.SIGTERM
-            # The demo is make's no more: it must end by itself (a pidfd turns readable when it has).
-            if not select.select([demo_ended], [], [], DEMO_TIMEOUT_S)[0]:
-                processes.stop(demo.pid, dump=False)
-                pytest.fail("the demo went on after make ended")
-            stderr = proc.stderr.read()
-        finally:
-            os.close(fd)
-            if proc.poll() is None:  # an assertion failed before the kill
-                processes.stop(proc.pid, dump=False)
-            watcher.join()
-            os.close(ours[0])
+    with processes.started(make, timeout=DEMO_TIMEOUT_S, stderr=subprocess.PIPE, text=True, env=env) as proc, \
+            holding_the_pipe(image, proc) as ended:
+        assert not ended.is_set(), proc.stderr.read()[-3000:]
+        (demo,) = psutil.Process(proc.pid).children()
+        demo_ended = os.pidfd_open(demo.pid)
+        proc.send_signal(signal.SIGTERM)  # make alone, as `kill PID`
+        assert proc.wait() == -signal.SIGTERM
+        # The demo is make's no more: it must end by itself (a pidfd turns readable when it has).
+        if not select.select([demo_ended], [], [], DEMO_TIMEOUT_S)[0]:
+            processes.stop(demo.pid, dump=False)
+            pytest.fail("the demo went on after make ended")
+        stderr = proc.stderr.read()
     assert "Traceback" not in stderr, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip() and "\r" not in ln]
     run = next((root / "runs").iterdir())
