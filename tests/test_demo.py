@@ -59,8 +59,11 @@ def test_the_demo_continues_its_latest_run_unless_that_one_is_done(tmp_path):
 
 # The demo with a configuration that trains in seconds; its folders are those of a copy of the repository.
 WRAPPER = """
-import importlib.util, sys
+import importlib.util, signal, sys
 from pathlib import Path
+# Ctrl-C as at a terminal, even where this test runs in a background job (whose shell starts every command
+# with SIGINT ignored, and an ignored signal stays ignored in every process started below it).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 spec = importlib.util.spec_from_file_location("demo", sys.argv[1])
 demo = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(demo)
