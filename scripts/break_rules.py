@@ -375,7 +375,12 @@ def run_tests(scratch: Path, tests: tuple[str, ...], workers: int) -> tuple[str,
     # 1: a test failed; 2: pytest-xdist stopped at the first failure (-x)
     if r.returncode in (1, 2) and tail and " failed" in tail[-1]:
         return "caught", took
-    return f"error: pytest exit {r.returncode}: {' | '.join(tail)}", took
+    text = out + err
+    # Not the breakage's doing: a test named here that does not exist, or none collected.
+    if r.returncode == 5 or "file or directory not found" in text or "not found:" in text:
+        return f"error: pytest exit {r.returncode}: {' | '.join(tail)}", took
+    # The broken code fails before any test runs (an import or a conftest raises): caught too.
+    return "caught (the tests could not start)", took
 
 
 def main() -> int:

@@ -311,3 +311,14 @@ def test_stratified_subset_draws_exactly_n(small_synth):
     index = build_index(small_synth / "images_train", small_synth / "y_train.csv")
     for n in (50, 101, 239):
         assert len(stratified_subset(index, n, 0, val_fraction=0.3)) == n
+
+
+def test_subset_ties_of_equal_remainders_go_to_the_larger_class_then_by_name():
+    """2, 2 and 5 samples, 6 wanted: shares 1.33, 1.33 and 3.33, all the same remainder; the one sample left
+    goes to the largest class (C), not to the first name (A). The same subset every time, and the one
+    closest to the proportions."""
+    from dalipipe.data.split import _subset_counts
+
+    assert _subset_counts(pd.Series({"A": 2, "B": 2, "C": 5}), 6).to_dict() == {"A": 1, "B": 1, "C": 4}
+    # equal sizes too: by name
+    assert _subset_counts(pd.Series({"B": 3, "A": 3, "C": 3}), 4).to_dict() == {"B": 1, "A": 2, "C": 1}
