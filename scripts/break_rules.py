@@ -268,7 +268,7 @@ BREAKAGES = [
              "if self.said or share <= DATA_WAIT_ADVICE_SHARE:", (T_WAIT,)),
     # --- predict and score ------------------------------------------------------------------------------
     Breakage("predict says nothing of samples from the model's own split", "dalipipe/infer/predict.py",
-             "    if trained or validated:\n", "    if False:\n", (T_TTA, "tests/test_cli.py")),
+             "    if trained or validated:\n", "    if False:\n", (T_ROBUST,)),
     Breakage("score accepts a predicted class that the answers lack", "dalipipe/infer/score.py",
              "    if unknown.any():\n", "    if False:\n", (T_ROBUST,)),
     Breakage("score passes over answers without a prediction", "dalipipe/infer/score.py",

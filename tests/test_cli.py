@@ -208,3 +208,17 @@ def test_a_second_sigterm_does_not_break_into_the_stopping(monkeypatch):
     with pytest.raises(cli.Terminated):
         cli._on_sigterm(signal.SIGTERM, None)
     assert seen == [(signal.SIGTERM, signal.SIG_IGN)]
+
+
+def test_the_exit_statuses_are_the_ones_the_readme_promises():
+    """Scripts and job schedulers act on these numbers (75 requeues a run): they are a promise, not a detail."""
+    from pathlib import Path
+
+    from dalipipe import constants
+
+    promised = {"EXIT_USER": 2, "EXIT_INTERNAL": 3, "EXIT_TIME_LIMIT": 75, "EXIT_INTERRUPTED": 130,
+                "EXIT_TERMINATED": 143}
+    assert {name: getattr(constants, name) for name in promised} == promised
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Exit statuses", 1)[1].split("\n## ", 1)[0]
+    assert all(f"`{code}`" in section for code in promised.values()), section
