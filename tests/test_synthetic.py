@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,6 +79,28 @@ def test_a_replacement_stopped_midway_leaves_the_old_set_as_it_was(tmp_path, mon
     monkeypatch.undo()
     generate(out, SynthSpec(n_train=6, n_test=2, n_classes=2, image_size=16, seed=1), force=True)
     assert _digest(out) != before and [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_a_replacement_that_fails_at_its_last_step_keeps_the_old_set(tmp_path, monkeypatch):
+    """The new set complete, its rename into place fails (a full disk, a kill there): the old set is still
+    there, as it was. (Removing the old set first would lose it.)"""
+    import os
+
+    import dalipipe.data.synthetic
+
+    out = generate(tmp_path / "d", SynthSpec(n_train=6, n_test=2, n_classes=2, image_size=16))
+    before = _digest(out)
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == out and ".old." not in str(src):  # the new set's rename over OUT_DIR
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(dalipipe.data.synthetic.os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        generate(out, SynthSpec(n_train=6, n_test=2, n_classes=2, image_size=16, seed=1), force=True)
+    assert _digest(out) == before and [p.name for p in tmp_path.iterdir()] == ["d"]
 
 
 def test_statistics_close_to_the_real_data():
