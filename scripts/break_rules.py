@@ -362,7 +362,7 @@ def run_tests(scratch: Path, tests: tuple[str, ...], workers: int) -> tuple[str,
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        # pytest, its workers and every command they started (torchrun's ranks live in sessions of their own)
+        # pytest, its workers and every command they started (torchrun's ranks run under setsid, apart from its process group)
         processes.stop(proc.pid, dump=False)
         proc.communicate()
         return "caught (a test hung)", time.monotonic() - t

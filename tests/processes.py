@@ -1,6 +1,6 @@
 """Commands that tests start. A command that outlives its timeout is killed with its whole process tree
-(torchrun starts each rank in a session of its own, and the loader's workers live below the ranks: killing
-the direct child alone leaves them running), and the test fails with the command's output and the Python
+(torchrun starts each rank under setsid, in a process group of its own, and the loader's workers live below
+the ranks: killing the direct child alone leaves them running), and the test fails with the command's output and the Python
 stacks of every process of the tree, where the hang is, instead of a bare TimeoutExpired.
 
 The stacks come from py-spy (in the test extra), which reads a running Python process from outside,

@@ -1,5 +1,5 @@
 """The helper that starts the tests' commands: a command past its timeout is killed with every process it
-started, those in sessions of their own included (as torchrun starts its ranks), and the test fails with
+started, those started under setsid included (as torchrun starts its ranks), and the test fails with
 the command's output and its stacks. The commands here never end: whenever the timeout falls, it falls."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from tests import processes
 
-# A parent that starts a child in a new session and names both; both sleep forever. Any arguments go to
+# A parent that starts a child under setsid and names both; both sleep forever. Any arguments go to
 # the child too.
 FOREVER = """
 import os, subprocess, sys, time
