@@ -9,6 +9,7 @@ rule it breaks is promised but not tested. Run it after changing a rule or its t
     python scripts/break_rules.py              # every breakage; exit 1 if one survives
     python scripts/break_rules.py -k fsync     # those whose name or file contains 'fsync'
     python scripts/break_rules.py --list       # what would be broken, and the tests that guard each
+    python scripts/break_rules.py --stale      # the entries whose text or tests moved (runs no test: seconds)
 
 A new rule gets a breakage here with its test; a breakage whose `old` text no longer occurs exactly once in
 its file is reported as stale (the code moved: update the entry).
@@ -385,13 +386,33 @@ def run_tests(scratch: Path, tests: tuple[str, ...], workers: int) -> tuple[str,
     return "caught (the tests could not start)", took
 
 
+def stale(b: Breakage) -> str:
+    """Why an entry no longer applies to this checkout ('' where it does): its text does not occur exactly
+    once in its file, or a test file it names is gone."""
+    path = ROOT / b.file
+    if not path.is_file():
+        return f"{b.file}: no such file"
+    n = path.read_text().count(b.old)
+    if n != 1:
+        return f"the text to break occurs {n} times in {b.file}"
+    gone = [t for t in b.tests if not (ROOT / t.split("::")[0]).is_file()]
+    return f"no such test file: {', '.join(gone)}" if gone else ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-k", default="", help="only breakages whose name or file contains this text")
     ap.add_argument("--list", action="store_true", help="list the breakages and their tests, run nothing")
     ap.add_argument("--workers", type=int, default=2, help="pytest-xdist processes per breakage (default 2)")
+    ap.add_argument("--stale", action="store_true", help="list the entries whose text or tests moved, run nothing")
     args = ap.parse_args()
     chosen = [b for b in BREAKAGES if args.k.lower() in (b.name + " " + b.file).lower()]
+    if args.stale:
+        moved = [(b, why) for b in chosen if (why := stale(b))]
+        for b, why in moved:
+            print(f"{b.name}\n    {why}")
+        print(f"{len(moved)} of {len(chosen)} entries stale")
+        return 1 if moved else 0
     if args.list:
         for b in chosen:
             print(f"{b.name}\n    {b.file}; guarded by {', '.join(b.tests)}")
@@ -403,8 +424,8 @@ def main() -> int:
         for k, b in enumerate(chosen, 1):
             path = scratch / b.file
             original = path.read_text()
-            if original.count(b.old) != 1:
-                outcome, took = f"stale: the text to break occurs {original.count(b.old)} times in {b.file}", 0.0
+            if stale(b):
+                outcome, took = f"stale: {stale(b)}", 0.0
             else:
                 path.write_text(original.replace(b.old, b.new))
                 try:
