@@ -41,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from probes import DeviceMemory, cpu_delta, cpu_snapshot  # noqa: E402  (beside this script)
 from step_profile import StepRanges, profiler  # noqa: E402
 
-from dalipipe.constants import MIN_IMAGE_SIZE  # noqa: E402
+from dalipipe.cli import options_of  # noqa: E402  (light: click and the options table)
+from dalipipe.errors import DataError  # noqa: E402
+from dalipipe.settings import LoaderSpeedSettings  # noqa: E402
 
 CEILING_BATCHES = 16
 # Loaders fill their prefetch queues (DALI 2 batches per pipeline, torch 2 per worker) while the previous
@@ -339,13 +341,9 @@ def plot(results: list[dict], info: dict, settings: dict, path: Path) -> None:
 
 @click.command()
 @click.option("--data", type=click.Path(file_okay=False), help="Challenge-layout folder (images_train/, y_train.csv). Default: a cached synthetic set.")
-@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=MIN_IMAGE_SIZE))
-@click.option("--workers", type=click.IntRange(min=1), help="Loader workers/threads. [default: as `dalipipe train`: the cores, at most 8]")
-@click.option("--threads", type=click.IntRange(min=1), help="torch's threads in each row's process. [default: as `dalipipe train`: the cores that --workers leaves free, at least 1]")
-@click.option("--epochs", type=click.IntRange(min=1), help="Timed epochs after one warm-up epoch. [default: 3; 1 for --train on a CPU]")
-@click.option("--limit", type=click.IntRange(min=2), help="Use at most this many samples. [default: all; 128 for --train on a CPU]")
+# --device, --batch-size, --image-size, --workers, --threads, --epochs, --limit, --profile-steps: declared, with
+# their defaults and bounds, in the options table (settings.LoaderSpeedSettings), which checks them.
+@options_of(LoaderSpeedSettings)
 @click.option("--train", "train_mode", is_flag=True, help="Also time an efficientnet-b1 training step per batch.")
 @click.option("--sweep", is_flag=True, help="Repeat torch and dali with 1, 2, 4, ... workers.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all numbers and the machine here.")
@@ -355,22 +353,25 @@ def plot(results: list[dict], info: dict, settings: dict, path: Path) -> None:
 @click.option("--loader", "profile_rows", multiple=True,
               type=click.Choice(ROWS),
               help="With --profile: the row(s) to profile (repeatable). [default: dali]")
-@click.option("--profile-steps", default=30, show_default=True, type=click.IntRange(min=1), help="With --profile: training steps recorded.")
 @click.option("--rows", "only_rows", multiple=True, type=click.Choice(ROWS),
               help="Run only these rows (repeatable; rows that do not apply on this device are left out). [default: all]")
 @click.option("--row-job", hidden=True, type=click.Path())
-def main(data, device, batch_size, image_size, workers, threads, epochs, limit, train_mode, sweep, json_out, plot_out,
-         profile_dir, profile_rows, profile_steps, only_rows, row_job):
+def main(data, train_mode, sweep, json_out, plot_out, profile_dir, profile_rows, only_rows, row_job, **opts):
     """Images/s, CPU time and memory of each loader, and the data stall in training."""
     if row_job:
         print(json.dumps(measure_row(json.loads(Path(row_job).read_text()))))
         return
+    try:
+        s = LoaderSpeedSettings(**opts)  # the table's check of every option's bounds and choices
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
+    device, batch_size, image_size, workers, threads, epochs, limit, profile_steps = (
+        s.device, s.batch_size, s.image_size, s.workers, s.threads, s.epochs, s.limit, s.profile_steps)
 
     from dalipipe import device as dev
     from dalipipe.data.index import build_index, inspect_images
     from dalipipe.data.split import stratified_subset
     from dalipipe.data.stats import channel_stats
-    from dalipipe.errors import DataError
 
     try:
         torch_device = dev.resolve(device)

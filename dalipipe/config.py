@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from dalipipe import options
 from dalipipe.constants import MAX_DEFAULT_WORKERS, MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, MODEL_NAME, SEED_MAX
@@ -21,13 +21,7 @@ DecoderPlacement = Literal["mixed", "cpu"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Schedule = Literal["constant", "cosine"]
 ClassWeights = Literal["none", "balanced"]
-LOADER_KINDS: tuple[str, ...] = get_args(LoaderKind)
-DECODERS: tuple[str, ...] = get_args(DecoderPlacement)
 HALF_PRECISIONS = ("bf16", "fp16")  # forced half precision: a GPU's only
-
-
-def image_size_error(size: int) -> str:
-    return f"--image-size must be at least {MIN_IMAGE_SIZE} for {MODEL_NAME}, got {size}"
 
 
 @dataclass(frozen=True)
@@ -48,10 +42,9 @@ class AugmentSpec:
     vflip_p: float = 0.6
 
     def __post_init__(self) -> None:
-        # The loaders make images of any size (tests use tiny ones); the model's minimum is TrainConfig's
-        # and predict's to check.
-        if self.image_size < 1:
-            raise DataError(image_size_error(self.image_size))
+        # image_size: the loaders make images of any size (tests use tiny ones); the bound of a size given as
+        # an option is the options table's (TrainConfig's --image-size: the model's minimum; preview's own).
+        # What follows are not options: the reference's values, or a checkpoint's.
         lo, hi = self.crop_area
         if not 0 < lo <= hi <= 1:
             raise DataError(f"crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
@@ -72,7 +65,9 @@ class Normalization:
 
 @dataclass(frozen=True, kw_only=True)
 class LoaderSettings:
-    """How a loader delivers its batches (what it delivers is the AugmentSpec's business)."""
+    """How a loader delivers its batches (what it delivers is the AugmentSpec's business). Made from a
+    command's settings, whose options table has checked the values given (the loader kind and decoder among
+    their choices, the batch size and workers within their bounds): not checked again here."""
 
     kind: LoaderKind = "dali"
     batch_size: int = 64
@@ -93,16 +88,6 @@ class LoaderSettings:
     # Track the loader's position and random state so that state() can be saved and a loader built from it
     # continues the same sequence (training: exact resume).
     checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in LOADER_KINDS:
-            raise DataError(f"--loader must be {' or '.join(LOADER_KINDS)}, got '{self.kind}'")
-        if self.decoder not in DECODERS:
-            raise DataError(f"--decoder must be {' or '.join(DECODERS)}, got '{self.decoder}'")
-        if self.batch_size < 1:
-            raise DataError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 1:
-            raise DataError(f"--workers must be at least 1, got {self.workers}")
 
 
 # Help texts that several commands share.

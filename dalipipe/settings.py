@@ -121,3 +121,23 @@ class SynthSpec:
         options.check(self)
         if self.n_train < 2 * self.n_classes:  # a stratified split needs two of each class
             raise DataError(f"--n-train must be at least 2 per class ({2 * self.n_classes}), got {self.n_train}")
+
+
+@dataclass(frozen=True)
+class LoaderSpeedSettings(_Checked):
+    """`benchmarks/loader_speed.py`: the options it shares with train, with train's defaults and bounds
+    (every row builds a training loader: its --batch-size is a training batch), and its own."""
+
+    device: DeviceName = like(TrainConfig, "device", DEVICE_HELP)
+    batch_size: int = like(TrainConfig, "batch_size", "Samples per batch in every row (a training batch: each "
+                           "row builds a training loader).")
+    image_size: int = like(AugmentSpec, "image_size", "Side of the loaders' output (and the model's input), in "
+                           "pixels.")
+    workers: int | None = like(TrainConfig, "workers", "Loader threads (DALI) or processes (torch) in each row, "
+                               "as `dalipipe train` takes them.")
+    threads: int | None = like(TrainConfig, "threads", "torch's threads in each row's process, as `dalipipe train` "
+                               "takes them.")
+    epochs: int | None = opt(None, "Timed epochs after one warm-up epoch.", low=1,
+                             default_text="3; 1 for --train on a CPU")
+    limit: int | None = opt(None, "Use at most this many samples.", low=2, default_text="all; 128 for --train on a CPU")
+    profile_steps: int = opt(30, "With --profile: training steps recorded.", low=1)

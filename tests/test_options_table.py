@@ -1,5 +1,5 @@
 """The options table (options.py) is the one declaration of every option: the CLI, the checks, the resume
-rules and the README's lists all follow it, and building the CLI loads nothing heavy."""
+rules and the docs' lists (tests/test_docs.py) all follow it, and building the CLI loads nothing heavy."""
 
 from __future__ import annotations
 
@@ -11,21 +11,19 @@ from pathlib import Path
 import pytest
 
 from dalipipe import cli, options
-from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig, may_change_text
+from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig
 from dalipipe.errors import DataError
 from dalipipe.run import run_dir
-from dalipipe.settings import CheckSettings, PredictSettings, PreviewSettings, SynthSpec
+from dalipipe.settings import CheckSettings, LoaderSpeedSettings, PredictSettings, PreviewSettings, SynthSpec
 from tests import processes
 from tests.test_resume_options import saved_run
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 HELP_TIMEOUT_S = 60  # the command of the help test: under 2 s here (2026-12-06, 2-core CPU)
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "loader_speed.py"
 COMMANDS = {"train": TrainConfig, "predict": PredictSettings, "preview": PreviewSettings, "check": CheckSettings,
             "synth": SynthSpec}
-
-
-def words(text: str) -> str:
-    return " ".join(text.split())
+# Every settings whose options the table checks: the commands', and the loader benchmark's.
+CHECKED = dict(COMMANDS, loader_speed=LoaderSpeedSettings)
 
 
 @pytest.mark.parametrize("command, settings", COMMANDS.items())
@@ -45,21 +43,6 @@ def test_every_option_of_the_table_is_a_click_option_of_its_command(command, set
         else:
             assert p.default == (None if command == "train" else o.default), o.name
         assert o.spec.help in p.help and f"[default: {o.default_shown()}]" in p.help or o.spec.switch or o.spec.required
-
-
-def test_the_readme_lists_the_train_options_and_the_resume_rule_of_the_table():
-    text = words(README.read_text())
-    for section in ("reference", "beyond"):
-        listed = options.listing(TrainConfig, section)
-        assert f"`{listed}`" in text, f"README.md: the {section} options should read `{listed}`"
-    assert f"settings: {may_change_text()} may change" in text, may_change_text()
-
-
-def test_the_readme_names_no_train_option_the_table_lacks():
-    flags = {o.flag for o in TRAIN_OPTIONS} | {"--out", "--resume", "--help"}
-    listing = re.search(r"Options: (`--epochs .*?)\(`dalipipe train --help`", words(README.read_text())).group(1)
-    named = set(re.findall(r"--(?:\[no-\])?([a-z][a-z-]*)", listing))
-    assert {f"--{n}" for n in named} <= flags, named
 
 
 def alternative(o: options.Option):
@@ -140,7 +123,7 @@ print("light")
 
 # The arguments each command's settings need besides its options.
 POSITIONAL = {TrainConfig: ("", "", ""), PredictSettings: (("run",), "images"), PreviewSettings: ("images", "y.csv"),
-              CheckSettings: ("images",), SynthSpec: ()}
+              CheckSettings: ("images",), SynthSpec: (), LoaderSpeedSettings: ()}
 
 
 def _made_with(settings, o: options.Option, value):
@@ -162,7 +145,7 @@ def _outside(o: options.Option) -> list:
     return out
 
 
-@pytest.mark.parametrize("command, settings", COMMANDS.items())
+@pytest.mark.parametrize("command, settings", CHECKED.items())
 def test_each_commands_settings_check_every_bound_and_choice_of_the_table_themselves(command, settings):
     """Made directly (not through the CLI, whose other layers might refuse the value first), each command's
     settings refuse a value past any bound, or outside the choices, with the table's own message, and take the
@@ -181,6 +164,37 @@ def test_each_commands_settings_check_every_bound_and_choice_of_the_table_themse
                 except DataError as e:  # another rule may refuse the whole, never this option's bound
                     assert not str(e).startswith(f"{o.flag} must be"), (command, o.name, str(e))
     assert checked >= (10 if settings is TrainConfig else 2), command
+
+
+# Per command, a value past one bound of its table, given on its command line, that no other layer checks: click
+# reads a number, and no later code repeats the bound. Only the command's own table check can refuse it; without
+# that check the command would go on (to a missing folder or checkpoint here: the error is another).
+ON_THE_COMMAND_LINE = [("train", "batch_size", "1"), ("predict", "batch_size", "0"), ("preview", "n", "1"),
+                       ("check", "val_fraction", "1"), ("synth", "n_classes", "1")]
+
+
+@pytest.mark.parametrize("command, name, value", ON_THE_COMMAND_LINE, ids=[c for c, _, _ in ON_THE_COMMAND_LINE])
+def test_each_commands_table_check_refuses_a_value_given_on_its_command_line(tmp_path, command, name, value):
+    from click.testing import CliRunner
+
+    o = options.find(COMMANDS[command], name)
+    where = {"train": ["images", "y.csv", "--out", "run"], "predict": [".", "images", "--out", "s.csv"],
+             "preview": ["images", "y.csv", "--out", "p.png"], "check": ["images"],
+             # (a small set, should the check let it through)
+             "synth": ["s", "--n-train", "4", "--n-test", "0", "--size", "16"]}[command]
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        r = CliRunner().invoke(cli.cli, [command, *where, o.flag, value])
+        assert r.exit_code == 2 and r.output.strip() == f"Error: {o.bound_error(o.type(value))}", r.output
+        assert list(Path().iterdir()) == []  # no run folder, picture, predictions or data set
+
+
+def test_the_loader_benchmark_refuses_through_the_table_a_value_no_other_layer_checks(tmp_path):
+    """benchmarks/loader_speed.py takes train's --batch-size (its rows build training loaders): a batch of
+    one is the table's to refuse, in one line, before the benchmark reads its data."""
+    o = options.find(LoaderSpeedSettings, "batch_size")
+    r = processes.run([sys.executable, str(BENCH), "--data", str(tmp_path / "missing"), "--batch-size", "1"],
+                      timeout=HELP_TIMEOUT_S)
+    assert r.returncode == 1 and r.stderr.strip() == f"Error: {o.bound_error(1)}", r.stderr[-2000:]
 
 
 def test_a_resume_refusal_says_the_values_as_a_user_writes_them(tmp_path):

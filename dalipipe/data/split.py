@@ -26,11 +26,10 @@ def split_problem(class_counts: pd.Series, val_fraction: float) -> str | None:
 
 
 def stratified_split(index: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Seeded stratified train/validation split; both parts sorted by file_id."""
+    """Seeded stratified train/validation split; both parts sorted by file_id. val_fraction: between 0 and 1,
+    as the options table checks --val-fraction."""
     from sklearn.model_selection import train_test_split
 
-    if not 0 < val_fraction < 1:
-        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     problem = split_problem(index.groupby("cell_line").size(), val_fraction)
     if problem:
         raise DataError(f"cannot split {len(index)} samples for training and validation: {problem}")

@@ -35,10 +35,10 @@ def train_plan(n: int, batch_size: int, num_shards: int) -> tuple[int, int]:
     Every rank trains on n // num_shards samples (shards differ by at most one: the extra sample is left
     out, a different one each epoch as the order is reshuffled), and a last batch of fewer than
     MIN_TRAIN_BATCH samples is dropped: BatchNorm cannot train on one sample, an empty batch has a NaN
-    loss, and under DDP every rank must run the same number of steps or the collectives hang.
+    loss, and under DDP every rank must run the same number of steps or the collectives hang. batch_size:
+    at least MIN_TRAIN_BATCH, the options table's bound on a training batch (train's --batch-size, preview's
+    --n, the benchmark's --batch-size).
     """
-    if batch_size < MIN_TRAIN_BATCH:
-        raise DataError(f"--batch-size {batch_size}: a training batch needs at least {MIN_TRAIN_BATCH} samples (BatchNorm)")
     per_rank = n // num_shards
     full, rest = divmod(per_rank, batch_size)
     steps = full + (1 if rest >= MIN_TRAIN_BATCH else 0)
