@@ -103,12 +103,21 @@ BREAKAGES = [
              'mean = [float((index[c] * index["height"] * index["width"]).sum() / (index["height"] * index["width"]).sum()) for c in MEAN_COLUMNS]',
              (T_ROBUST, T_DATA)),
     # --- options -------------------------------------------------------------------------------------
+    # Each settings' own table check, one at a time: no other code repeats a bound or a choice, so each is
+    # noticed by its own tests (a value refused on the command's line and on its settings made directly).
+    Breakage("train's settings skip the table's check", "dalipipe/config.py",
+             "        options.check(self)  # each option's own bounds and choices, from the table\n", "", (T_OPTS, T_MSG)),
     Breakage("predict's settings skip the table's check", "dalipipe/settings.py",
              "class PredictSettings(_Checked):", "class PredictSettings:", (T_OPTS, T_MSG)),
     Breakage("preview's settings skip the table's check", "dalipipe/settings.py",
-             "class PreviewSettings(_Checked):", "class PreviewSettings:", (T_OPTS, T_MSG)),
+             "        super().__post_init__()\n", "", (T_OPTS, T_MSG)),
     Breakage("check's settings skip the table's check", "dalipipe/settings.py",
              "class CheckSettings(_Checked):", "class CheckSettings:", (T_OPTS, T_MSG)),
+    Breakage("synth's settings skip the table's check", "dalipipe/settings.py",
+             "        options.check(self)\n        if self.n_train < 2 * self.n_classes:",
+             "        if self.n_train < 2 * self.n_classes:", (T_OPTS, T_MSG)),
+    Breakage("the loader benchmark's settings skip the table's check", "dalipipe/settings.py",
+             "class LoaderSpeedSettings(_Checked):", "class LoaderSpeedSettings:", (T_OPTS,)),
     Breakage("an inclusive lower bound excludes its own value", "dalipipe/options.py",
              "(value > s.low if s.low_open else value >= s.low)", "(value > s.low)", (T_OPTS,)),
     Breakage("a resume accepts a new value of a fixed setting", "dalipipe/run/run_dir.py",
