@@ -11,7 +11,8 @@ Rows (identical AugmentSpec and output contract: normalized NCHW float on the ta
            fills it, the timed epochs decode nothing;
   ceiling-compile  (--train on a GPU) the ceiling with the model through torch.compile (`train --compile`);
   ceiling  (--train only) a few batches already on the device, cycled: no loading at all, the bound that
-           any loader can reach in training. Without a training step it would measure nothing.
+           any loader can reach in training. Without a training step it would measure nothing. Its batches
+           are made by the torch loader: the ceiling rows need no DALI.
 Each row runs in its own process, so that CPU time (process and children, from the OS) and peak host
 memory are its own. Images/s is the median over the timed epochs after one warm-up epoch, with the device
 synchronized before clocks are read. --train adds an efficientnet-b1 forward/backward step per batch and
@@ -130,14 +131,17 @@ def measure_row(job: dict) -> dict:
     device = dev.resolve(job["device"])
     dev.configure(device, job["threads"])  # torch's threads, cuDNN and TF32, as `dalipipe train` sets them
     kind, workers, bs = job["row"], job["workers"], job["batch_size"]
-    build = "torch" if kind == "torch" else "dali"
+    # The ceilings cycle a few batches already on the device: the loader that made them is not timed, and the
+    # torch loader makes them without DALI (the GPU check measures the ceiling before it knows DALI works).
+    build = "torch" if kind == "torch" or kind.startswith("ceiling") else "dali"
     decoder = "cpu" if kind == "dali-cpudec" else "mixed"
     cache_mb = decode_cache_mb(index) if kind == "dali-cache" else 0
     loader = make_loader(index, index["y"].to_numpy(), spec=spec, norm=norm, train=True, device=device,
                          settings=LoaderSettings(kind=build, batch_size=bs, workers=workers, decoder=decoder,
                                         decode_cache_mb=cache_mb))
     if kind.startswith("ceiling"):
-        batches = [(x.clone(), y.clone()) for _, (x, y) in zip(range(CEILING_BATCHES), loader)]
+        # in the layout of the step (DALI's batches arrive so; the torch loader's are made so here, once)
+        batches = [(dev.batch_layout(x, device).clone(), y.clone()) for _, (x, y) in zip(range(CEILING_BATCHES), loader)]
         n_batches = len(loader)
         loader.close()
         loader = _Cycle(batches, n_batches)
