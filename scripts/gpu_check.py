@@ -1,42 +1,32 @@
-"""Verify a GPU machine in one command: environment, GPU tests, the reference recipe, the GPU-only paths,
-the loader benchmark.
+"""Verify a GPU machine in one command: the environment, the GPU tests, the reference recipe and the loader
+benchmark, measured against the project's targets.
 
     python scripts/gpu_check.py --out DIR [--budget-s S] [--device auto|gpu|cpu] [--quick] [--work DIR]
-                                [--steps env,data,torch,smoke,tests,recipe,resume,paths,bench,compile]
+                                [--steps env,data,torch,smoke,tests,recipe,bench]
 
-Runs from a checkout with no install step and no network (the packages must already be importable; it
-never calls pip). Steps run in order of value, each timed, each but the first in a process of its own
-(its own process group, killed at its timeout), so that a crash, a native abort or a hang in one step
-costs that step only. A failing step is recorded and the next one still runs; the whole check stops
-itself within --budget-s (420 s on a GPU, 300 s without one, by default), and every step's timeout is
-bounded by what is left. DIR/report.json and DIR/report.md are rewritten after every step, so that
-whatever ends the check (a kill from outside included) leaves the finished steps' report behind.
+Runs from a checkout, with no install step and no network. The steps call what the project has: `pytest -m
+gpu` (exact resume on the GPU included), benchmarks/loader_speed.py (the model-only training-step ceiling,
+the DALI smoke, the benchmark) and `dalipipe train` and `predict` (the recipe), each in a process group of
+its own killed at its timeout: a crash or a hang costs one step, and the next one runs. The check stops
+within --budget-s (420 s on a GPU, 300 s without one, by default): each step has a share of it (SHARES), and
+while a step runs the shares of the selected steps after it are kept back. DIR/report.json and report.md
+are rewritten after every step: whatever ends the check leaves the finished steps' report.
 
---steps runs some steps only, against the same --work: for example `env,data` (the environment and the
-synthetic data, which later calls with this --work reuse) and `torch` (what needs no DALI: the model-only
-training-step ceiling and the GPU tests that do not import DALI); a later call without --steps then skips
-the torch step done before with this --work and carries its result into its report. The DALI smoke step
-(one batch through a mixed decoder and a GPU warp_affine) runs before every step that needs DALI: when
-DALI does not import or the smoke fails, those steps are skipped with one verdict line, the exact error
-in the report. The compile row runs only when asked (--steps ...,compile): its compilation takes
-minutes that a check within one budget does not have.
-
-Exit status: 0 when every step that ran passed, 1 when one failed (the report says what each found).
-
-DIR receives only a few small files (report.md, report.json, gpu_check.log, gpu_tests.txt,
-torch_tests.txt, benchmark.json, benchmark.png, benchmark-compile.json); data, run folders and checkpoints
-go to --work (a temporary folder, removed at the end, by default).
-
---quick (with --device cpu in the test suite): tiny data and sizes, so that the script is exercised on
-every CI run and cannot rot between the rare runs on a GPU machine.
+--steps runs some steps only, against the same --work: `env,data` (the synthetic data, reused by later calls
+with this --work), `torch` (what needs no DALI: the GPU tests without it, the ceiling), whose result a later
+call without --steps carries over. When the DALI smoke fails, the steps that need DALI are skipped with one
+verdict line, the exact error in the report. Exit status: 0 when every step that ran passed, 1 when one
+failed. DIR receives a few small files (report.md, report.json, gpu_check.log, gpu_tests.txt,
+torch_tests.txt, benchmark.json, benchmark.png); data and runs go to --work (by default a temporary folder,
+removed at the end). --quick: tiny sizes, with which the test suite runs the check on the CPU (--device
+cpu), so that it cannot rot between the rare runs on a GPU machine. The torch.compile row is loader_speed.py's
+(--train --rows ceiling-compile): it compiles for minutes that a check within one budget does not have.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -54,49 +44,28 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-# The project's targets.
 TARGET_RECIPE_S = 120.0          # the reference recipe's training, all included, on one H100
 TARGET_DALI_OF_CEILING = 0.95    # DALI's training images/s against the no-loading ceiling
 TARGET_DALI_OVER_TORCH = 5.0     # DALI's loading images/s against the torch loader at equal workers
-# The whole check's budget when --budget-s is not given: 420 s on a GPU (a rented GPU's time is dear, and
-# a rerun pays the start-up again); without a GPU (the quick run of the test suite) 300.
-BUDGET_GPU_S = 420.0
-BUDGET_CPU_S = 300.0
-# Steps, in the order they run. The default is all but the compile row (see the module's docstring).
-STEPS = ("env", "data", "torch", "smoke", "tests", "recipe", "resume", "paths", "bench", "compile")
-DEFAULT_STEPS = STEPS[:-1]
-NEEDS_DALI = frozenset({"tests", "recipe", "resume", "paths", "bench", "compile"})
-# What the report calls each step.
+BUDGET_GPU_S, BUDGET_CPU_S = 420.0, 300.0  # a rented GPU's time is dear, and a rerun pays the start-up again
+STEPS = ("env", "data", "torch", "smoke", "tests", "recipe", "bench")
+NEEDS_DALI = ("tests", "recipe", "bench")
 TITLES = {"env": "environment", "data": "synthetic data", "torch": "torch: ceiling and GPU tests without DALI",
           "smoke": "DALI smoke", "tests": "GPU tests with DALI", "recipe": "reference recipe",
-          "resume": "exact resume", "paths": "fp16 and --decoder cpu", "bench": "loader benchmark",
-          "compile": "compile row"}
-COMPILE_MIN_S = 60.0             # below this, the compile row cannot finish its compilation: skipped
-# Seconds kept back, while a step runs, for the selected steps after it (what each needs at least): every
-# child process's timeout is bounded by what is left minus this.
-RESERVE_S = {"data": 20.0, "torch": 30.0, "smoke": 10.0, "tests": 40.0, "recipe": 60.0, "resume": 75.0,
-             "paths": 30.0, "bench": 60.0, "compile": COMPILE_MIN_S}
-PREDICT_RESERVE_S = 40.0         # predict of the test set, after the recipe's training
-GPU_TESTS_MAX_S = 150.0          # the GPU tests' own timeout at most (they need 30-60 s without the slow ones)
-# The model-only ceiling of the torch step: warm-up steps (cuDNN autotuning, allocator), then timed steps.
-CEILING_WARMUP_STEPS, CEILING_STEPS = 10, 40
-# pytest's selections: the torch step runs the GPU tests that need no DALI; the tests step the others. The
-# end-to-end tests (marked slow: each starts dalipipe processes, with two CUDA contexts and checkpoints)
-# stay out of the check, whose recipe, exact-resume and fp16 steps already train and predict on the GPU.
-TORCH_TESTS = "gpu and not dali and not slow"
-DALI_TESTS = "gpu and dali and not slow"
-# Collecting a module imports it, deselected or not: the DALI GPU tests' module asks DALI for a GPU at
-# import, which must not decide the tests that exist to run without DALI.
-TORCH_TESTS_IGNORE = ("--ignore", "tests/test_gpu.py")
-# Exact resume on a GPU: the same samples in the same order, losses equal within this relative difference
-# (cuDNN's autotuner may pick other algorithms in the resumed process and some backward kernels add with
-# atomics in any order, so the last bits differ and drift; on the CPU the run is bit-exact).
-GPU_RESUME_LOSS_RTOL = 0.02
+          "bench": "loader benchmark"}
+# Each step's share of the budget, among the selected steps' (the environment takes seconds). What a step
+# leaves unused goes to the steps after it.
+SHARES = {"data": 0.05, "torch": 0.1, "smoke": 0.05, "tests": 0.25, "recipe": 0.38, "bench": 0.17}
+RECIPE_TRAIN_SHARE = 0.7  # of the recipe step's time, its --time-limit; the rest ends its step and predicts
+# The end-to-end GPU tests (slow) stay out: the recipe trains and predicts on the GPU. Collecting a module
+# imports it, and the DALI GPU tests' module asks DALI for a GPU at import: the torch step leaves it out.
+TORCH_TESTS, DALI_TESTS = "gpu and not dali and not slow", "gpu and dali and not slow"
+SMOKE_SAMPLES = 32
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """What each step runs on: the real recipe, or tiny sizes for --quick."""
+    """What the steps run on: the real recipe's sizes, or tiny ones for --quick."""
 
     n_train: int
     n_test: int
@@ -106,44 +75,40 @@ class Sizes:
     epochs: int
     batch_size: int
     bench_limit: int
-    bench_epochs: int
 
     @classmethod
     def pick(cls, quick: bool) -> "Sizes":
         if quick:
-            return cls(n_train=120, n_test=40, classes=3, synth_size=32, image_size=32, epochs=2, batch_size=16,
-                       bench_limit=64, bench_epochs=1)
+            return cls(120, 40, 3, synth_size=32, image_size=32, epochs=2, batch_size=16, bench_limit=64)
         from dalipipe.config import AugmentSpec, TrainConfig
         from dalipipe.constants import REAL_N_TEST, REAL_N_TRAIN
 
         d = TrainConfig(images_dir="", labels_csv="", out_dir="")
-        return cls(n_train=REAL_N_TRAIN, n_test=REAL_N_TEST, classes=9, synth_size=64,
-                   image_size=AugmentSpec().image_size, epochs=d.epochs, batch_size=d.batch_size,
-                   bench_limit=1024, bench_epochs=1)
+        return cls(REAL_N_TRAIN, REAL_N_TEST, 9, synth_size=64, image_size=AugmentSpec().image_size,
+                   epochs=d.epochs, batch_size=d.batch_size, bench_limit=1024)
 
 
-# The GPU-only paths run on this small set, whatever the mode: they check behaviour, not speed.
-PATHS = Sizes.pick(quick=True)
-# 84 training samples at batch 16: 6 steps an epoch (5 of 16, one of 4). Checkpoints every 2 steps; the
-# kill after global step 3 falls in epoch 1 of 3, after the checkpoint of step 2: the resumed run finishes
-# that epoch and trains two whole ones after it, where a resume that mistook them for the partial one
-# would go wrong.
-RESUME_KILL_AT = 3
-RESUME_EPOCHS = 3
-RESUME_OPTS = ["--epochs", str(RESUME_EPOCHS), "--image-size", str(PATHS.image_size), "--batch-size",
-               str(PATHS.batch_size), "--checkpoint-every", "2", "--workers", "2"]
-RESUME_RUN_S = 90.0  # each of its three runs at most (bounded by what is left)
+class StepFailed(RuntimeError):
+    """A step's failure that still carries what it measured (partial), or a child process stopped at its
+    timeout (process: what it wrote until then)."""
+
+    def __init__(self, message: str, partial: dict | None = None, process=None):
+        super().__init__(message)
+        self.partial, self.process = partial, process
+
+
+StepTimeout = StepFailed
 
 
 class Check:
-    """Runs steps in order under one time budget; records each step's time, result or failure, and
-    rewrites the report after every step."""
+    """Runs steps in order under one time budget; records each step's time, result or failure, and rewrites
+    the report after every step."""
 
     def __init__(self, out: Path, work: Path, budget_s: float, report: dict):
-        self.out, self.work, self.t0, self.budget_s = out, work, time.perf_counter(), budget_s
-        self.report = report
+        self.out, self.work, self.t0, self.budget_s, self.report = out, work, time.perf_counter(), budget_s, report
         self.steps: list[dict] = []
-        self.keep = 0.0  # seconds kept back for the steps after the current one (run_steps sets it)
+        self.keep = 0.0  # seconds kept back for the steps after the current one (keep_back)
+        self.on_cpu = True  # until the environment step finds a GPU
         self.log = open(out / "gpu_check.log", "a")
 
     def left(self) -> float:
@@ -161,15 +126,14 @@ class Check:
 
     def step(self, name: str, fn, min_s: float = 5.0, key: str | None = None):
         if self.left() < min_s:
-            self.skip(name, f"time budget spent ({self.left():.0f} of {self.budget_s:.0f} s left, needs {min_s:.0f})")
-            return None
+            return self.skip(name, f"time budget spent ({self.left():.0f} of {self.budget_s:.0f} s left, "
+                                   f"needs {min_s:.0f})")
         self.say(f"== {name} ({self.left():.0f} s of budget left)")
-        t = time.perf_counter()
+        t, status, error = time.perf_counter(), "ok", None
         try:
             result = fn()
-            status, error = "ok", None
         except Exception as e:  # record and go on: the next step may still tell us something
-            result, status, error = None, "failed", f"{type(e).__name__}: {e}"
+            status, error = "failed", f"{type(e).__name__}: {e}"
             self.log.write(traceback.format_exc())
             self.say(f"   failed: {error.splitlines()[0]}")
             result = getattr(e, "partial", None)  # what the step measured before it failed
@@ -186,72 +150,54 @@ class Check:
 
         report = dict(self.report, steps=self.steps, seconds=round(time.perf_counter() - self.t0, 1),
                       finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        report["verdict"] = verdict(report)
-        report = json.loads(json.dumps(report, default=str))  # paths and the like as strings
+        report = json.loads(json.dumps(dict(report, verdict=verdict(report)), default=str))  # paths as strings
         save_json(report, self.out / "report.json")
-        text = markdown(report)
-        write_atomic(self.out / "report.md", lambda tmp: Path(tmp).write_text(text))
+        write_atomic(self.out / "report.md", lambda tmp, text=markdown(report): Path(tmp).write_text(text))
 
     def env(self, **extra: str) -> dict:
-        return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                    PYTHONWARNINGS="ignore", DALIPIPE_CACHE_DIR=str(self.work / "check-cache"), **extra)
+        """The children's environment. On a CPU one OpenMP thread each (unless set): on a few busy cores
+        torch's threads spin against each other and the loader's (a step of the ceiling took 1.6 s on a busy
+        2-core machine, 0.28 s with one)."""
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                   PYTHONWARNINGS="ignore", TQDM_DISABLE="1", DALIPIPE_CACHE_DIR=str(self.work / "check-cache"))
+        if self.on_cpu:
+            env.setdefault("OMP_NUM_THREADS", "1")
+        return dict(env, **extra)
 
-    def run(self, cmd: list, timeout: float, env: dict | None = None,
+    def timeout(self, parts: int = 1) -> float:
+        """A child's timeout: what is left of the budget less what the later steps keep back, shared among
+        the `parts` processes the step has still to run (where that leaves under 10 s, the step, earlier and
+        so worth more, may use the later steps' time up to the budget's end)."""
+        avail = self.left() - self.keep
+        return max(1.0, (avail if avail >= 10 else self.left()) / parts)
+
+    def run(self, cmd: list, parts: int = 1, env: dict | None = None,
             stdout_file: Path | None = None) -> subprocess.CompletedProcess:
-        """cmd in a process group of its own, stopped at `timeout` or when only the time kept back for the
-        later steps is left, whichever comes first (where that would leave under 10 s, the step, earlier and
-        so worth more, may use the later steps' time up to the budget's end). stdout_file: its output goes
-        there as it is written (what it wrote before a timeout stays), and the result's stdout is read back
-        from it."""
+        """cmd in a process group of its own (a timeout stops its children too), stopped at its timeout.
+        stdout_file: its output goes there as it is written (what it wrote before a timeout stays)."""
         from dalipipe.child_processes import die_with_parent
 
-        cmd = [str(c) for c in cmd]
-        avail = self.left() - self.keep
-        timeout = max(1.0, min(timeout, avail if avail >= 10 else self.left()))
+        cmd, timeout = [str(c) for c in cmd], self.timeout(parts)
         self.log.write(f"$ {' '.join(cmd)}  (timeout {timeout:.0f} s)\n")
         self.log.flush()
         sink = open(stdout_file, "w") if stdout_file else subprocess.PIPE
-        # Its own process group, so that a timeout stops its children too (loader workers, benchmark rows).
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.PIPE, text=True,
-                                env=env or self.env(), cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent)
-        timed_out = False
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.PIPE, text=True, env=env or self.env(),
+                                cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent)
         try:
-            out, err = proc.communicate(timeout=timeout)
+            (out, err), timed_out = proc.communicate(timeout=timeout), False
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            timed_out = True
+            (out, err), timed_out = proc.communicate(), True
         if stdout_file:
             sink.close()
             out = Path(stdout_file).read_text(errors="replace")
         self.log.write(out[-20000:] + err[-20000:] + "\n")
         self.log.flush()
+        done = subprocess.CompletedProcess(cmd, -signal.SIGKILL if timed_out else proc.returncode, out, err)
         if timed_out:
             raise StepTimeout(f"{' '.join(Path(c).name for c in cmd[1:4])} ran past its {timeout:.0f} s",
-                              subprocess.CompletedProcess(cmd, -signal.SIGKILL, out, err))
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-    def dalipipe(self, *args, timeout: float, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-        r = self.run([sys.executable, "-m", "dalipipe", *args], timeout, self.env(**env))
-        if check and r.returncode != 0:
-            raise RuntimeError(f"dalipipe {args[0]} exit {r.returncode}: {last_line(r.stderr)}")
-        return r
-
-
-class StepTimeout(RuntimeError):
-    """A child process stopped at its timeout; `process` holds what it wrote until then."""
-
-    def __init__(self, message: str, process: subprocess.CompletedProcess):
-        super().__init__(message)
-        self.process = process
-
-
-class StepFailed(RuntimeError):
-    """A step's failure that still carries what it measured."""
-
-    def __init__(self, message: str, partial: dict):
-        super().__init__(message)
-        self.partial = partial
+                              process=done)
+        return done
 
 
 def last_line(text: str) -> str:
@@ -259,12 +205,18 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def keep_back(steps: tuple[str, ...], name: str, budget_s: float) -> float:
+    """Seconds kept back, while step `name` runs, for the selected steps after it: their shares of the budget."""
+    later = sum(SHARES.get(n, 0.0) for n in STEPS[STEPS.index(name) + 1:] if n in steps)
+    return budget_s * later / (sum(SHARES.get(n, 0.0) for n in steps) or 1.0)
+
+
 def environment(device_name: str) -> dict:
-    import numpy
     import torch
 
     from dalipipe import device as dev
     from dalipipe.loading.loader_rules import default_workers
+    from dalipipe.versions import versions
 
     def version(module: str) -> str | None:
         try:
@@ -273,17 +225,18 @@ def environment(device_name: str) -> dict:
             return None
 
     device = dev.resolve(device_name)
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "dali": version("nvidia.dali"), "efficientnet_pytorch": version("efficientnet_pytorch"),
-            "numpy": numpy.__version__,
-            **{name: version(name) for name in ("pandas", "sklearn", "six", "packaging", "pytest", "tqdm")},
-            "cpu_cores": os.cpu_count(), "device": str(device),
-            "gpu": None, "gpu_memory_gib": None, "driver": None, "bf16": dev.has_bf16(device),
-            "workers": default_workers(),
+    # where `import tests` leads from the project's root, as pytest imports the test modules: another
+    # installed package named `tests` would shadow the project's
+    tests = subprocess.run([sys.executable, "-c", "import tests; print(list(tests.__path__)[0])"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=30)
+    info = {**versions(), "cuda": torch.version.cuda,
+            **{m: version(m) for m in ("numpy", "pandas", "sklearn", "six", "packaging", "pytest", "tqdm")},
+            "cpu_cores": os.cpu_count(), "device": str(device), "gpu": None, "gpu_memory_gib": None, "driver": None,
+            "bf16": dev.has_bf16(device), "workers": default_workers(),
             # the torch loader's workers hand batches over in shared memory: 224 px batches need room there
-            "dev_shm_free_gib": _free_gib("/dev/shm"),
-            # the tests import `tests.x`: another installed package named `tests` would shadow the project's
-            "tests_package": _tests_package()}
+            "dev_shm_free_gib": round(shutil.disk_usage("/dev/shm").free / 2**30, 1)
+            if os.path.isdir("/dev/shm") else None,
+            "tests_package": tests.stdout.strip() or last_line(tests.stderr) or None}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -294,178 +247,6 @@ def environment(device_name: str) -> dict:
         except (OSError, subprocess.TimeoutExpired):
             pass
     return info
-
-
-def _free_gib(path: str) -> float | None:
-    try:
-        return round(shutil.disk_usage(path).free / 2**30, 1)
-    except OSError:
-        return None
-
-
-def _tests_package() -> str | None:
-    """Where `import tests` leads from the project's root, as pytest imports the test modules."""
-    r = subprocess.run([sys.executable, "-c", "import tests; print(list(tests.__path__)[0])"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=30)
-    return r.stdout.strip() or last_line(r.stderr) or None
-
-
-# One line per test as pytest -v writes it when the test ends: "tests/x.py::name[param] PASSED [ 10%]".
-_OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", flags=re.M)
-
-
-def gpu_tests(check: Check, marks: str, out_name: str, timeout: float, paths: tuple[str, ...] = ("tests",),
-              extra: tuple[str, ...] = ()) -> dict:
-    """`pytest -m MARKS -v` with its output written to DIR/out_name as each test ends, so that a step cut by
-    its timeout still reports every test that finished, by name (the tests import pytest for their marks
-    and fixtures: it must be installed)."""
-    try:
-        import pytest  # noqa: F401
-    except ImportError:
-        raise RuntimeError("pytest is not installed here (pip install pytest): the GPU tests need it") from None
-    cmd = [sys.executable, "-m", "pytest", "-m", marks, "-v", "-rfEs", "-p", "no:cacheprovider", *extra, *paths]
-    env = check.env(PYTHONUNBUFFERED="1")
-    cut = None
-    try:
-        r = check.run(cmd, timeout=timeout, env=env, stdout_file=check.out / out_name)
-    except StepTimeout as e:
-        r, cut = e.process, str(e)
-    outcomes = dict(_OUTCOME.findall(r.stdout))
-    counts: dict[str, int] = {}
-    for outcome in outcomes.values():
-        counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
-    failed = [name for name, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
-    tail = f"cut: {cut}; {len(outcomes)} test(s) finished" if cut else (last_line(r.stdout) or r.stderr[-300:])
-    result = {"marks": marks, "exit_code": r.returncode, "summary": tail, "counts": counts, "failed": failed,
-              "outcomes": outcomes, "cut": cut is not None}
-    # exit 5: nothing selected (a machine without such tests) is not a failure
-    if cut or failed or r.returncode not in (0, 5):
-        raise StepFailed(f"GPU tests ({marks}): {tail}", result)
-    return result
-
-
-def model_ceiling(check: Check, sizes: Sizes, device: str) -> dict:
-    """The training step alone, in a child process: efficientnet-b1 at the recipe's image size and batch,
-    with the device's precision, channels_last and fused Adam, on tensors already on the device. The upper
-    bound of what any loader lets the recipe reach, measured without DALI."""
-    job = {"device": device, "image_size": sizes.image_size, "batch_size": sizes.batch_size,
-           "classes": sizes.classes, "result": str(check.work / "ceiling.json")}
-    job_file = check.work / "ceiling-job.json"
-    job_file.write_text(json.dumps(job))
-    r = check.run([sys.executable, __file__, "--child", "ceiling", "--work", job_file], timeout=120)
-    if r.returncode != 0:
-        raise RuntimeError(f"ceiling exit {r.returncode}: {last_line(r.stderr)}")
-    return json.loads(Path(job["result"]).read_text())
-
-
-def _ceiling_child(job_file: Path) -> None:
-    import torch
-    import torch.nn.functional as F
-
-    from dalipipe import device as dev
-    from dalipipe.atomic import save_json
-    from dalipipe.loading.loader_rules import default_threads, default_workers
-    from dalipipe.model import build_model
-    from dalipipe.run.train import train_step
-    from dalipipe.run.train_setup import make_optimizer
-
-    job = json.loads(Path(job_file).read_text())
-    device = dev.resolve(job["device"])
-    t = time.perf_counter()
-    model = dev.place_model(build_model(job["classes"]), device)
-    dev.configure(device, default_threads(default_workers()))  # as `dalipipe train`
-    opt = make_optimizer(model, 1e-3, 1e-6, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device))
-    n, size = job["batch_size"], job["image_size"]
-    x = dev.batch_layout(torch.randn(n, 3, size, size, device=device), device)
-    y = torch.randint(0, job["classes"], (n,), device=device)
-    build_s = time.perf_counter() - t
-
-    def step():  # the training loop's own step
-        train_step(model, x, y, opt=opt, scaler=scaler, device=device, precision="auto", loss_fn=F.cross_entropy)
-
-    model.train()
-    for _ in range(CEILING_WARMUP_STEPS):
-        step()
-    dev.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(CEILING_STEPS):
-        step()
-    dev.synchronize(device)
-    seconds = time.perf_counter() - t
-    amp = dev.amp_dtype(device)
-    save_json({"device": str(device), "image_size": size, "batch_size": n, "precision": str(amp or "fp32"),
-               "channels_last": device.type == "cuda", "fused_adam": device.type == "cuda",
-               "model_build_s": round(build_s, 2), "step_ms": round(1000 * seconds / CEILING_STEPS, 2),
-               "images_per_s": round(n * CEILING_STEPS / seconds, 1),
-               "peak_device_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-               if device.type == "cuda" else None}, job["result"])
-
-
-def torch_step(check: Check, sizes: Sizes, device: str) -> dict:
-    """What needs no DALI: the model-only ceiling, then the GPU tests that do not import DALI. A number for
-    the recipe's upper bound even when DALI fails."""
-    out: dict = {}
-    failures = []
-    for key, run in (("ceiling", lambda: model_ceiling(check, sizes, device)),
-                     ("gpu_tests", lambda: gpu_tests(check, TORCH_TESTS, "torch_tests.txt", 60.0,
-                                                     extra=TORCH_TESTS_IGNORE))):
-        try:
-            out[key] = run()
-        except Exception as e:  # the other half may still tell us something
-            out[key] = getattr(e, "partial", None)
-            failures.append(f"{key}: {type(e).__name__}: {e}")
-    if failures:
-        raise StepFailed("; ".join(failures), out)
-    return out
-
-
-def dali_smoke(check: Check, device: str) -> dict:
-    """One batch through the pipeline dalipipe trains with (three mixed decoders and a GPU warp_affine on a
-    GPU; CPU operators without one), on two tiny samples, in a child process: the exact error if it fails
-    (a native abort included)."""
-    job = {"device": device, "folder": str(check.work / "smoke"), "result": str(check.work / "smoke.json")}
-    job_file = check.work / "smoke-job.json"
-    job_file.write_text(json.dumps(job))
-    r = check.run([sys.executable, __file__, "--child", "smoke", "--work", job_file], timeout=90)
-    if r.returncode != 0:
-        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-        raise StepFailed(f"DALI smoke exit {r.returncode}: {last_line(r.stderr)}",
-                         {"exit_code": r.returncode, "stderr_tail": lines[-15:]})
-    return json.loads(Path(job["result"]).read_text())
-
-
-def _smoke_child(job_file: Path) -> None:
-    import numpy as np
-    from PIL import Image
-
-    job = json.loads(Path(job_file).read_text())
-    import nvidia.dali  # first: an import failure is the answer, in its own words
-
-    from dalipipe import device as dev
-    from dalipipe.atomic import save_json
-    from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-    from dalipipe.data.index import scan_images
-    from dalipipe.loading.loaders import make_loader
-
-    folder = Path(job["folder"])
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for fid in (1, 2):
-        for channel in ("yellow", "red", "blue"):
-            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{fid:05d}_{channel}.png")
-    device = dev.resolve(job["device"])
-    t = time.perf_counter()
-    loader = make_loader(scan_images(folder), np.arange(2), spec=AugmentSpec(image_size=32),
-                         norm=Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), train=True, device=device,
-                         settings=LoaderSettings(kind="dali", batch_size=2, workers=1, seed=0))
-    images, targets = next(iter(loader))
-    ok = images.shape == (2, 3, 32, 32) and images.device.type == device.type and bool(images.isfinite().all())
-    loader.close()
-    save_json({"dali": nvidia.dali.__version__, "device": str(images.device), "shape": list(images.shape),
-               "seconds": round(time.perf_counter() - t, 2), "ok": ok}, job["result"])
-    if not ok:
-        raise SystemExit(f"DALI smoke: unexpected batch {tuple(images.shape)} on {images.device}")
 
 
 def synthetic_data(work: Path, sizes: Sizes) -> Path:
@@ -479,16 +260,134 @@ def synthetic_data(work: Path, sizes: Sizes) -> Path:
     return path
 
 
+# One line per test as pytest -v writes it when the test ends: "tests/x.py::name[param] PASSED [ 10%]".
+_OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", flags=re.M)
+
+
+def gpu_tests(check: Check, marks: str, out_name: str, paths: tuple[str, ...] = ("tests",),
+              extra: tuple[str, ...] = (), parts: int = 1) -> dict:
+    """`pytest -m MARKS -v`, its output written to DIR/out_name as each test ends, so that a step cut by its
+    timeout still reports every test that finished, by name."""
+    cmd = [sys.executable, "-m", "pytest", "-m", marks, "-v", "-rfEs", "-p", "no:cacheprovider", *extra, *paths]
+    cut = None
+    try:
+        r = check.run(cmd, parts, check.env(PYTHONUNBUFFERED="1"), stdout_file=check.out / out_name)
+    except StepTimeout as e:
+        r, cut = e.process, str(e)
+    outcomes = dict(_OUTCOME.findall(r.stdout))
+    failed = [name for name, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
+    tail = f"cut: {cut}; {len(outcomes)} test(s) finished" if cut else (last_line(r.stdout) or r.stderr[-300:])
+    result = {"marks": marks, "exit_code": r.returncode, "summary": tail, "failed": failed, "outcomes": outcomes,
+              "counts": {k.lower(): list(outcomes.values()).count(k) for k in set(outcomes.values())},
+              "cut": cut is not None}
+    if cut or failed or r.returncode not in (0, 5):  # exit 5: nothing selected here, not a failure
+        raise StepFailed(f"GPU tests ({marks}): {tail}", result)
+    return result
+
+
+def loader_speed(check: Check, data: Path, sizes: Sizes, device: str, json_out: Path, *args, parts: int = 1):
+    """benchmarks/loader_speed.py on `data` at these sizes: (the command, its rows, its table, what stopped it
+    or None, the process). The rows it finished are in its JSON, whatever stopped it."""
+    cmd = [sys.executable, ROOT / "benchmarks" / "loader_speed.py", "--data", data, "--device", device,
+           "--image-size", sizes.image_size, "--batch-size", sizes.batch_size, "--json", json_out, *args]
+    try:
+        r = check.run(cmd, parts)
+        failure = f"loader_speed.py exit {r.returncode}: {last_line(r.stderr)}" if r.returncode else None
+    except StepTimeout as e:
+        r, failure = e.process, str(e)
+    rows = json.loads(json_out.read_text())["results"] if json_out.exists() else []
+    return " ".join(str(c) for c in cmd[1:]), rows, r.stdout.strip(), failure, r
+
+
+def benchmark(check: Check, data: Path, sizes: Sizes, device: str, rows: list[str], json_out: Path) -> dict:
+    """loader_speed.py --train with these rows (one timed epoch after its warm-up), summed up for the verdict."""
+    cmd, results, text, failure, _ = loader_speed(check, data, sizes, device, json_out, "--train", "--limit",
+                                                  sizes.bench_limit, "--epochs", 1,
+                                                  *[a for r in rows for a in ("--rows", r)])
+    if not results:
+        raise RuntimeError(failure or "loader_speed.py wrote no results")
+    mode = {True: "train", False: "load"}
+    summary = {f"{x['row']}_{mode[x['train']]}_images_per_s": round(x["images_per_s"], 1) for x in results}
+    summary.update({f"{x['row']}_train_data_wait": round(x["data_wait_fraction"], 4) for x in results if x["train"]})
+    summary.update({f"{x['row']}_{mode[x['train']]}_device_mb": x["peak_device_memory_mb"]
+                    for x in results if x.get("peak_device_memory_mb") is not None})
+    out = {"command": cmd, "table": text or json.dumps(summary, indent=1), "summary": summary,
+           "rows_done": len(results), "workers": results[0]["workers"]}
+    if failure:
+        raise StepFailed(f"benchmark incomplete ({failure}); {len(results)} row(s) finished", out)
+    return out
+
+
+def torch_step(check: Check, data: Path, sizes: Sizes, device: str) -> dict:
+    """What needs no DALI: the GPU tests without it, then the model-only training-step ceiling (loader_speed.py's
+    ceiling row: batches already on the device, cycled), the bound of what any loader lets the recipe reach."""
+    out, failures = {}, []
+    for key, run in (("gpu_tests", lambda: gpu_tests(check, TORCH_TESTS, "torch_tests.txt", parts=2,
+                                                     extra=("--ignore", "tests/test_gpu.py"))),
+                     ("ceiling", lambda: benchmark(check, data, sizes, device, ["ceiling"],
+                                                   check.work / "ceiling.json"))):
+        try:
+            out[key] = run()
+        except Exception as e:  # the other half may still tell us something
+            out[key] = getattr(e, "partial", None)
+            failures.append(f"{key}: {type(e).__name__}: {e}")
+    if failures:
+        raise StepFailed("; ".join(failures), out)
+    return out
+
+
+def dali_smoke(check: Check, data: Path, sizes: Sizes, device: str) -> dict:
+    """`import nvidia.dali` (where it fails, its error is the answer, in its own words), then an epoch of DALI's
+    training pipeline on a few samples (loader_speed.py's dali row: three mixed decoders and a GPU
+    warp_affine on a GPU, CPU operators without one), its batches on the device."""
+    r = check.run([sys.executable, "-c", "import nvidia.dali as d; print(d.__version__)"], parts=2)
+    version, rows = last_line(r.stdout), []
+    failure = f"exit {r.returncode}: {last_line(r.stderr)}" if r.returncode else None
+    if not failure:
+        _, rows, _, failure, r = loader_speed(check, data, sizes, device, check.work / "smoke.json", "--rows",
+                                              "dali", "--limit", SMOKE_SAMPLES, "--epochs", 1, "--workers", 1)
+    on = "cpu" if check.on_cpu else "cuda"
+    if not failure and not (rows and rows[0]["device"].startswith(on)
+                            and rows[0]["images_per_epoch"] == SMOKE_SAMPLES):
+        failure = f"no whole epoch on the device ({on}): {rows}"
+    if failure:
+        stderr = [line for line in r.stderr.splitlines() if line.strip()]
+        raise StepFailed(f"DALI smoke {failure}", {"exit_code": r.returncode, "stderr_tail": stderr[-15:]})
+    return {"dali": version, "device": rows[0]["device"], "images": SMOKE_SAMPLES, "ok": True}
+
+
+def timed_train(cfg, clock=time.perf_counter) -> tuple:
+    """train(cfg), timed on this clock through its observe callback: (its result, the times). setup_s: to its
+    first epoch's start; epoch_walls: each whole epoch (steps, validation, the hand-off of its checkpoint and
+    records); partial_steps, partial_s: those of an epoch that --time-limit stopped; record_wait_s: from the
+    last event to train's return (the wait for the last writes)."""
+    from dalipipe.run.train import train
+
+    marks: list[tuple[str, int, float]] = []
+    t0 = clock()
+    result = train(cfg, observe=lambda event, value: marks.append((event, value, clock())))
+    end, last = clock(), t0
+    times = {"wall_s": end - t0, "setup_s": None, "steps_per_epoch": None, "epoch_walls": [], "partial_steps": 0,
+             "partial_s": 0.0}
+    for event, value, t in marks:
+        if event == "epochs":
+            times.update(setup_s=t - t0, steps_per_epoch=value)
+        elif event == "epoch_end":
+            times["epoch_walls"].append(t - last)
+        elif event == "stopped":
+            times.update(partial_steps=value, partial_s=t - last)
+        last = t
+    return result, dict(times, record_wait_s=end - last)
+
+
 def project_recipe(setup_s: float, epoch_walls: list[float], epochs: int, steps_per_epoch: int,
                    partial_steps: int, partial_s: float) -> tuple[float | None, str]:
     """The whole recipe's training time from what a stopped run measured, with how it was projected.
     Whole-epoch wall times hold everything an epoch costs the loop (steps, validation, the hand-off of its
-    checkpoint and records, and any wait for the previous checkpoint's write), so per-epoch costs count
-    once per epoch. The first epoch also pays the warm-ups (cuDNN autotuning,
-    DALI's first batches): it counts once, the later epochs' mean for the rest."""
+    checkpoint and records), so per-epoch costs count once per epoch. The first epoch also pays the warm-ups
+    (cuDNN autotuning, DALI's first batches): it counts once, the later epochs' mean for the rest."""
     if len(epoch_walls) >= 2:
-        rest = statistics.mean(epoch_walls[1:])
-        return (setup_s + epoch_walls[0] + (epochs - 1) * rest,
+        return (setup_s + epoch_walls[0] + (epochs - 1) * statistics.mean(epoch_walls[1:]),
                 f"start-up + epoch 1 + {epochs - 1} x the mean of epochs 2-{len(epoch_walls)}")
     if len(epoch_walls) == 1:
         return setup_s + epochs * epoch_walls[0], f"start-up + {epochs} x epoch 1 (with its warm-up: high)"
@@ -498,323 +397,172 @@ def project_recipe(setup_s: float, epoch_walls: list[float], epochs: int, steps_
     return None, "no training step finished"
 
 
-def recipe(check: Check, data: Path, sizes: Sizes, device: str, reserve_s: float) -> dict:
-    """`dalipipe train` with the recipe's defaults, then `dalipipe predict` of the test set, in a child
-    process with its own timeout; the projection when the budget stopped it. reserve_s: kept for the steps
-    after it."""
+def recipe(check: Check, data: Path, sizes: Sizes, device: str) -> dict:
+    """`dalipipe train` with the recipe's defaults (train() in a child process, clocked through its observe
+    callback) under a time limit, then `dalipipe predict` of the test set; a projection where it was stopped."""
     run = Path(tempfile.mkdtemp(prefix="recipe-", dir=check.work))
-    # The child's time limit; past it the child still finishes its step, saves, and predicts (30 s of margin).
-    limit_s = max(10.0, check.left() - reserve_s - PREDICT_RESERVE_S - 30)
-    job = {"data": str(data), "run": str(run), "sizes": asdict(sizes), "device": device, "limit_s": limit_s,
-           "result": str(run / "recipe.json")}
-    job_file = check.work / "recipe-job.json"
-    job_file.write_text(json.dumps(job))
-    t = time.perf_counter()
+    job = {"data": str(data), "run": str(run), "sizes": asdict(sizes), "device": device,
+           "limit_s": max(10.0, RECIPE_TRAIN_SHARE * check.timeout()), "result": str(run / "recipe.json")}
+    (check.work / "recipe-job.json").write_text(json.dumps(job))
     failure = None
-    try:
-        # Past the time limit the child still finishes its step, saves, and predicts.
-        r = check.run([sys.executable, __file__, "--child", "recipe", "--work", job_file],
-                      timeout=limit_s + PREDICT_RESERVE_S + 30)
-        if r.returncode != 0:
-            failure = f"exit {r.returncode}: {last_line(r.stderr)}"
+    try:  # past its time limit the child still finishes its step, saves, and predicts
+        r = check.run([sys.executable, __file__, "--child", "recipe", "--work", check.work / "recipe-job.json"])
+        failure = f"exit {r.returncode}: {last_line(r.stderr)}" if r.returncode else None
     except StepTimeout as e:
         failure = str(e)
-    process_s = time.perf_counter() - t
     if not Path(job["result"]).exists():
         raise RuntimeError(failure or "the recipe wrote no result")
     res = json.loads(Path(job["result"]).read_text())
-    out = summarize_recipe(res, sizes)
-    out["process_s"] = round(process_s, 1)
+    history, walls = res["history"], res["epoch_walls"]
+    out = {"epochs_planned": sizes.epochs, "epochs_done": len(history), "stopped_early": res["stopped_early"],
+           **{k: round(res[k], 1) for k in ("wall_s", "setup_s", "record_wait_s")},
+           "epoch_wall_s": [round(w, 2) for w in walls],
+           # what an epoch costs the loop besides its steps and validation: its checkpoint and records
+           "epoch_records_s": round(statistics.mean(w - h["epoch_seconds"] for w, h in zip(walls, history)), 2)
+           if walls else None,
+           "train_images_per_s": round(statistics.mean(h["train_images_per_s"] for h in history[1:] or history), 1)
+           if history else None, "val_balanced_accuracy_best": round(res["best_val_balanced_accuracy"], 4),
+           **{k: round(res[k], 3) for k in ("peak_device_memory_mb", "predict_s", "test_balanced_accuracy") if k in res}}
+    if res["stopped_early"]:  # projected, plus the wait for the last writes at the end
+        projected, basis = project_recipe(res["setup_s"], walls, sizes.epochs, res["steps_per_epoch"],
+                                          res["partial_steps"], res["partial_s"])
+        out.update(steps_done_in_last_epoch=res["partial_steps"], projection=basis,
+                   projected_recipe_s=None if projected is None else round(projected + res["record_wait_s"], 1))
     if failure:
         raise StepFailed(f"recipe: {failure}", out)
     return out
 
 
-def summarize_recipe(res: dict, sizes: Sizes) -> dict:
-    history, timings = res["history"], res["timings"]
-    walls = res["epoch_walls"]
-    out = {"epochs_planned": sizes.epochs, "epochs_done": len(history), "stopped_early": res["stopped_early"],
-           "train_wall_s": round(res["train_wall_s"], 1),
-           **{k: round(v, 1) for k, v in timings.items()},
-           "setup_s": round(res["setup_s"], 1),
-           "epoch_wall_s": [round(w, 2) for w in walls],
-           # what an epoch costs the loop besides its steps and validation: handing its checkpoint and records
-           # to the background writer (and waiting, when the previous checkpoint is still being written)
-           "epoch_records_s": round(statistics.mean(w - h["epoch_seconds"] for w, h in zip(walls, history)), 2)
-           if walls else None,
-           "train_images_per_s": round(statistics.mean(h["train_images_per_s"] for h in history[1:] or history), 1)
-           if history else None,
-           "val_balanced_accuracy_best": round(res["best_val_balanced_accuracy"], 4) if history else None,
-           "peak_device_memory_mb": res.get("peak_device_memory_mb")}
-    if "predict_s" in res:
-        out["predict_s"] = round(res["predict_s"], 1)
-        out["test_balanced_accuracy"] = round(res["test_balanced_accuracy"], 4)
-    if res["stopped_early"]:
-        projected, basis = project_recipe(res["setup_s"], walls, sizes.epochs, res["steps_per_epoch"],
-                                          res["partial_steps"], res["partial_train_s"])
-        out["steps_done_in_last_epoch"] = res["partial_steps"]
-        # plus the last writes, which the run waits for at its end
-        projected = None if projected is None else projected + timings.get("record_wait_s", 0.0)
-        out["projected_recipe_s"] = None if projected is None else round(projected, 1)
-        out["projection"] = basis
-    return out
-
-
 def _recipe_child(job_file: Path) -> None:
-    """Child: train with the recipe's defaults under the time limit, then predict; the result is written
-    after training and again after predict, so that a failure in predict keeps the training figures."""
+    """Child: train with the recipe's defaults under the time limit, then predict; the result is written after
+    training and again after predict, so that a failure in predict keeps the training figures."""
     import torch
 
     from dalipipe.atomic import save_json
     from dalipipe.config import AugmentSpec, TrainConfig
     from dalipipe.infer.predict import predict
     from dalipipe.infer.score import score
-    from dalipipe.run.train import train
     from dalipipe.settings import PredictSettings
 
     job = json.loads(Path(job_file).read_text())
     data, run, sizes = Path(job["data"]), Path(job["run"]), Sizes(**job["sizes"])
-    cfg = TrainConfig(images_dir=str(data / "images_train"), labels_csv=str(data / "y_train.csv"), out_dir=str(run),
-                      epochs=sizes.epochs, batch_size=sizes.batch_size, device=job["device"],
-                      augment=AugmentSpec(image_size=sizes.image_size), time_limit_minutes=job["limit_s"] / 60)
-    t = time.perf_counter()
-    trained = train(cfg)
-    result = {**trained.to_dict(), "train_wall_s": time.perf_counter() - t}
+    trained, times = timed_train(TrainConfig(
+        images_dir=str(data / "images_train"), labels_csv=str(data / "y_train.csv"), out_dir=str(run),
+        epochs=sizes.epochs, batch_size=sizes.batch_size, device=job["device"],
+        augment=AugmentSpec(image_size=sizes.image_size), time_limit_minutes=job["limit_s"] / 60))
+    result = {**trained.to_dict(), **times}
     if torch.cuda.is_available() and job["device"] != "cpu":
         # torch's allocator; DALI's own pools are apart (the benchmark's device column counts both)
-        result["peak_device_memory_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        result["peak_device_memory_mb"] = torch.cuda.max_memory_reserved() / 2**20
     save_json(result, job["result"])
     if trained.history:  # a run stopped before its first epoch's end has no best.pt to predict with
-        t = time.perf_counter()
-        sub = run / "submission.csv"
+        t, sub = time.perf_counter(), run / "submission.csv"
         predict(PredictSettings(checkpoints=(str(run),), images_dir=str(data / "images_test"), out_csv=str(sub),
                                 device=job["device"], batch_size=sizes.batch_size))
-        result["predict_s"] = time.perf_counter() - t
-        result["test_balanced_accuracy"] = score(str(sub), str(data / "y_test.csv"))
-        save_json(result, job["result"])
-
-
-def sample_log(folder: Path) -> dict[int, list[int]]:
-    """DALIPIPE_SAMPLE_LOG's record of rank 0: epoch -> the file ids trained on, in order (appended)."""
-    out: dict[int, list[int]] = {}
-    for line in (folder / "rank0.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.setdefault(row["epoch"], []).extend(row["file_ids"])
-    return out
-
-
-def exact_resume(check: Check, data: Path, device: str, gpu: bool) -> dict:
-    """A run killed mid-epoch (SIGKILL) and resumed, against its uninterrupted twin: the same samples in the
-    same order, and losses equal (bit for bit on the CPU; within GPU_RESUME_LOSS_RTOL on a GPU)."""
-    from dalipipe.run_state import SavedRun
-
-    base = [data / "images_train", data / "y_train.csv", *RESUME_OPTS, "--device", device]
-    twin, run = check.work / "resume-twin", check.work / "resume-run"
-    logs = {name: check.work / f"samples-{name}" for name in ("twin", "run")}
-    for path in (twin, run, *logs.values()):
-        shutil.rmtree(path, ignore_errors=True)
-    check.dalipipe("train", *base, "--out", twin, timeout=RESUME_RUN_S, DALIPIPE_SAMPLE_LOG=str(logs["twin"]))
-    r = check.dalipipe("train", *base, "--out", run, timeout=RESUME_RUN_S, check=False,
-                       DALIPIPE_SAMPLE_LOG=str(logs["run"]), DALIPIPE_KILL_AT_STEP=str(RESUME_KILL_AT))
-    if r.returncode != -signal.SIGKILL:
-        raise RuntimeError(f"the run to be killed at step {RESUME_KILL_AT} ended with exit {r.returncode}")
-    saved = SavedRun.read(run / "last.pt")
-    check.dalipipe("train", "--resume", run, timeout=RESUME_RUN_S, DALIPIPE_SAMPLE_LOG=str(logs["run"]))
-    a, b = sample_log(logs["twin"]), sample_log(logs["run"])
-    # The killed process ended inside epoch 1 (a rank logs its samples at an epoch's end): the resumed one
-    # logs epoch 1 from the step after the checkpoint on, then the later epochs whole.
-    resumed = b.get(1, [])
-    skipped = saved.partial_steps * PATHS.batch_size  # the steps before the checkpoint: not trained again
-    same_samples = (len(resumed) > 0 and len(a.get(1, [])) - len(resumed) == skipped
-                    and a.get(1, [])[-len(resumed):] == resumed
-                    and all(a.get(e) == b.get(e) for e in range(2, RESUME_EPOCHS + 1)))
-    metrics = [[json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()] for path in (twin, run)]
-    diffs = [abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(*metrics) for k in ("train_loss", "val_loss")]
-    wa, wb = SavedRun.read(twin / "last.pt").model, SavedRun.read(run / "last.pt").model
-    weights_diff = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa if wa[k].is_floating_point())
-    rtol = GPU_RESUME_LOSS_RTOL if gpu else 0.0
-    out = {"killed_at_global_step": RESUME_KILL_AT, "resumed_from": {"epoch": saved.card.epoch + 1, "steps": saved.partial_steps},
-           "same_samples_same_order": same_samples, "epochs_compared": len(diffs) // 2,
-           "max_loss_rel_diff": max(diffs) if diffs else None, "loss_rtol": rtol,
-           "max_weight_abs_diff": weights_diff}
-    if not same_samples or len(metrics[0]) != len(metrics[1]) or not diffs or max(diffs) > rtol:
-        raise StepFailed("the resumed run differs from its twin", out)
-    return out
-
-
-def precision_and_decoder(check: Check, data: Path, device: str, gpu: bool) -> dict:
-    """One epoch through `train` with the fp16 + GradScaler path forced (--precision fp16; on the CPU,
-    where fp16 is refused with a one-line error, fp32) and DALI decoding on the CPU (--decoder cpu)."""
-    from dalipipe.run_state import SavedRun
-
-    precision = "fp16" if gpu else "fp32"
-    run = check.work / "fp16-cpudec"
-    shutil.rmtree(run, ignore_errors=True)
-    check.dalipipe("train", data / "images_train", data / "y_train.csv", "--out", run, "--epochs", "1",
-                   "--image-size", str(PATHS.image_size), "--batch-size", str(PATHS.batch_size), "--device", device,
-                   "--precision", precision, "--decoder", "cpu", timeout=90)
-    saved = SavedRun.read(run / "last.pt")
-    row = saved.progress.history[0]
-    out = {"precision": precision, "decoder": "cpu", "train_loss": row["train_loss"], "val_loss": row["val_loss"],
-           "grad_scaler_scale": float(saved.scaler["scale"]) if saved.scaler else None}
-    if not gpu:  # the option's promise on the CPU: a one-line error, exit 2
-        r = check.dalipipe("train", data / "images_train", data / "y_train.csv", "--out", check.work / "fp16-cpu",
-                           "--precision", "fp16", "--device", "cpu", timeout=60, check=False)
-        out["fp16_on_cpu"] = f"exit {r.returncode}: {last_line(r.stderr)}"
-        if r.returncode != 2:
-            raise StepFailed("--precision fp16 on the CPU was not refused with exit 2", out)
-    if not all(math.isfinite(row[k]) for k in ("train_loss", "val_loss")):
-        raise StepFailed("non-finite loss", out)
-    if gpu and out["grad_scaler_scale"] is None:
-        raise StepFailed("--precision fp16 ran without a gradient scaler", out)
-    return out
-
-
-def benchmark(check: Check, data: Path, sizes: Sizes, device: str, rows: list[str], name: str, plot: Path,
-              timeout: float) -> dict:
-    json_out = check.out / f"{name}.json"
-    cmd = [sys.executable, ROOT / "benchmarks" / "loader_speed.py", "--train", "--data", data, "--device", device,
-           "--limit", sizes.bench_limit, "--epochs", sizes.bench_epochs, "--image-size", sizes.image_size,
-           "--batch-size", sizes.batch_size, "--json", json_out, "--plot", plot, *[a for r in rows for a in ("--rows", r)]]
-    failure, table_text = None, ""
-    try:
-        r = check.run(cmd, timeout=timeout)
-        failure = None if r.returncode == 0 else f"loader_speed.py exit {r.returncode}: {last_line(r.stderr)}"
-        table_text = r.stdout.strip()
-    except StepTimeout as e:  # the rows it finished are in the JSON
-        failure = str(e)
-    if not json_out.exists():
-        raise RuntimeError(failure or "loader_speed.py wrote no results")
-    results = json.loads(json_out.read_text())["results"]
-    summary = {f"{x['row']}_{'train' if x['train'] else 'load'}_images_per_s": round(x["images_per_s"], 1)
-               for x in results}
-    summary.update({f"{x['row']}_train_data_wait": round(x["data_wait_fraction"], 4) for x in results if x["train"]})
-    summary.update({f"{x['row']}_{'train' if x['train'] else 'load'}_device_mb": x["peak_device_memory_mb"]
-                    for x in results if x.get("peak_device_memory_mb") is not None})
-    out = {"command": " ".join(str(c) for c in cmd[1:]), "table": table_text or json.dumps(summary, indent=1),
-           "summary": summary, "rows_done": len(results), "workers": results[0]["workers"] if results else None}
-    if failure:
-        raise StepFailed(f"benchmark incomplete ({failure}); {len(results)} row(s) finished", out)
-    return out
+        save_json(dict(result, predict_s=time.perf_counter() - t,
+                       test_balanced_accuracy=score(str(sub), str(data / "y_test.csv"))), job["result"])
 
 
 def verdict(report: dict) -> list[dict]:
-    rec = report.get("recipe") or {}
-    bench = (report.get("benchmark") or {}).get("summary", {})
+    rec, bench = report.get("recipe") or {}, (report.get("benchmark") or {}).get("summary", {})
     on_gpu = bool((report.get("environment") or {}).get("gpu"))  # the targets are a GPU's: n/a elsewhere
-    applies = on_gpu and not report["quick"]
-    rows = []
-    smoke = next((x for x in report["steps"] if x["step"] == "DALI smoke"), None)
+    applies, rows = on_gpu and not report["quick"], []
+    smoke = next((x for x in report["steps"] if x["step"] == TITLES["smoke"]), None)
     if smoke is not None and smoke["status"] != "skipped":
         # One line for what DALI's failure costs: every step that needs it is skipped, not failed in turn.
-        # Say what ran on this device: on a machine without a GPU the smoke runs DALI's CPU operators only.
         what = ("three mixed decoders and a GPU warp_affine" if on_gpu else
                 "CPU decoders and a CPU warp_affine: no GPU here, its mixed and GPU operators not tried")
         rows.append({"target": f"DALI's training pipeline runs one batch on this machine ({what})",
                      "measured": "ok" if smoke["status"] == "ok" else
-                     f"{smoke['error']}; the steps that need DALI were skipped",
-                     "met": smoke["status"] == "ok"})
+                     f"{smoke['error']}; the steps that need DALI were skipped", "met": smoke["status"] == "ok"})
     finished = rec and not rec.get("stopped_early")
-    recipe_s = rec.get("train_wall_s") if finished else rec.get("projected_recipe_s")
-    lower_bound = "lower bound" in (rec.get("projection") or "")
-    met = None
-    if recipe_s is not None and applies:
-        # A lower bound over the target is a sure miss; under it, it proves nothing.
+    recipe_s = rec.get("wall_s") if finished else rec.get("projected_recipe_s")
+    lower_bound, met = "lower bound" in (rec.get("projection") or ""), None
+    if recipe_s is not None and applies:  # a lower bound over the target is a sure miss; under it, proves nothing
         met = recipe_s <= TARGET_RECIPE_S if not lower_bound else (False if recipe_s > TARGET_RECIPE_S else None)
     rows.append({"target": f"reference recipe (training, all included) <= {TARGET_RECIPE_S:.0f} s on one H100",
-                 "measured": None if recipe_s is None else
-                 f"{recipe_s:.0f} s" + ("" if finished else f" (projected: {rec.get('projection')})")
+                 "measured": None if recipe_s is None else f"{recipe_s:.0f} s"
+                 + ("" if finished else f" (projected: {rec.get('projection')})")
                  + (" (quick sizes: not the recipe)" if report["quick"] else ""), "met": met})
-    dali_t, ceil_t = bench.get("dali_train_images_per_s"), bench.get("ceiling_train_images_per_s")
-    ratio = dali_t / ceil_t if dali_t and ceil_t else None
-    rows.append({"target": f"DALI in training >= {TARGET_DALI_OF_CEILING:.0%} of the ceiling",
-                 "measured": None if ratio is None else f"{ratio:.1%}",
-                 "met": None if ratio is None or not applies else ratio >= TARGET_DALI_OF_CEILING})
-    dali_l, torch_l = bench.get("dali_load_images_per_s"), bench.get("torch_load_images_per_s")
-    ratio = dali_l / torch_l if dali_l and torch_l else None
-    rows.append({"target": f"DALI loading >= {TARGET_DALI_OVER_TORCH:.0f}x the torch loader (same workers)",
-                 "measured": None if ratio is None else f"{ratio:.2f}x",
-                 "met": None if ratio is None or not applies else ratio >= TARGET_DALI_OVER_TORCH})
+    for a, b, target, goal, fmt in (
+            ("dali_train", "ceiling_train", f"DALI in training >= {TARGET_DALI_OF_CEILING:.0%} of the ceiling",
+             TARGET_DALI_OF_CEILING, "{:.1%}"),
+            ("dali_load", "torch_load", f"DALI loading >= {TARGET_DALI_OVER_TORCH:.0f}x the torch loader "
+             "(same workers)", TARGET_DALI_OVER_TORCH, "{:.2f}x")):
+        x, y = bench.get(f"{a}_images_per_s"), bench.get(f"{b}_images_per_s")
+        ratio = x / y if x and y else None
+        rows.append({"target": target, "measured": None if ratio is None else fmt.format(ratio),
+                     "met": None if ratio is None or not applies else ratio >= goal})
     return rows
 
 
 def markdown(report: dict) -> str:
-    env = report.get("environment") or {}
-    if env.get("gpu"):
-        device = f"{env['gpu']}, {env['gpu_memory_gib']} GiB; driver {env['driver']}; CUDA {env['cuda']}"
-    else:
-        device = f"no GPU ({env.get('device', 'device unknown')})"
+    env, torch_part = report.get("environment") or {}, report.get("torch") or {}
+    device = (f"{env['gpu']}, {env['gpu_memory_gib']} GiB; driver {env['driver']}; CUDA {env['cuda']}"
+              if env.get("gpu") else f"no GPU ({env.get('device', 'device unknown')})")
     lines = [f"# gpu_check report ({report.get('finished')})", "",
-             f"Device: {device}; torch {env.get('torch')}; DALI {env.get('dali')}; "
-             f"efficientnet-pytorch {env.get('efficientnet_pytorch')}; Python {env.get('python')}; "
-             f"{env.get('cpu_cores')} CPU cores, {env.get('workers')} loader workers; bf16 {env.get('bf16')}. "
-             f"Mode: {'quick' if report['quick'] else 'full'}, budget {report['budget_s']:.0f} s, "
-             f"{report.get('seconds')} s used.", "",
-             "## Steps", "", "| step | status | seconds | note |", "| --- | --- | ---: | --- |"]
-    for s in report["steps"]:
-        lines.append(f"| {s['step']} | {s['status']} | {s['seconds']} | {(s['error'] or '').splitlines()[0] if s['error'] else ''} |")
-
-    def table(title: str, d: dict | None) -> list[str]:
+             f"Device: {device}; torch {env.get('torch')}; DALI {env.get('dali')}; efficientnet-pytorch "
+             f"{env.get('efficientnet_pytorch')}; Python {env.get('python')}; {env.get('cpu_cores')} CPU cores, "
+             f"{env.get('workers')} loader workers; bf16 {env.get('bf16')}. Mode: "
+             f"{'quick' if report['quick'] else 'full'}, budget {report['budget_s']:.0f} s, {report.get('seconds')} "
+             "s used.", "", "## Steps", "", "| step | status | seconds | note |", "| --- | --- | ---: | --- |"]
+    lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {(s['error'] or '').splitlines()[0]} |"
+              if s["error"] else f"| {s['step']} | {s['status']} | {s['seconds']} |  |" for s in report["steps"]]
+    for title, d in (("Model-only training-step ceiling", torch_part.get("ceiling")),
+                     ("DALI smoke", report.get("smoke")), ("GPU tests without DALI", torch_part.get("gpu_tests")),
+                     ("GPU tests with DALI", report.get("gpu_tests")), ("Reference recipe", report.get("recipe")),
+                     ("Loader benchmark (--train)", report.get("benchmark"))):
+        lines += ["", f"## {title}", ""]
         if not d:
-            return ["", f"## {title}", "", "not run"]
-        return ["", f"## {title}", "", "| measure | value |", "| --- | --- |",
-                *[f"| {k} | {v} |" for k, v in d.items() if k not in ("table", "summary")]]
-
-    torch_part = report.get("torch") or {}
-    lines += table("Model-only training-step ceiling (no DALI)", torch_part.get("ceiling"))
-    smoke = report.get("smoke") or {}
-    lines += table("DALI smoke", {k: v for k, v in smoke.items() if k != "stderr_tail"})
-    lines += [f"    {line}" for line in smoke.get("stderr_tail", [])]
-    for title, tests in (("GPU tests without DALI", torch_part.get("gpu_tests") or {}),
-                         ("GPU tests with DALI", report.get("gpu_tests") or {})):
-        lines += ["", f"## {title}", "", f"{tests.get('summary', 'not run')}"]
-        lines += [f"- failed: {f}" for f in tests.get("failed", [])]
-    lines += table("Reference recipe", report.get("recipe"))
-    lines += table("Exact resume", report.get("exact_resume"))
-    lines += table("Precision and decoder paths", report.get("precision_decoder"))
-    for key, title in (("benchmark", "Loader benchmark (--train)"), ("benchmark_compile", "torch.compile row")):
-        bench = report.get(key) or {}
-        lines += ["", f"## {title}", "", f"`{bench.get('command', 'not run')}`", "", "```", bench.get("table", ""), "```"]
+            lines.append("not run")
+        elif "table" in d:  # a loader_speed.py run
+            lines += [f"`{d['command']}`", "", "```", d["table"], "```"]
+        elif "outcomes" in d:  # a pytest run
+            lines += [d["summary"], *[f"- failed: {name}" for name in d["failed"]]]
+        else:
+            lines += ["| measure | value |", "| --- | --- |",
+                      *[f"| {k} | {v} |" for k, v in d.items() if k != "stderr_tail"],
+                      *[f"    {line}" for line in d.get("stderr_tail", [])]]
     lines += ["", "## Verdict", "", "| target | measured | met |", "| --- | --- | --- |"]
-    for v in report.get("verdict", []):
-        met = "n/a" if v["met"] is None else "yes" if v["met"] else "NO"
-        lines.append(f"| {v['target']} | {v['measured'] or 'not measured'} | {met} |")
+    lines += [f"| {v['target']} | {v['measured'] or 'not measured'} | "
+              f"{'n/a' if v['met'] is None else 'yes' if v['met'] else 'NO'} |" for v in report.get("verdict", [])]
     return "\n".join(lines) + "\n"
 
 
 @click.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Report folder (a few small files).")
-@click.option("--budget-s", type=float,
-              help=f"Stop all work within this many seconds. [default: {BUDGET_GPU_S:.0f} on a GPU, "
-                   f"{BUDGET_CPU_S:.0f} without one]")
+@click.option("--budget-s", type=float, help=f"Stop all work within this many seconds. [default: "
+                                             f"{BUDGET_GPU_S:.0f} on a GPU, {BUDGET_CPU_S:.0f} without one]")
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny sizes (for the CPU, and the test suite).")
-@click.option("--work", "work_dir", type=click.Path(), help="Data and run folders. [default: a temporary folder, removed at the end]")
-@click.option("--steps", "steps_text", help=f"Comma-separated steps to run, of {','.join(STEPS)}. "
-                                             f"[default: all but compile]")
-@click.option("--child", type=click.Choice(["recipe", "ceiling", "smoke"]), hidden=True)
+@click.option("--work", "work_dir", type=click.Path(),
+              help="Data and run folders. [default: a temporary folder, removed at the end]")
+@click.option("--steps", "steps_text", help=f"Comma-separated steps, of {','.join(STEPS)}. [default: all]")
+@click.option("--child", type=click.Choice(["recipe"]), hidden=True)
 def main(out_dir, budget_s, device, quick, work_dir, steps_text, child):
     """Verify this machine's GPU path and measure it against the project's targets."""
+    # Progress bars are for people at a terminal: here they would fill the log with redrawn lines. tqdm reads
+    # this when it is imported (torch imports it): before anything imports either.
+    os.environ["TQDM_DISABLE"] = "1"
     if child:
-        return {"recipe": _recipe_child, "ceiling": _ceiling_child, "smoke": _smoke_child}[child](Path(work_dir))
+        return _recipe_child(Path(work_dir))
     if not out_dir:
         raise click.UsageError("--out DIR is required")
-    steps = parse_steps(steps_text)
+    asked = [t.strip() for t in (steps_text or ",".join(STEPS)).split(",") if t.strip()]
+    if not asked or set(asked) - set(STEPS):
+        raise click.BadParameter(f"{', '.join(set(asked) - set(STEPS)) or 'nothing'}: the steps are "
+                                 f"{', '.join(STEPS)}", param_hint="--steps")
+    steps = tuple(t for t in STEPS if t in asked)  # always in the check's order
     if budget_s is None:
         import torch
 
         budget_s = BUDGET_GPU_S if device != "cpu" and torch.cuda.is_available() else BUDGET_CPU_S
-    # Progress bars are for people at a terminal: here they would fill the log (and the steps' output)
-    # with redrawn lines. tqdm reads this in this process and in every step's.
-    os.environ["TQDM_DISABLE"] = "1"
-    out = Path(out_dir)
+    out, work = Path(out_dir), Path(work_dir or tempfile.mkdtemp(prefix="gpu_check-"))
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(work_dir or tempfile.mkdtemp(prefix="gpu_check-"))
     work.mkdir(parents=True, exist_ok=True)
     sizes = Sizes.pick(quick)
-    report: dict = {"quick": quick, "budget_s": budget_s, "sizes": asdict(sizes), "steps_asked": list(steps),
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    check = Check(out, work, budget_s, report)
+    check = Check(out, work, budget_s, {"quick": quick, "budget_s": budget_s, "sizes": asdict(sizes),
+                                        "steps_asked": list(steps), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     try:
         run_steps(check, sizes, device, steps, explicit=steps_text is not None)
     finally:
@@ -829,81 +577,41 @@ def main(out_dir, budget_s, device, quick, work_dir, steps_text, child):
         sys.exit(1)
 
 
-def parse_steps(text: str | None) -> tuple[str, ...]:
-    if text is None:
-        return DEFAULT_STEPS
-    asked = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in asked if t not in STEPS]
-    if unknown or not asked:
-        raise click.BadParameter(f"{', '.join(unknown) or 'nothing'}: the steps are {', '.join(STEPS)}",
-                                 param_hint="--steps")
-    return tuple(t for t in STEPS if t in asked)  # always in the check's order
-
-
 def run_steps(check: Check, sizes: Sizes, device: str, steps: tuple[str, ...], explicit: bool) -> None:
-    def reserve(after: str) -> float:
-        """What the selected steps after this one need at least."""
-        later = STEPS[STEPS.index(after) + 1:]
-        return sum(RESERVE_S.get(name, 0.0) for name in later if name in steps)
-
     def step(name: str, fn, **kw):
-        check.keep = reserve(name)
+        check.keep = keep_back(steps, name, check.budget_s)
         return check.step(TITLES[name], fn, **kw)
 
-    # What a torch step's result was measured on: carried over only to a call on the same.
-    measured_on = {"device": device, "quick": sizes == Sizes.pick(True), "sizes": asdict(sizes)}
-    done_file = check.work / "torch-step.json"
     env = step("env", lambda: environment(device), min_s=0, key="environment")
     gpu = bool(env and env["gpu"])
-    data = small = None
-    if "data" in steps or any(name in steps for name in ("recipe", "resume", "paths", "bench", "compile")):
-        check.keep = reserve("data")
-        data = check.step("synthetic data", lambda: synthetic_data(check.work, sizes))
-        small = check.step("small data", lambda: synthetic_data(check.work, PATHS), min_s=2)
-    if "torch" in steps:
-        earlier = json.loads(done_file.read_text()) if done_file.exists() else None
-        if not explicit and earlier and earlier.get("measured_on") == measured_on:
-            # Done by an earlier call with this --work (its report came back with it): carried over.
-            check.report["torch"] = earlier["result"]
-            check.skip(TITLES["torch"], "done by an earlier call with this --work (result carried over from "
-                                        f"{done_file.name}; its test log is in that call's --out)")
-        else:
-            result = step("torch", lambda: torch_step(check, sizes, device), min_s=20, key="torch")
-            if result is not None and check.steps[-1]["status"] == "ok":
-                done_file.write_text(json.dumps({"measured_on": measured_on, "result": result}))
-    if not NEEDS_DALI.intersection(steps) and "smoke" not in steps:
-        return
-    step("smoke", lambda: dali_smoke(check, device), min_s=10, key="smoke")
-    if check.steps[-1]["status"] != "ok":
-        why = f"DALI smoke {check.steps[-1]['status']}: {(check.steps[-1]['error'] or '').splitlines()[0]}"
-        for name in steps:
-            if name in NEEDS_DALI:
-                check.skip(TITLES[name], why)
-        return
+    check.on_cpu = not gpu
+    data = step("data", lambda: synthetic_data(check.work, sizes)) if steps != ("env",) else None
+    if data is None:  # every other step needs it (the GPU tests with DALI, through the smoke)
+        return [check.skip(TITLES[n], "no synthetic data") for n in steps if n not in ("env", "data")] and None
+    # What a torch step's result was measured on: carried over only to a call on the same.
+    measured_on, done_file = {"device": device, "sizes": asdict(sizes)}, check.work / "torch-step.json"
+    earlier = json.loads(done_file.read_text()) if done_file.exists() else None
+    if "torch" in steps and not explicit and earlier and earlier.get("measured_on") == measured_on:
+        check.report["torch"] = earlier["result"]
+        check.skip(TITLES["torch"], f"done by an earlier call with this --work (result carried over from "
+                                    f"{done_file.name}; its test log is in that call's --out)")
+    elif "torch" in steps:
+        result = step("torch", lambda: torch_step(check, data, sizes, device), min_s=20, key="torch")
+        if result is not None and check.steps[-1]["status"] == "ok":
+            done_file.write_text(json.dumps({"measured_on": measured_on, "result": result}))
+    if {"smoke", *NEEDS_DALI}.intersection(steps):
+        step("smoke", lambda: dali_smoke(check, data, sizes, device), min_s=10, key="smoke")
+        if check.steps[-1]["status"] != "ok":
+            why = f"DALI smoke {check.steps[-1]['status']}: {(check.steps[-1]['error'] or '').splitlines()[0]}"
+            return [check.skip(TITLES[n], why) for n in steps if n in NEEDS_DALI] and None
     if "tests" in steps:
-        step("tests", lambda: gpu_tests(check, DALI_TESTS, "gpu_tests.txt", GPU_TESTS_MAX_S), min_s=30,
-             key="gpu_tests")
-    if "recipe" in steps and data is not None:
-        step("recipe", lambda: recipe(check, data, sizes, device, reserve("recipe")),
-             min_s=30 + PREDICT_RESERVE_S, key="recipe")
-    if "resume" in steps and small is not None:
-        step("resume", lambda: exact_resume(check, small, device, gpu), min_s=30, key="exact_resume")
-    if "paths" in steps and small is not None:
-        step("paths", lambda: precision_and_decoder(check, small, device, gpu), min_s=15, key="precision_decoder")
-    if "bench" in steps and data is not None:
-        rows = ["torch", "dali", "dali-cpudec", "dali-cache", "ceiling"]
-        step("bench", lambda: benchmark(check, data, sizes, device, rows, "benchmark", check.out / "benchmark.png",
-                                        check.left() - reserve("bench")), min_s=30, key="benchmark")
-    if "compile" in steps:
-        if not gpu:
-            check.skip(TITLES["compile"], "no GPU: inductor compiles for minutes on a CPU")
-        elif data is not None:
-            step("compile", lambda: benchmark(check, data, sizes, device, ["ceiling-compile"], "benchmark-compile",
-                                              check.work / "compile.png", check.left() - 2),
-                 min_s=COMPILE_MIN_S, key="benchmark_compile")
-    elif not explicit:
-        check.skip(TITLES["compile"], "not in the default steps: its compilation takes minutes that a check "
-                                      "within one budget does not have; ask for it with --steps ...,compile")
+        step("tests", lambda: gpu_tests(check, DALI_TESTS, "gpu_tests.txt"), min_s=30, key="gpu_tests")
+    if "recipe" in steps:
+        step("recipe", lambda: recipe(check, data, sizes, device), min_s=60, key="recipe")
+    if "bench" in steps:
+        rows = ["torch", "dali", "dali-cpudec", "dali-cache", "ceiling"]  # those that apply on this device
+        step("bench", lambda: benchmark(check, data, sizes, device, rows, check.out / "benchmark.json"), min_s=30,
+             key="benchmark")
 
 
 if __name__ == "__main__":

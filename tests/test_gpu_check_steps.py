@@ -1,6 +1,6 @@
 """The GPU check's parts that decide what a single timed run on a GPU machine brings back, on the CPU: steps
 run apart against one --work, the DALI smoke's failure path, GPU tests cut by their timeout keeping the
-outcomes written so far, and timeouts bounded by the budget."""
+outcomes written so far, timeouts that are shares of the budget, and what the children are given."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import processes
-from tests.test_gpu_check import SCRIPT, gpu_check_module
+from tests.test_gpu_check import SCRIPT, check_env, gpu_check_module
 
 # A call of the quick check with some of its steps: up to 25 s here (2026-12-06, 2-core CPU, two tests at
 # once; the two calls of the longest test, 36 s).
@@ -34,18 +34,23 @@ def steps_of(out: Path) -> dict:
 
 def test_steps_run_apart_and_a_later_default_call_carries_the_torch_step_over(tmp_path):
     work = tmp_path / "work"
-    run_check("--steps", "env,data", "--out", tmp_path / "one", "--work", work)
-    assert list(steps_of(tmp_path / "one")) == ["environment", "synthetic data", "small data"]
+    r = run_check("--steps", "env,data", "--out", tmp_path / "one", "--work", work, env=check_env())
+    assert list(steps_of(tmp_path / "one")) == ["environment", "synthetic data"]
+    # No progress bars: tqdm reads TQDM_DISABLE when it is imported, which the check sets before anything
+    # imports it (or torch, which imports it).
+    assert "sample/s" not in r.stderr and "%|" not in r.stderr, r.stderr[-2000:]
     env = json.loads((tmp_path / "one" / "report.json").read_text())["environment"]
     assert env["pytest"] and env["pandas"] and env["tests_package"] == str(Path(SCRIPT).parents[1] / "tests")
     assert (work / "synthetic-120-32" / "y_test.csv").exists()
 
     run_check("--steps", "torch", "--out", tmp_path / "two", "--work", work)
     steps = steps_of(tmp_path / "two")
-    assert list(steps) == ["environment", "torch: ceiling and GPU tests without DALI"]  # no data: not needed
+    # the data again (made by the first call: reused), which the ceiling runs on
+    assert list(steps) == ["environment", "synthetic data", "torch: ceiling and GPU tests without DALI"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
     torch_part = json.loads((tmp_path / "two" / "report.json").read_text())["torch"]
-    assert torch_part["ceiling"]["images_per_s"] > 0 and torch_part["ceiling"]["image_size"] == 32
+    ceiling = torch_part["ceiling"]
+    assert ceiling["summary"]["ceiling_train_images_per_s"] > 0 and "--image-size 32" in ceiling["command"]
     # Only the GPU tests without DALI were selected (all skip here: no GPU).
     outcomes = torch_part["gpu_tests"]["outcomes"]
     assert outcomes and all("test_gpu.py" not in name for name in outcomes)
@@ -113,7 +118,7 @@ def test_gpu_tests_cut_by_their_timeout_keep_every_outcome_written_so_far(tmp_pa
     (tmp_path / "out").mkdir()
     check = gc.Check(tmp_path / "out", tmp_path, 300, {})
     with pytest.raises(gc.StepFailed) as e:
-        gc.gpu_tests(check, "not nothing", "tests.txt", 100, paths=(str(tests),))
+        gc.gpu_tests(check, "not nothing", "tests.txt", paths=(str(tests),))
     result = e.value.partial
     assert result["cut"] and result["failed"] == []
     ((name, outcome),) = result["outcomes"].items()  # the hanging test has no outcome
@@ -127,6 +132,38 @@ def test_a_step_timeout_never_runs_past_the_budget(tmp_path):
     check = gc.Check(tmp_path / "out", tmp_path, budget_s=3, report={})
     check.left = lambda: 3.0  # what is left of the budget when the step starts, whatever the machine's speed
     with pytest.raises(gc.StepTimeout) as e:
-        check.run([sys.executable, "-c", "import time; time.sleep(120)"], timeout=90)
+        check.run([sys.executable, "-c", "import time; time.sleep(120)"])
     assert "ran past its 3 s" in str(e.value), str(e.value)
     assert e.value.process.returncode < 0  # killed, what it wrote kept
+
+
+def test_the_childrens_timeouts_are_shares_of_the_budget(tmp_path):
+    """Ten times the budget gives every step's processes ten times the time: none has a fixed timeout of its
+    own (a fixed 120 s for the ceiling failed the quick check on a busy machine, whatever its budget)."""
+    gc = gpu_check_module()
+    (tmp_path / "out").mkdir()
+    timeouts = {}
+    for budget in (300.0, 3000.0):
+        check = gc.Check(tmp_path / "out", tmp_path, budget, {})
+        check.left = lambda: budget  # at the start of the check
+        for step, parts in (("torch", 2), ("tests", 1), ("recipe", 1), ("bench", 1)):
+            check.keep = gc.keep_back(gc.STEPS, step, budget)
+            timeouts[budget, step] = check.timeout(parts)
+    for step in ("torch", "tests", "recipe", "bench"):
+        assert timeouts[3000.0, step] == pytest.approx(10 * timeouts[300.0, step]), step
+    assert timeouts[300.0, "bench"] == pytest.approx(300)  # the last step: whatever is left
+    # the steps selected: the shares of the others are not kept back
+    assert gc.keep_back(("env", "data", "torch"), "torch", 300.0) == 0.0
+
+
+def test_on_a_cpu_the_children_get_one_openmp_thread_each(tmp_path, monkeypatch):
+    """Unless set: on a busy 2-core machine a step of the ceiling took 1.6 s with torch's own default, 0.28 s
+    with one thread. On a GPU the children keep torch's default."""
+    gc = gpu_check_module()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    (tmp_path / "out").mkdir()
+    check = gc.Check(tmp_path / "out", tmp_path, 60, {})
+    show = [sys.executable, "-c", "import os; print(os.environ.get('OMP_NUM_THREADS'), os.environ['TQDM_DISABLE'])"]
+    assert check.run(show).stdout.split() == ["1", "1"]
+    check.on_cpu = False
+    assert check.run(show).stdout.split() == ["None", "1"]
