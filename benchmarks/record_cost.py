@@ -63,16 +63,21 @@ def one_run(data: Path, work: Path, name: str, subset: int, epochs: int) -> dict
                       out_dir=str(work / name), augment=AugmentSpec(image_size=COMMON["image_size"]),
                       epochs=epochs, subset=subset, batch_size=COMMON["batch_size"], device=COMMON["device"],
                       loader=COMMON["loader"])
+    # train's callback, on this clock: ("epochs", steps per epoch) as the first epoch starts, ("epoch_end", n)
+    # after each whole epoch (steps, validation, the hand-off of its checkpoint and records)
+    events: list[tuple[str, int, float]] = []
     t = time.perf_counter()
-    result = train(cfg)
+    result = train(cfg, observe=lambda event, value: events.append((event, value, time.perf_counter())))
     wall = time.perf_counter() - t
-    steps = result.timings["train_s"] + result.timings["val_s"]
+    steps = sum(h["epoch_seconds"] for h in result.history)  # each epoch's steps and validation
     scores = [h["val_balanced_accuracy"] for h in result.history]
     improved = sum(s > max(scores[:i], default=-1.0) for i, s in enumerate(scores))
     # Measured inside each epoch: its wall time after the steps and validation (what the loop itself waits
     # for at the epoch's end), without the machine's drift between two runs that the slope also holds.
-    in_loop = [w - h["epoch_seconds"] for w, h in zip(result.epoch_walls, result.history)]
-    return {"wall_s": wall, "steps_s": steps, "steps_per_epoch": result.steps_per_epoch, "improved": improved,
+    ends = [at for event, _, at in events if event in ("epochs", "epoch_end")]
+    in_loop = [b - a - h["epoch_seconds"] for a, b, h in zip(ends, ends[1:], result.history)]
+    steps_per_epoch = next(value for event, value, _ in events if event == "epochs")
+    return {"wall_s": wall, "steps_s": steps, "steps_per_epoch": steps_per_epoch, "improved": improved,
             "in_loop_s": statistics.mean(in_loop)}
 
 
