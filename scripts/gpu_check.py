@@ -5,22 +5,23 @@ benchmark, measured against the project's targets.
                                 [--steps env,data,torch,smoke,tests,recipe,bench]
 
 Runs from a checkout, with no install step and no network. The steps call what the project has: `pytest -m
-gpu` (exact resume on the GPU included), benchmarks/loader_speed.py (the model-only training-step ceiling,
-the DALI smoke, the benchmark) and `dalipipe train` and `predict` (the recipe), each in a process group of
+gpu` (`torch`: the GPU tests that need no DALI; `tests`: the others, exact resume on the GPU included),
+benchmarks/loader_speed.py (`smoke`: an epoch of DALI's pipeline; `bench`: the loader benchmark and the
+model-only training-step ceiling) and `dalipipe train` and `predict` (`recipe`), each in a process group of
 its own killed at its timeout: a crash or a hang costs one step, and the next one runs. The check stops
 within --budget-s (420 s on a GPU, 300 s without one, by default): each step has a share of it (SHARES), and
 while a step runs the shares of the selected steps after it are kept back. DIR/report.json and report.md
 are rewritten after every step: whatever ends the check leaves the finished steps' report.
 
---steps runs some steps only, against the same --work: `env,data` (the synthetic data, reused by later calls
-with this --work), `torch` (what needs no DALI: the GPU tests without it, the ceiling), whose result a later
-call without --steps carries over. When the DALI smoke fails, the steps that need DALI are skipped with one
-verdict line, the exact error in the report. Exit status: 0 when every step that ran passed, 1 when one
-failed. DIR receives a few small files (report.md, report.json, gpu_check.log, gpu_tests.txt,
-torch_tests.txt, benchmark.json, benchmark.png); data and runs go to --work (by default a temporary folder,
-removed at the end). --quick: tiny sizes, with which the test suite runs the check on the CPU (--device
-cpu), so that it cannot rot between the rare runs on a GPU machine. The torch.compile row is loader_speed.py's
-(--train --rows ceiling-compile): it compiles for minutes that a check within one budget does not have.
+--steps runs some steps only, against the same --work: `env,data` makes the synthetic data that later calls
+with this --work reuse. When the DALI smoke fails, the GPU tests with DALI and the recipe are skipped with
+one verdict line, the exact error in the report, and the benchmark measures the ceiling only (it needs no
+DALI). Exit status: 0 when every step that ran passed, 1 when one failed. DIR receives a few small files
+(report.md, report.json, gpu_check.log, gpu_tests.txt, torch_tests.txt, benchmark.json, benchmark.png);
+data and runs go to --work (by default a temporary folder, removed at the end). --quick: tiny sizes, with
+which the test suite runs the check on the CPU (--device cpu), so that it cannot rot between the rare runs
+on a GPU machine. The torch.compile row is loader_speed.py's (--train --rows ceiling-compile): it compiles
+for minutes that a check within one budget does not have.
 """
 
 from __future__ import annotations
@@ -49,17 +50,18 @@ TARGET_DALI_OF_CEILING = 0.95    # DALI's training images/s against the no-loadi
 TARGET_DALI_OVER_TORCH = 5.0     # DALI's loading images/s against the torch loader at equal workers
 BUDGET_GPU_S, BUDGET_CPU_S = 420.0, 300.0  # a rented GPU's time is dear, and a rerun pays the start-up again
 STEPS = ("env", "data", "torch", "smoke", "tests", "recipe", "bench")
-NEEDS_DALI = ("tests", "recipe", "bench")
-TITLES = {"env": "environment", "data": "synthetic data", "torch": "torch: ceiling and GPU tests without DALI",
+NEEDS_DALI = ("tests", "recipe")  # and the benchmark's rows but the ceiling
+TITLES = {"env": "environment", "data": "synthetic data", "torch": "GPU tests without DALI",
           "smoke": "DALI smoke", "tests": "GPU tests with DALI", "recipe": "reference recipe",
           "bench": "loader benchmark"}
 # Each step's share of the budget, among the selected steps' (the environment takes seconds). What a step
 # leaves unused goes to the steps after it.
-SHARES = {"data": 0.05, "torch": 0.1, "smoke": 0.05, "tests": 0.25, "recipe": 0.38, "bench": 0.17}
+SHARES = {"data": 0.05, "torch": 0.07, "smoke": 0.05, "tests": 0.25, "recipe": 0.38, "bench": 0.2}
 RECIPE_TRAIN_SHARE = 0.7  # of the recipe step's time, its --time-limit; the rest ends its step and predicts
 # The end-to-end GPU tests (slow) stay out: the recipe trains and predicts on the GPU. Collecting a module
 # imports it, and the DALI GPU tests' module asks DALI for a GPU at import: the torch step leaves it out.
 TORCH_TESTS, DALI_TESTS = "gpu and not dali and not slow", "gpu and dali and not slow"
+BENCH_ROWS = ["torch", "dali", "dali-cpudec", "dali-cache", "ceiling"]  # loader_speed.py runs those that apply
 SMOKE_SAMPLES = 32
 
 
@@ -89,15 +91,15 @@ class Sizes:
 
 
 class StepFailed(RuntimeError):
-    """A step's failure that still carries what it measured (partial), or a child process stopped at its
-    timeout (process: what it wrote until then)."""
+    """A step's failure that still carries what it measured (partial), or what a process wrote (process)."""
 
     def __init__(self, message: str, partial: dict | None = None, process=None):
         super().__init__(message)
         self.partial, self.process = partial, process
 
 
-StepTimeout = StepFailed
+class StepTimeout(StepFailed):
+    """A child process stopped at its timeout."""
 
 
 class Check:
@@ -318,24 +320,6 @@ def benchmark(check: Check, data: Path, sizes: Sizes, device: str, rows: list[st
     return out
 
 
-def torch_step(check: Check, data: Path, sizes: Sizes, device: str) -> dict:
-    """What needs no DALI: the GPU tests without it, then the model-only training-step ceiling (loader_speed.py's
-    ceiling row: batches already on the device, cycled), the bound of what any loader lets the recipe reach."""
-    out, failures = {}, []
-    for key, run in (("gpu_tests", lambda: gpu_tests(check, TORCH_TESTS, "torch_tests.txt", parts=2,
-                                                     extra=("--ignore", "tests/test_gpu.py"))),
-                     ("ceiling", lambda: benchmark(check, data, sizes, device, ["ceiling"],
-                                                   check.work / "ceiling.json"))):
-        try:
-            out[key] = run()
-        except Exception as e:  # the other half may still tell us something
-            out[key] = getattr(e, "partial", None)
-            failures.append(f"{key}: {type(e).__name__}: {e}")
-    if failures:
-        raise StepFailed("; ".join(failures), out)
-    return out
-
-
 def dali_smoke(check: Check, data: Path, sizes: Sizes, device: str) -> dict:
     """`import nvidia.dali` (where it fails, its error is the answer, in its own words), then an epoch of DALI's
     training pipeline on a few samples (loader_speed.py's dali row: three mixed decoders and a GPU
@@ -422,7 +406,8 @@ def recipe(check: Check, data: Path, sizes: Sizes, device: str) -> dict:
            if walls else None,
            "train_images_per_s": round(statistics.mean(h["train_images_per_s"] for h in history[1:] or history), 1)
            if history else None, "val_balanced_accuracy_best": round(res["best_val_balanced_accuracy"], 4),
-           **{k: round(res[k], 3) for k in ("peak_device_memory_mb", "predict_s", "test_balanced_accuracy") if k in res}}
+           **{k: round(res[k], 3) for k in ("peak_device_memory_mb", "predict_s", "test_balanced_accuracy")
+              if k in res}}
     if res["stopped_early"]:  # projected, plus the wait for the last writes at the end
         projected, basis = project_recipe(res["setup_s"], walls, sizes.epochs, res["steps_per_epoch"],
                                           res["partial_steps"], res["partial_s"])
@@ -497,7 +482,7 @@ def verdict(report: dict) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    env, torch_part = report.get("environment") or {}, report.get("torch") or {}
+    env = report.get("environment") or {}
     device = (f"{env['gpu']}, {env['gpu_memory_gib']} GiB; driver {env['driver']}; CUDA {env['cuda']}"
               if env.get("gpu") else f"no GPU ({env.get('device', 'device unknown')})")
     lines = [f"# gpu_check report ({report.get('finished')})", "",
@@ -508,10 +493,9 @@ def markdown(report: dict) -> str:
              "s used.", "", "## Steps", "", "| step | status | seconds | note |", "| --- | --- | ---: | --- |"]
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {(s['error'] or '').splitlines()[0]} |"
               if s["error"] else f"| {s['step']} | {s['status']} | {s['seconds']} |  |" for s in report["steps"]]
-    for title, d in (("Model-only training-step ceiling", torch_part.get("ceiling")),
-                     ("DALI smoke", report.get("smoke")), ("GPU tests without DALI", torch_part.get("gpu_tests")),
+    for title, d in (("GPU tests without DALI", report.get("torch_tests")), ("DALI smoke", report.get("smoke")),
                      ("GPU tests with DALI", report.get("gpu_tests")), ("Reference recipe", report.get("recipe")),
-                     ("Loader benchmark (--train)", report.get("benchmark"))):
+                     ("Loader benchmark (--train) and the model-only ceiling", report.get("benchmark"))):
         lines += ["", f"## {title}", ""]
         if not d:
             lines.append("not run")
@@ -564,7 +548,7 @@ def main(out_dir, budget_s, device, quick, work_dir, steps_text, child):
     check = Check(out, work, budget_s, {"quick": quick, "budget_s": budget_s, "sizes": asdict(sizes),
                                         "steps_asked": list(steps), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     try:
-        run_steps(check, sizes, device, steps, explicit=steps_text is not None)
+        run_steps(check, sizes, device, steps)
     finally:
         if not work_dir:  # ours: do not leave data and runs behind
             shutil.rmtree(work, ignore_errors=True)
@@ -577,7 +561,7 @@ def main(out_dir, budget_s, device, quick, work_dir, steps_text, child):
         sys.exit(1)
 
 
-def run_steps(check: Check, sizes: Sizes, device: str, steps: tuple[str, ...], explicit: bool) -> None:
+def run_steps(check: Check, sizes: Sizes, device: str, steps: tuple[str, ...]) -> None:
     def step(name: str, fn, **kw):
         check.keep = keep_back(steps, name, check.budget_s)
         return check.step(TITLES[name], fn, **kw)
@@ -585,33 +569,29 @@ def run_steps(check: Check, sizes: Sizes, device: str, steps: tuple[str, ...], e
     env = step("env", lambda: environment(device), min_s=0, key="environment")
     gpu = bool(env and env["gpu"])
     check.on_cpu = not gpu
-    data = step("data", lambda: synthetic_data(check.work, sizes)) if steps != ("env",) else None
-    if data is None:  # every other step needs it (the GPU tests with DALI, through the smoke)
-        return [check.skip(TITLES[n], "no synthetic data") for n in steps if n not in ("env", "data")] and None
-    # What a torch step's result was measured on: carried over only to a call on the same.
-    measured_on, done_file = {"device": device, "sizes": asdict(sizes)}, check.work / "torch-step.json"
-    earlier = json.loads(done_file.read_text()) if done_file.exists() else None
-    if "torch" in steps and not explicit and earlier and earlier.get("measured_on") == measured_on:
-        check.report["torch"] = earlier["result"]
-        check.skip(TITLES["torch"], f"done by an earlier call with this --work (result carried over from "
-                                    f"{done_file.name}; its test log is in that call's --out)")
-    elif "torch" in steps:
-        result = step("torch", lambda: torch_step(check, data, sizes, device), min_s=20, key="torch")
-        if result is not None and check.steps[-1]["status"] == "ok":
-            done_file.write_text(json.dumps({"measured_on": measured_on, "result": result}))
-    if {"smoke", *NEEDS_DALI}.intersection(steps):
+    needs_data = {"data", "smoke", "tests", "recipe", "bench"}.intersection(steps)  # the tests through the smoke
+    data = step("data", lambda: synthetic_data(check.work, sizes)) if needs_data else None
+    if "torch" in steps:
+        step("torch", lambda: gpu_tests(check, TORCH_TESTS, "torch_tests.txt",
+                                        extra=("--ignore", "tests/test_gpu.py")), min_s=20, key="torch_tests")
+    if needs_data and data is None:
+        for name in [n for n in steps if n in needs_data - {"data"}]:
+            check.skip(TITLES[name], "no synthetic data")
+        return
+    dali = False
+    if needs_data - {"data"}:  # the smoke decides what runs after it
         step("smoke", lambda: dali_smoke(check, data, sizes, device), min_s=10, key="smoke")
-        if check.steps[-1]["status"] != "ok":
-            why = f"DALI smoke {check.steps[-1]['status']}: {(check.steps[-1]['error'] or '').splitlines()[0]}"
-            return [check.skip(TITLES[n], why) for n in steps if n in NEEDS_DALI] and None
-    if "tests" in steps:
+        smoke = check.steps[-1]
+        dali = smoke["status"] == "ok"
+        for name in [n for n in steps if n in NEEDS_DALI and not dali]:
+            check.skip(TITLES[name], f"DALI smoke {smoke['status']}: {(smoke['error'] or '').splitlines()[0]}")
+    if "tests" in steps and dali:
         step("tests", lambda: gpu_tests(check, DALI_TESTS, "gpu_tests.txt"), min_s=30, key="gpu_tests")
-    if "recipe" in steps:
+    if "recipe" in steps and dali:
         step("recipe", lambda: recipe(check, data, sizes, device), min_s=60, key="recipe")
     if "bench" in steps:
-        rows = ["torch", "dali", "dali-cpudec", "dali-cache", "ceiling"]  # those that apply on this device
-        step("bench", lambda: benchmark(check, data, sizes, device, rows, check.out / "benchmark.json"), min_s=30,
-             key="benchmark")
+        step("bench", lambda: benchmark(check, data, sizes, device, BENCH_ROWS if dali else ["ceiling"],
+                                        check.out / "benchmark.json"), min_s=30, key="benchmark")
 
 
 if __name__ == "__main__":

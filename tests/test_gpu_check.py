@@ -22,7 +22,7 @@ SCRIPT = ROOT / "scripts" / "gpu_check.py"
 # of) is several times that, so that a busy machine does not decide the test, and the test's timeout a
 # little past it.
 QUICK_BUDGET_S = 480
-# Up to the killing of the check (its fourth step begins): 3 s here.
+# Up to the killing of the check (its fourth step begins): 10 s here.
 CHECK_TIMEOUT_S = 120
 # The check's own GPU test steps, narrowed (pytest reads PYTEST_ADDOPTS) to one GPU test that builds a DALI
 # GPU pipeline: it passes where torch and DALI see a GPU and skips elsewhere, in seconds either way (the
@@ -54,8 +54,8 @@ def test_gpu_check_quick_on_the_cpu_writes_a_complete_report(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     steps = {s["step"]: s for s in report["steps"]}
-    assert list(steps) == ["environment", "synthetic data", "torch: ceiling and GPU tests without DALI",
-                           "DALI smoke", "GPU tests with DALI", "reference recipe", "loader benchmark"]
+    assert list(steps) == ["environment", "synthetic data", "GPU tests without DALI", "DALI smoke",
+                           "GPU tests with DALI", "reference recipe", "loader benchmark"]
     assert all(s["status"] == "ok" for s in steps.values()), report["steps"]
     assert "sample/s" not in r.stderr and "%|" not in r.stderr  # no progress bars, in the check or its children
     env = report["environment"]
@@ -67,8 +67,7 @@ def test_gpu_check_quick_on_the_cpu_writes_a_complete_report(tmp_path):
     counts = report["gpu_tests"]["counts"]
     assert counts.get(ran) == 1 and not counts.get(not_ran) and not counts.get("failed"), counts
     assert not report["gpu_tests"]["failed"] and report["gpu_tests"]["marks"] == "gpu and dali and not slow"
-    assert report["torch"]["gpu_tests"]["counts"] == {}  # the one test narrowed to needs DALI
-    assert report["torch"]["ceiling"]["summary"]["ceiling_train_images_per_s"] > 0 and report["smoke"]["ok"]
+    assert report["torch_tests"]["counts"] == {} and report["smoke"]["ok"]  # the one test narrowed to needs DALI
     bench = report["benchmark"]
     for key in ("torch_load_images_per_s", "dali_load_images_per_s", "dali_train_images_per_s",
                 "ceiling_train_images_per_s"):
@@ -83,8 +82,7 @@ def test_gpu_check_quick_on_the_cpu_writes_a_complete_report(tmp_path):
     md = (out / "report.md").read_text()
     assert "no GPU (cpu)" in md and "None GiB" not in md
     for heading in ("## Steps", "## GPU tests with DALI", "## GPU tests without DALI", "## DALI smoke",
-                    "## Model-only training-step ceiling", "## Loader benchmark", "## Reference recipe",
-                    "## Verdict"):
+                    "## Loader benchmark (--train) and the model-only ceiling", "## Reference recipe", "## Verdict"):
         assert heading in md
     # Only the report's few small files: runs, data and checkpoints went to the temporary work folder,
     # which is gone.
@@ -111,8 +109,7 @@ def test_the_report_is_on_disk_after_every_step_even_when_the_check_is_killed(tm
         os.killpg(proc.pid, signal.SIGKILL)  # as a time limit or a native crash would: no chance to clean up
         proc.wait()
     report = json.loads((out / "report.json").read_text())
-    assert [s["step"] for s in report["steps"]][:3] == ["environment", "synthetic data",
-                                                       "torch: ceiling and GPU tests without DALI"]
+    assert [s["step"] for s in report["steps"]][:3] == ["environment", "synthetic data", "GPU tests without DALI"]
     assert report["environment"]["device"] == "cpu"
     assert "## Steps" in (out / "report.md").read_text()
 
