@@ -267,13 +267,13 @@ _OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"
 
 
 def gpu_tests(check: Check, marks: str, out_name: str, paths: tuple[str, ...] = ("tests",),
-              extra: tuple[str, ...] = (), parts: int = 1) -> dict:
+              extra: tuple[str, ...] = ()) -> dict:
     """`pytest -m MARKS -v`, its output written to DIR/out_name as each test ends, so that a step cut by its
     timeout still reports every test that finished, by name."""
     cmd = [sys.executable, "-m", "pytest", "-m", marks, "-v", "-rfEs", "-p", "no:cacheprovider", *extra, *paths]
     cut = None
     try:
-        r = check.run(cmd, parts, check.env(PYTHONUNBUFFERED="1"), stdout_file=check.out / out_name)
+        r = check.run(cmd, env=check.env(PYTHONUNBUFFERED="1"), stdout_file=check.out / out_name)
     except StepTimeout as e:
         r, cut = e.process, str(e)
     outcomes = dict(_OUTCOME.findall(r.stdout))
