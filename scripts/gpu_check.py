@@ -457,7 +457,7 @@ def verdict(report: dict) -> list[dict]:
         # One line for what DALI's failure costs: every step that needs it is skipped, not failed in turn.
         what = ("three mixed decoders and a GPU warp_affine" if on_gpu else
                 "CPU decoders and a CPU warp_affine: no GPU here, its mixed and GPU operators not tried")
-        rows.append({"target": f"DALI's training pipeline runs one batch on this machine ({what})",
+        rows.append({"target": f"DALI's training pipeline runs an epoch on this machine ({what})",
                      "measured": "ok" if smoke["status"] == "ok" else
                      f"{smoke['error']}; the steps that need DALI were skipped", "met": smoke["status"] == "ok"})
     finished = rec and not rec.get("stopped_early")
