@@ -64,26 +64,6 @@ def init_like_reference(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-@torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
-    """Set every BatchNorm's running statistics to those of `images` (one forward pass in training mode,
-    no gradients), before a model from scratch takes its first step. BatchNorm starts them at mean 0 and
-    variance 1, far above the variances a fresh model's layers have; at momentum 0.1 that start still
-    weighs a third after 10 steps, and its error compounds over the ~50 BatchNorm layers in a row, so that
-    the model in eval mode predicts one constant vector after any short run (measured: 20 steps at
-    32 px). From real statistics the running ones only lag the training's drift. Changes no weight."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in layers]
-    for m in layers:
-        m.momentum = 1.0
-    was_training = model.training
-    model.train()
-    model(images)
-    model.train(was_training)
-    for m, momentum in zip(layers, saved):
-        m.momentum = momentum
-
-
 def load_backbone(model: nn.Module, path: str) -> None:
     """Load ImageNet weights from a local file, all but the classifier (its size is the class count)."""
     p = Path(path)

@@ -7,14 +7,14 @@ from __future__ import annotations
 import torch
 
 from dalipipe import checkpoint
+from dalipipe.checkpoint import ModelCard, SavedRun
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.constants import CKPT_LAST
 from dalipipe.distributed import World
 from dalipipe.infer import predict
 from dalipipe.model import build_model
-from dalipipe.run import run_dir, train_state
+from dalipipe.run import run_dir
 from dalipipe.run.train_setup import make_optimizer
-from dalipipe.run_state import ModelCard, SavedRun
 from dalipipe.settings import PredictSettings
 from tests import checkpoint_layout
 from tests.data.make_checkpoint_layout import layouts
@@ -71,11 +71,11 @@ def test_a_mid_epoch_checkpoint_of_the_pinned_layout_resumes(tmp_path):
         ("epoch",): 1, ("best_score",): 0.5, ("val_balanced_accuracy",): 0.5, ("history",): history,
         ("partial", "steps"): 4, ("ranks", 0, "rng_cpu"): rng, ("ranks", 0, "seen"): 128,
         ("ranks", 0, "loss_sum"): torch.tensor(9.5), ("ranks", 0, "loader"): {"epoch": 1, "done": 4},
-        ("ranks", 0, "loader_key"): train_state.loader_key("torch", "mixed", cpu)})
+        ("ranks", 0, "loader_key"): checkpoint.loader_key("torch", "mixed", cpu)})
     saved = SavedRun.read(path)
     assert saved.partial_steps == 4 and saved.progress.epochs_done == 1 and saved.progress.history == history
     assert run_dir.resume_point(saved.card) == "resumed at epoch 2, after step 4"
-    mine = train_state.restore(saved.ranks, partial_steps=saved.partial_steps, key="torch", device=cpu,
+    mine = checkpoint.restore(saved.ranks, partial_steps=saved.partial_steps, key="torch", device=cpu,
                                world=World(), run=str(path.parent))
     assert mine.seen == 128 and float(mine.loss_sum) == 9.5 and mine.loader == {"epoch": 1, "done": 4}
     model = build_model(len(CLASSES))

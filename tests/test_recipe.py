@@ -197,3 +197,26 @@ def test_bad_recipe_options_are_named(options, message):
     with pytest.raises(DataError) as e:
         TrainConfig(images_dir="i", labels_csv="l", out_dir="o", **options)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("start", ["scratch", "weights", "pretrained"])
+def test_a_model_from_scratch_takes_batchnorms_statistics_from_the_first_batch(start):
+    """The running statistics become the first batch's own (momentum 1 for one pass, restored after); a model
+    that starts from weights keeps the statistics it came with."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    images = torch.randn(8, 3, 5, 5) * 3 + 2
+    given = {"weights": {"weights": "w.pt"}, "pretrained": {"pretrained": True}}.get(start, {})
+    cfg = TrainConfig(images_dir="i", labels_csv="l", out_dir="o", **given)
+    model.eval()
+    Recipe(cfg, model, y_train=np.array([0, 1]), n_classes=2, steps_per_epoch=1,
+           device=torch.device("cpu")).first_batch(images)
+    bn = model[1]
+    with torch.no_grad():
+        x = model[0](images)
+    if start == "scratch":
+        assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+        assert torch.allclose(bn.running_var, x.var((0, 2, 3)), rtol=1e-4)
+    else:
+        assert torch.equal(bn.running_mean, torch.zeros(4)) and torch.equal(bn.running_var, torch.ones(4))
+    assert bn.momentum == 0.1 and not model.training and all(p.grad is None for p in model.parameters())

@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 
 from dalipipe import checkpoint, cli
+from dalipipe.checkpoint import Progress
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
 from dalipipe.errors import DataError
 from dalipipe.run import run_dir
-from dalipipe.run_state import Progress
 from tests import checkpoint_layout
 
 ON_OFF = ("decode_cache", "compile", "check_cache", "tensorboard", "tta_val", "pretrained")

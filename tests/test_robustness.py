@@ -385,7 +385,7 @@ def test_the_repair_after_a_kill_between_last_and_best_links_best_pt_when_the_la
     """A kill after epoch 2's last.pt was renamed into place and before best.pt followed: the resume's repair
     makes best.pt that last.pt when epoch 2 was the best, leaves epoch 1's best.pt when it was not; and removes
     temporary files and writes metrics.jsonl from the checkpoint's history either way."""
-    from dalipipe.run_state import SavedRun
+    from dalipipe.checkpoint import SavedRun
 
     run = tmp_path / "run"
     run.mkdir()

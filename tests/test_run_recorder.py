@@ -1,5 +1,6 @@
-"""The run recorder: checkpoints and records written in the background, each file complete or not at all,
-the state written being the state handed over, and a failed write ending the run with a one-line error."""
+"""The run recorder and the checkpointer: checkpoints and records written in the background, each file
+complete or not at all, the state written being the state handed over, and a failed write ending the run
+with a one-line error."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import pytest
 import torch
 
 from dalipipe import checkpoint
+from dalipipe.checkpoint import KILL_IN_WRITE, Checkpointer, SavedRun
 from dalipipe.config import AugmentSpec, TrainConfig
 from dalipipe.errors import DataError
 from dalipipe.run import train_setup
-from dalipipe.run.run_recorder import KILL_IN_WRITE, EpochRecord, RunRecorder
+from dalipipe.run.run_recorder import EpochRecord, RunRecorder
 from dalipipe.run.train import train
-from dalipipe.run_state import SavedRun
 from tests import processes
 from tests.test_cli import COMMAND_TIMEOUT_S, assert_one_line_error, dalipipe
 from tests.test_exact_resume import assert_twins
@@ -27,6 +28,14 @@ from tests.test_exact_resume import assert_twins
 
 def recorder(out):
     return RunRecorder(out, active=True, interrupt_hint=lambda: "the hint")
+
+
+def saver(rec):
+    """The save of the recorder's one Checkpointer, as the training loop has it: a whole checkpoint handed
+    to the recorder's writer."""
+    if not hasattr(rec, "checkpointer"):
+        rec.checkpointer = Checkpointer(rec.out, rec)
+    return rec.checkpointer.save
 
 
 @pytest.fixture
@@ -58,7 +67,7 @@ def test_the_file_holds_the_state_handed_over_while_training_goes_on(tmp_path, g
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     moment = opt.state_dict()["state"][0]["exp_avg"].clone()
     with recorder(tmp_path) as rec:
-        rec.checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history})
+        saver(rec)({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history})
         # Training goes on while the write waits: weights, moments, history all change in place.
         with torch.no_grad():
             for p in model.parameters():
@@ -83,8 +92,9 @@ def test_one_checkpoint_in_flight_the_next_hand_off_waits_for_it(tmp_path, gated
     monkeypatch.setattr(checkpoint, "write", lambda state, path: (write(state, path),
                                                                    events.append(f"write {state['n']}")))
     with recorder(tmp_path) as rec:
-        stage, wait = rec.staging.stage, rec.checkpoint_done.wait
-        monkeypatch.setattr(rec.staging, "stage", lambda state: (events.append(f"stage {state['n']}"), stage(state))[1])
+        ck = Checkpointer(tmp_path, rec)
+        stage, wait = ck.staging.stage, ck.written.wait
+        monkeypatch.setattr(ck.staging, "stage", lambda state: (events.append(f"stage {state['n']}"), stage(state))[1])
 
         def waiting(*args):
             if threading.current_thread().name == "second hand-off":
@@ -92,9 +102,9 @@ def test_one_checkpoint_in_flight_the_next_hand_off_waits_for_it(tmp_path, gated
                 second_waits.set()
             return wait(*args)
 
-        monkeypatch.setattr(rec.checkpoint_done, "wait", waiting)
-        rec.checkpoint({"model": model.state_dict(), "n": 1})
-        second = threading.Thread(target=rec.checkpoint, args=({"model": model.state_dict(), "n": 2},),
+        monkeypatch.setattr(ck.written, "wait", waiting)
+        ck.save({"model": model.state_dict(), "n": 1})
+        second = threading.Thread(target=ck.save, args=({"model": model.state_dict(), "n": 2},),
                                   name="second hand-off")
         second.start()
         assert second_waits.wait(timeout=60), "the second hand-off never began"
@@ -108,7 +118,7 @@ def test_one_checkpoint_in_flight_the_next_hand_off_waits_for_it(tmp_path, gated
 def test_best_pt_is_written_from_the_same_snapshot(tmp_path):
     model, _ = small_state()
     with recorder(tmp_path) as rec:
-        rec.checkpoint({"model": model.state_dict(), "epoch": 3}, best=True)
+        saver(rec)({"model": model.state_dict(), "epoch": 3}, best=True)
     last, best = checkpoint.load(tmp_path / "last.pt"), checkpoint.load(tmp_path / "best.pt")
     assert best["epoch"] == last["epoch"] == 3
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
@@ -118,12 +128,12 @@ def test_best_pt_is_last_pt_itself_until_a_later_last_pt_replaces_it(tmp_path):
     model, _ = small_state()
     last, best = tmp_path / "last.pt", tmp_path / "best.pt"
     with recorder(tmp_path) as rec:
-        rec.checkpoint({"model": model.state_dict(), "epoch": 3}, best=True)
+        saver(rec)({"model": model.state_dict(), "epoch": 3}, best=True)
         rec.wait()
         assert os.stat(best).st_ino == os.stat(last).st_ino  # one file, written once
         with torch.no_grad():
             model[0].weight.add_(1.0)
-        rec.checkpoint({"model": model.state_dict(), "epoch": 4})  # not a best
+        saver(rec)({"model": model.state_dict(), "epoch": 4})  # not a best
     assert os.stat(best).st_ino != os.stat(last).st_ino
     kept, latest = checkpoint.load(best), checkpoint.load(last)
     assert kept["epoch"] == 3 and latest["epoch"] == 4
@@ -138,7 +148,7 @@ def test_where_hard_links_are_refused_best_pt_is_a_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "link", refused)
     model, _ = small_state()
     with recorder(tmp_path) as rec:
-        rec.checkpoint({"model": model.state_dict(), "epoch": 3}, best=True)
+        saver(rec)({"model": model.state_dict(), "epoch": 3}, best=True)
     last, best = tmp_path / "last.pt", tmp_path / "best.pt"
     assert os.stat(best).st_ino != os.stat(last).st_ino
     assert best.read_bytes() == last.read_bytes()
@@ -150,9 +160,9 @@ def test_a_failed_background_write_stops_the_run_at_the_next_hand_off(tmp_path):
     out.mkdir()
     rec = recorder(out)
     shutil.rmtree(out)  # the run folder removed mid-run: not made again
-    rec.checkpoint({"epoch": 1})
+    saver(rec)({"epoch": 1})
     with pytest.raises(DataError) as e:
-        rec.checkpoint({"epoch": 2})  # waits for the first write, which failed
+        saver(rec)({"epoch": 2})  # waits for the first write, which failed
     msg = str(e.value)
     assert str(out / "last.pt") in msg and "No such file or directory" in msg and "the hint" in msg
     assert "\n" not in msg
@@ -166,7 +176,8 @@ def test_a_failed_write_at_the_end_is_raised_by_close(tmp_path):
     rec = recorder(out)
     shutil.rmtree(out)
     row = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_balanced_accuracy": 0.5}
-    rec.epoch_end({"epoch": 1}, EpochRecord(row, [row], None))
+    saver(rec)({"epoch": 1})
+    rec.epoch_end(EpochRecord(row, [row], None))
     with pytest.raises(DataError, match="last.pt: cannot write it"):
         rec.close()
 
@@ -177,22 +188,22 @@ def test_a_bug_in_the_writer_is_raised_as_itself(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "write", broken)
     rec = recorder(tmp_path)
-    rec.checkpoint({"epoch": 1})
+    saver(rec)({"epoch": 1})
     with pytest.raises(TypeError, match="a bug"):
         rec.close()
 
 
 def test_a_bug_in_the_drawing_worker_is_raised_as_itself(tmp_path):
     rec = recorder(tmp_path)
-    rec.epoch_end({"epoch": 1}, EpochRecord({"epoch": 1}, [{"epoch": 1}], None))  # a history row without its losses
+    rec.epoch_end(EpochRecord({"epoch": 1}, [{"epoch": 1}], None))  # a history row without its losses
     with pytest.raises(KeyError, match="train_loss"):
         rec.close()
 
 
 def test_an_inactive_recorder_writes_nothing_and_never_waits(tmp_path):
     rec = RunRecorder(tmp_path, active=False, interrupt_hint=lambda: "")
-    rec.checkpoint({"epoch": 1})
-    rec.epoch_end({"epoch": 1}, EpochRecord({"epoch": 1}, [], None))
+    saver(rec)({"epoch": 1})
+    rec.epoch_end(EpochRecord({"epoch": 1}, [], None))
     rec.close()
     assert list(tmp_path.iterdir()) == []
 
@@ -283,10 +294,10 @@ def test_metrics_jsonl_is_replaced_whole_at_each_epoch_never_appended_in_place(t
     name and renamed, as every other record (a new file each epoch, holding the whole history)."""
     rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.0, "val_balanced_accuracy": 0.5} for e in (1, 2)]
     rec = recorder(tmp_path)
-    rec.epoch_end({"epoch": 1}, EpochRecord(rows[0], rows[:1], None))
+    rec.epoch_end(EpochRecord(rows[0], rows[:1], None))
     rec.wait()
     first = (tmp_path / "metrics.jsonl").stat().st_ino
-    rec.epoch_end({"epoch": 2}, EpochRecord(rows[1], rows, None))
+    rec.epoch_end(EpochRecord(rows[1], rows, None))
     rec.close()
     assert (tmp_path / "metrics.jsonl").stat().st_ino != first  # renamed over, not opened for appending
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows

@@ -19,7 +19,7 @@ from dalipipe.infer.inference import prediction_frame, probabilities, scores_by_
 from dalipipe.loading.loader_rules import default_threads, default_workers
 from dalipipe.loading.loaders import make_loader
 from dalipipe.model import build_model
-from dalipipe.run_state import ModelCard
+from dalipipe.checkpoint import ModelCard
 from dalipipe.settings import PredictSettings
 
 log = logging.getLogger("dalipipe")

@@ -16,13 +16,13 @@ from typing import Any, Iterator
 from dalipipe import atomic, checkpoint
 from dalipipe import device as dev
 from dalipipe import distributed
+from dalipipe.checkpoint import ModelCard, SavedRun
 from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig, may_change_text
 from dalipipe.config import spelling as option
-from dalipipe.constants import CKPT_BEST, CKPT_LAST, CONFIG_FILE, LOCK_FILE, METRICS_FILE
+from dalipipe.constants import CKPT_LAST, CONFIG_FILE, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
 from dalipipe.options import spoken
 from dalipipe.run.run_recorder import metrics_text
-from dalipipe.run_state import ModelCard, SavedRun
 
 log = logging.getLogger("dalipipe")
 
@@ -78,15 +78,9 @@ def check_run_dir(out: Path, resume: bool, holding_lock: bool = False) -> None:
 
 
 def repair_run_dir(out: Path, saved: SavedRun) -> None:
-    """After a kill: drop temporary files, make best.pt last.pt when the last epoch was the best, and
-    rewrite the metrics file from the checkpoint's history (a kill can fall between the two)."""
-    for tmp in out.glob(".*.tmp"):
-        tmp.unlink()
-    best = out / CKPT_BEST
-    # (A mid-epoch last.pt was written after its epoch's best.pt had been made: nothing to repair.)
-    if saved.partial_steps is None and saved.progress.last_epoch_was_best() and (
-            not best.exists() or ModelCard.read(best).epoch != saved.card.epoch):
-        checkpoint.link_or_copy(out / CKPT_LAST, best)
+    """After a kill: the checkpoints repaired (checkpoint.repair), and the metrics file rewritten from the
+    checkpoint's history (a kill can fall between the two)."""
+    checkpoint.repair(out, saved)
     lines = metrics_text(saved.progress.history)
     atomic.write_atomic(out / METRICS_FILE, lambda tmp: Path(tmp).write_text(lines))
 

@@ -2,9 +2,8 @@
 
 The training loop hands over what to write and goes on at once. One writer thread writes it, in the order
 handed over, each file by the atomic rule (temporary file, fsync, rename: a kill at any moment leaves the
-previous complete file). A checkpoint is handed over as a host copy of the state at that step (see
-snapshot.py); at most one checkpoint is in flight: the next hand-off waits for it, so that its host buffers
-can be reused and memory stays bounded.
+previous complete file). Checkpoints are handed to the same thread by their owner (checkpoint.Checkpointer,
+through in_background), so that an epoch's checkpoint is on disk before its records.
 
 The plots and the validation predictions CSV are drawn in a worker process, which the writer thread waits
 for: matplotlib and pandas hold Python's GIL for most of their work, and a thread of the training process
@@ -23,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import queue
-import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,20 +30,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
+import torch
 
-from dalipipe import checkpoint
 from dalipipe.atomic import write_atomic, write_file
 from dalipipe.child_processes import worker_pool
-from dalipipe.constants import (CKPT_BEST, CKPT_LAST, CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE, METRICS_FILE,
+from dalipipe.config import Normalization
+from dalipipe.constants import (CONFIG_FILE, CONFUSION_PNG, CURVES_PNG, LABELS_FILE, METRICS_FILE,
                                 TENSORBOARD_DIR, TRAIN_BATCH_PNG, VAL_PER_CLASS, VAL_PREDICTIONS)
 from dalipipe.errors import DataError
-from dalipipe.run.snapshot import HostStaging
 from dalipipe.viz import plots, tensorboard_log
-
-# Testing aid: DALIPIPE_KILL_IN_CHECKPOINT_WRITE=N ends the process with SIGKILL in the middle of writing the
-# N-th checkpoint handed over (its temporary file written, not yet renamed over last.pt), as a pre-emption
-# during a background write would.
-KILL_IN_WRITE = "DALIPIPE_KILL_IN_CHECKPOINT_WRITE"
+from dalipipe.viz.display import display_images
 
 _to_csv = functools.partial(pd.DataFrame.to_csv, index=False)  # (frame, path): picklable, for the worker
 
@@ -71,10 +64,23 @@ class EpochRecord:
 
 @dataclass(frozen=True)
 class FirstBatch:
-    """The first training batch as the model receives it (uint8 RGB), for train_batch.png."""
-    pictures: np.ndarray
+    """The first training batch as the model receives it, for train_batch.png: its images normalized, copied
+    to the host; turned back into pictures in the worker process (pictures), not in the training thread."""
+    images: np.ndarray  # (N, 3, H, W) float32
+    norm: Normalization
     captions: list[str]
     title: str
+
+    def pictures(self) -> np.ndarray:
+        return display_images(torch.from_numpy(self.images), self.norm)
+
+
+def _first_batch_png(batch: FirstBatch, path: str) -> None:
+    plots.batch_grid_png(batch.pictures(), batch.captions, batch.title, path)
+
+
+def _first_batch_tensorboard(batch: FirstBatch) -> None:
+    tensorboard_log.image("train/first_batch", mosaic(batch.pictures()), tensorboard_log.FIRST_BATCH_STEP)
 
 
 # When a run file is written.
@@ -104,14 +110,13 @@ class RunFile:
     args: Callable[[Any], tuple]
 
 
-# Every run file but last.pt and best.pt (RunRecorder.checkpoint), in the order they are handed over at
+# Every run file but last.pt and best.pt (checkpoint.Checkpointer), in the order they are handed over at
 # their moment; an epoch's end first writes its checkpoint, then its files (the order a resume's repair
 # expects). A new run file is one entry here.
 RUN_FILES = (
     RunFile(CONFIG_FILE, AT_START, IN_WRITER, _write_json, lambda start: (start[0],)),
     RunFile(LABELS_FILE, AT_START, IN_WRITER, _write_json, lambda start: (start[1],)),
-    RunFile(TRAIN_BATCH_PNG, FIRST_BATCH, IN_WORKER, plots.batch_grid_png,
-            lambda b: (b.pictures, b.captions, b.title)),
+    RunFile(TRAIN_BATCH_PNG, FIRST_BATCH, IN_WORKER, _first_batch_png, lambda b: (b,)),
     RunFile(VAL_PREDICTIONS, NEW_BEST, IN_WORKER, _to_csv, lambda e: (e.best.predictions,)),
     RunFile(VAL_PER_CLASS, NEW_BEST, IN_WORKER, _to_csv, lambda e: (e.best.per_class,)),
     RunFile(CONFUSION_PNG, NEW_BEST, IN_WORKER, plots.confusion_png,
@@ -133,15 +138,9 @@ class RunRecorder:
 
     def __init__(self, out: Path, active: bool, interrupt_hint: Callable[[], str]):
         self.out, self.active, self.hint = Path(out), active, interrupt_hint
-        self.staging = HostStaging()
         self.jobs: queue.Queue = queue.Queue()
         self.failure: BaseException | None = None
         self.failure_raised = False
-        self.checkpoint_done = threading.Event()
-        self.checkpoint_done.set()
-        self.checkpoints = 0
-        kill = os.environ.get(KILL_IN_WRITE)
-        self.kill_at = int(kill) if kill else None
         self.thread = self.worker = None
         self.tensorboard = False
         if active:
@@ -154,30 +153,10 @@ class RunRecorder:
 
     # --- hand-offs (training thread) -----------------------------------------------------------------
 
-    def checkpoint(self, state: dict, best: bool = False) -> None:
-        """last.pt (and best.pt, from the same snapshot) as `state` is now."""
-        if not self.active:
-            return
-        self._raise_failure()
-        self.checkpoint_done.wait()  # the previous snapshot's buffers are about to be reused
-        self._raise_failure()
-        snapshot = self.staging.stage(state)
-        self.checkpoints += 1
-        kill = self.kill_at == self.checkpoints
-        self.checkpoint_done.clear()
-
-        def write() -> None:
-            try:
-                saved = snapshot.state()
-                # last first, then best: a kill between the two is repaired on resume (run_dir.repair_run_dir).
-                self._file(self.out / CKPT_LAST, lambda tmp: _save(saved, tmp, kill))
-                if best:  # the same file, not a second copy of it (the next last.pt is a new file)
-                    with self._writing(self.out / CKPT_BEST):
-                        checkpoint.link_or_copy(self.out / CKPT_LAST, self.out / CKPT_BEST)
-            finally:
-                self.checkpoint_done.set()
-
-        self.jobs.put(write)
+    def in_background(self, path: Path, job: Callable[[], None], then: Callable[[], None] | None = None) -> None:
+        """job() in the writer thread, in turn (an OSError in it is a failure to write path); then(), if
+        given, after it, also when the job is skipped after an earlier failure."""
+        self.jobs.put((job, path, then))
 
     def run_start(self, config: dict, class_names: list[str]) -> None:
         """The files of a run's start (its settings and classes), written before this returns."""
@@ -185,11 +164,11 @@ class RunRecorder:
             return
         self._write_now((config, class_names), AT_START)
 
-    def epoch_end(self, state: dict, record: EpochRecord) -> None:
-        """The checkpoint, then every file of an epoch's end (and of a new best)."""
+    def epoch_end(self, record: EpochRecord) -> None:
+        """Every file of an epoch's end (and of a new best), after the epoch's checkpoint."""
         if not self.active:
             return
-        self.checkpoint(state, best=record.best is not None)
+        self.check()
         self._hand_over(record, EPOCH_END, NEW_BEST if record.best is not None else None)
         if self.tensorboard:
             self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.epoch, record.row)
@@ -203,8 +182,7 @@ class RunRecorder:
             return
         self._hand_over(batch, FIRST_BATCH)
         if self.tensorboard:
-            self._call_in_worker(self.out / TENSORBOARD_DIR, tensorboard_log.image, "train/first_batch",
-                                 mosaic(batch.pictures), tensorboard_log.FIRST_BATCH_STEP)
+            self._call_in_worker(self.out / TENSORBOARD_DIR, _first_batch_tensorboard, batch)
 
     def _hand_over(self, what: Any, *moments: str | None) -> None:
         """Every run file of these moments, in RUN_FILES' order, to the writer thread or the worker."""
@@ -214,8 +192,9 @@ class RunRecorder:
                 if f.where == IN_WORKER:
                     self._in_worker(self.out / f.name, f.render, *args)
                 else:
-                    self.jobs.put(lambda f=f, args=args: self._file(self.out / f.name,
-                                                                    lambda tmp: f.render(*args, tmp)))
+                    path = self.out / f.name
+                    self.in_background(path, lambda f=f, args=args, path=path: write_atomic(
+                        path, lambda tmp: f.render(*args, tmp), make_parent=False))
 
     def _write_now(self, what: Any, moment: str) -> None:
         for f in RUN_FILES:
@@ -246,7 +225,7 @@ class RunRecorder:
         """Until everything handed over so far is written (or a write failed: raised here)."""
         if self.thread is not None:
             self.jobs.join()
-        self._raise_failure()
+        self.check()
 
     def close(self, failed: bool = False) -> None:
         """Wait for every pending write. Unless the run already failed, raise a write's failure."""
@@ -256,7 +235,7 @@ class RunRecorder:
             self.thread = None
             self.worker.shutdown(cancel_futures=True)
         if not failed:
-            self._raise_failure()
+            self.check()
 
     def __enter__(self) -> "RunRecorder":
         return self
@@ -273,18 +252,10 @@ class RunRecorder:
 
     def _call_in_worker(self, path: Path, fn: Callable[..., None], *args: Any) -> None:
         """fn(*args) in the worker process, in turn; path: what it writes, for a failure's message."""
-        def job() -> None:
-            with self._writing(path):
-                self.worker.submit(fn, *args).result()
-
-        self.jobs.put(job)
-
-    def _file(self, path: Path, write: Callable[[str], None]) -> None:
-        with self._writing(path):
-            write_atomic(path, write, make_parent=False)
+        self.in_background(path, lambda: self.worker.submit(fn, *args).result())
 
     @contextlib.contextmanager
-    def _writing(self, path: Path) -> Iterator[None]:
+    def writing(self, path: Path) -> Iterator[None]:
         """An OSError while writing path is the user's disk (full, folder gone, no permission)."""
         try:
             yield
@@ -297,20 +268,24 @@ class RunRecorder:
 
     def _work(self) -> None:
         while True:
-            job = self.jobs.get()
+            item = self.jobs.get()
+            if item is None:
+                self.jobs.task_done()
+                return
+            job, path, then = item
             try:
-                if job is None:
-                    return
-                if self.failure is not None:  # after a failure nothing more is written, and no one waits
-                    self.checkpoint_done.set()
-                    continue
-                job()
+                if self.failure is None:  # after a failure nothing more is written
+                    with self.writing(path):
+                        job()
             except BaseException as e:  # kept for the training thread, which raises it
                 self.failure = e
             finally:
+                if then is not None:  # (whoever waits for this job is not left waiting)
+                    then()
                 self.jobs.task_done()
 
-    def _raise_failure(self) -> None:
+    def check(self) -> None:
+        """Raise the failure of a background write, once (a failure of the user's disk as a DataError)."""
         e = self.failure
         if e is None or self.failure_raised:
             return
@@ -337,7 +312,3 @@ def mosaic(pictures: np.ndarray, columns: int = 8) -> np.ndarray:
     return grid
 
 
-def _save(state: dict, tmp: str, kill: bool) -> None:
-    checkpoint.write(state, tmp)
-    if kill:
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,11 +1,10 @@
 """Everything a training run holds before its first step: the data checked and split, the model (new or
-resumed), optimizer, gradient scaler and loaders, and the run's state (run_state.RunState)."""
+resumed), optimizer, gradient scaler and loaders, and the run's state (checkpoint.RunState)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +12,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dalipipe import checkpoint
 from dalipipe import device as dev
 from dalipipe import distributed
+from dalipipe.checkpoint import PartialEpoch, Progress, RunState, SavedRun, Split
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
 from dalipipe.data.index import LabelMap, available_cores, build_index, inspect_images
@@ -24,9 +25,8 @@ from dalipipe.errors import DataError
 from dalipipe.loading.loader_rules import default_threads, default_workers, train_plan
 from dalipipe.loading.loaders import decode_cache_mb, make_loader
 from dalipipe.model import build_model, compiled
-from dalipipe.run import run_dir, train_state
+from dalipipe.run import run_dir
 from dalipipe.run.recipe import Recipe
-from dalipipe.run_state import PartialEpoch, Progress, RankState, RunState, SavedRun, Split
 from dalipipe.viz import tensorboard_log
 
 log = logging.getLogger("dalipipe")
@@ -99,13 +99,9 @@ class Setup:
     val_loader: object
     y_train: torch.Tensor  # labels by row position, on the device
     y_val: np.ndarray
-    loader_key: str
+    loader_key: str  # what the training loader's saved state fits (checkpoint.loader_key)
     partial: PartialEpoch | None  # where a mid-epoch checkpoint resumes: the loop consumes it once
-    timings: dict
     recipe: Recipe  # the loss, learning-rate schedule and weight average of each step
-
-    def checkpoint(self, ranks: list[RankState], partial_steps: int | None = None) -> dict:
-        return self.state.to_checkpoint(ranks, partial_steps)
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -139,9 +135,8 @@ def resumed_data_differs(card, class_names: list[str], val_ids: list[int]) -> st
 
 
 def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torch.device) -> Setup:
-    """Check the data, then build (or restore) everything the loop needs, timing each part. device: what
-    check_options returned, the options checked against it."""
-    timings = {"data_check_s": 0.0, "model_build_s": 0.0, "loader_build_s": 0.0, "train_s": 0.0, "val_s": 0.0}
+    """Check the data, then build (or restore) everything the loop needs. device: what check_options
+    returned, the options checked against it."""
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed + world.rank)
     saved = SavedRun.read(out / CKPT_LAST) if resume else None
@@ -150,9 +145,7 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
         if world.is_main:
             run_dir.repair_run_dir(out, saved)
 
-    t0 = time.perf_counter()
     labels, train_df, val_df, norm = prepare_data(cfg, world)
-    timings["data_check_s"] = time.perf_counter() - t0
     if saved is not None:
         card = saved.card
         differs = resumed_data_differs(card, list(labels.names), val_df.file_id.tolist())
@@ -175,7 +168,6 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
                      "torch's threads spin against the loader's and any other busy process (measured 3-6x slower "
                      "on a busy 2-core machine); the default, --threads omitted, leaves the loader its cores")
 
-    t0 = time.perf_counter()
     model, net = _model(cfg, saved, len(labels.names), device, world)
     opt = make_optimizer(model, lr, cfg.weight_decay, device, saved.optimizer if saved else None)
     scaler = torch.amp.GradScaler("cuda", enabled=dev.needs_grad_scaler(device, cfg.precision))
@@ -185,14 +177,11 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
         restore_scaler(scaler, saved.scaler)
         progress, partial_steps = saved.progress, saved.partial_steps
     # This rank's generators and loader position as saved (restored here, after the model's random init).
-    key = train_state.loader_key(cfg.loader, cfg.decoder, device)
-    mine = train_state.restore(saved.ranks if saved else None, partial_steps=partial_steps, key=key, device=device,
+    key = checkpoint.loader_key(cfg.loader, cfg.decoder, device)
+    mine = checkpoint.restore(saved.ranks if saved else None, partial_steps=partial_steps, key=key, device=device,
                                world=world, run=str(out))
     partial = None if partial_steps is None else PartialEpoch(
         partial_steps, mine.loss_sum if mine else None, mine.seen if mine else 0)
-    timings["model_build_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     # A resumed run continues its loaders' saved sequence; without one (a run from an older dalipipe, or
     # another number of processes) it reseeds, so as not to replay epoch 0's order.
     loader_state = mine.loader if mine else None
@@ -210,7 +199,6 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
     val_loader = make_loader(val_df, np.arange(len(val_df)), spec=cfg.augment, norm=norm, train=False, device=device,
                              settings=cfg.loader_settings(train=False, shard_id=world.rank, num_shards=world.size,
                                                           decode_cache_mb=cache_mb))
-    timings["loader_build_s"] = time.perf_counter() - t0
     recipe = Recipe(cfg, model, y_train=train_df["y"].to_numpy(), n_classes=len(labels.names),
                     steps_per_epoch=len(train_loader), device=device, saved=saved.ema if saved else None)
     state = RunState(model=model, optimizer=opt, scaler=scaler, ema=recipe.ema,
@@ -221,7 +209,7 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
     return Setup(cfg=cfg, world=world, device=device, out=out, labels=labels, train_df=train_df, val_df=val_df,
                  state=state, net=net, train_loader=train_loader, val_loader=val_loader,
                  y_train=torch.tensor(train_df["y"].to_numpy(), device=device),  # a copy: pandas' may be read-only
-                 y_val=val_df["y"].to_numpy(), loader_key=key, partial=partial, timings=timings, recipe=recipe)
+                 y_val=val_df["y"].to_numpy(), loader_key=key, partial=partial, recipe=recipe)
 
 
 def _model(cfg: TrainConfig, saved: SavedRun | None, n_classes: int, device: torch.device,
