@@ -256,5 +256,5 @@ def spelling(name: str) -> str:
 
 
 def may_change_text() -> str:
-    """The options a resume may change, as the --resume help and the README say it."""
+    """The options a resume may change, as the --resume help and the docs say it."""
     return options.spoken_list([spelling(k) for k in RESUME_MAY_CHANGE])

@@ -3,7 +3,8 @@ settings it sets (the way Hugging Face's TrainingArguments declares its options 
 
 A field made with `opt(default, help, ...)` is an option. From the table come the click options (cli.py),
 the range and choice checks of the settings (`check`), which options a `--resume` may change and which need
-a GPU (run_dir), and the option lists the README shows (tested against `listing`, so that it cannot drift).
+a GPU (run_dir), and the option tables of the docs (scripts/option_docs.py writes them, tests/test_docs.py
+checks them, so that they cannot drift).
 The type, the choices (a Literal) and the default are the field's own.
 
 Imports nothing heavy: building the CLI and its help must not load torch.
@@ -41,7 +42,7 @@ class Spec:
     path: str | None = None  # a file path: "file", or "existing file" (one that must exist)
     required: bool = False  # the command needs it (no default)
     switch: bool = False  # an on/off flag without a --no- form (--force): off unless given
-    section: str = "reference"  # for the README's lists: "reference" or "beyond" (beyond the reference recipe)
+    section: str = "reference"  # for the docs' tables: "reference" or "beyond" (beyond the reference recipe)
 
 
 def opt(default: Any, help: str, **spec: Any) -> Any:
@@ -179,11 +180,6 @@ def check(settings: Any) -> None:
         error = o.bound_error(value)
         if error:
             raise DataError(error)
-
-
-def listing(cls: type, section: str) -> str:
-    """The options of one section as the README lists them: `--epochs --batch-size ... --loader dali|torch`."""
-    return " ".join(o.listed for o in table(cls) if o.spec.section == section)
 
 
 def spoken_list(spellings: list[str]) -> str:

@@ -25,7 +25,7 @@ def default_threads(workers: int) -> int:
     """torch's threads in a training (or predicting) process: the cores of its share of the machine that
     its loader's `workers` leave free, at least 1. torch's own default is every core of the machine; its
     threads then spin against the loader's and against every other busy process, and a step slowed down
-    many times over on a busy machine (measured: see the README's "Threads")."""
+    many times over on a busy machine (measured: see docs/loaders.md, "Threads")."""
     return max(1, available_cores() // local_processes() - workers)
 
 
