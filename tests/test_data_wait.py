@@ -84,10 +84,8 @@ def one_epoch(loader, monkeypatch):
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, BATCH))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     t0 = clock()
-    sums = loop.train_epoch(net=net, loader=loader, y_train=torch.arange(BATCH), opt=opt,
-                            scaler=torch.amp.GradScaler("cuda", enabled=False), device=CPU, precision="fp32",
-                            recipe=SlowStep(clock), first_global_step=0, start=None, hooks=[], desc="", show=False,
-                            record=False)
+    step = loop.Step(net, opt, torch.amp.GradScaler("cuda", enabled=False), CPU, "fp32", SlowStep(clock))
+    sums = loop.train_epoch(step, loader, torch.arange(BATCH), steps_before=0, show=False)
     return sums, clock() - t0
 
 
@@ -180,10 +178,10 @@ def test_a_run_reports_its_data_wait_everywhere_and_a_starved_run_is_advised_onc
                     yield batch
             return super().timed(slow())
 
-    step = loop.train_step
+    step = loop.Step.__call__
     monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=clock))  # the loop's clock
     monkeypatch.setattr(loop, "DataWait", lambda: StarvedWait(clock=clock))
-    monkeypatch.setattr(loop, "train_step", lambda *a, **k: (clock.advance(1.0), step(*a, **k))[1])
+    monkeypatch.setattr(loop.Step, "__call__", lambda *a, **k: (clock.advance(1.0), step(*a, **k))[1])
     out = tmp_path / "run"
     cfg = run_dir.new_config(str(small_synth / "images_train"), str(small_synth / "y_train.csv"), str(out),
                              {"epochs": 3, "image_size": 16, "batch_size": 32, "device": "cpu", "loader": "torch",
