@@ -161,14 +161,12 @@ class Check:
 
 
 def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    return (text.strip().splitlines() or [""])[-1]
 
 
 def keep_back(steps: tuple[str, ...], name: str, budget_s: float) -> float:
     """Seconds kept back, while step `name` runs, for the selected steps after it: their shares of the budget."""
-    order = list(STEPS)
-    later = sum(SHARES[n] for n in steps if order.index(n) > order.index(name))
+    later = sum(SHARES[n] for n in steps if list(STEPS).index(n) > list(STEPS).index(name))
     return budget_s * later / (sum(SHARES[n] for n in steps) or 1.0)
 
 
@@ -201,16 +199,6 @@ def environment(device_name: str) -> dict:
             "tests_package": output([sys.executable, "-c", "import tests; print(list(tests.__path__)[0])"])}
 
 
-def synthetic_data(work: Path, sizes) -> Path:
-    from dalipipe.data.synthetic import generate
-
-    path = work / f"synthetic-{sizes.n_train}-{sizes.synth_size}"
-    if not (path / "y_test.csv").exists():
-        generate(path, SynthSpec(n_train=sizes.n_train, n_test=sizes.n_test, n_classes=sizes.classes,
-                                 image_size=sizes.synth_size, seed=0), force=True)
-    return path
-
-
 def gpu_tests(check: Check, marks: str, out_name: str, paths: tuple[str, ...] = ("tests",)) -> dict:
     """`pytest -m MARKS -v`, written to DIR/out_name as each test ends: a step cut by its timeout still
     reports every test that finished, by name."""
@@ -220,7 +208,8 @@ def gpu_tests(check: Check, marks: str, out_name: str, paths: tuple[str, ...] = 
     # one line per test as pytest -v writes it when the test ends: "tests/x.py::name[param] PASSED [ 10%]"
     outcomes = dict(re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", r.stdout, flags=re.M))
     failed = [name for name, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
-    tail = f"cut: {cut}; {len(outcomes)} test(s) finished" if cut else (last_line(r.stdout).strip("= ") or r.stderr[-300:])
+    tail = (f"cut: {cut}; {len(outcomes)} test(s) finished" if cut
+            else last_line(r.stdout).strip("= ") or r.stderr[-300:])  # pytest's summary line
     result = {"marks": marks, "exit_code": r.returncode, "summary": tail, "failed": failed, "outcomes": outcomes,
               "counts": {k.lower(): list(outcomes.values()).count(k) for k in set(outcomes.values())},
               "cut": cut is not None}
@@ -314,11 +303,9 @@ def recipe(check: Check, data: Path, sizes, device: str) -> dict:
            "limit_s": max(10.0, RECIPE_TRAIN_SHARE * check.timeout()), "result": str(run / "recipe.json")}
     # past its time limit the child still finishes its step, saves, and predicts
     _, failure = check.attempt([sys.executable, __file__, "--recipe-job", json.dumps(job)])
-    if not Path(job["result"]).exists():
-        raise RuntimeError(failure or "the recipe wrote no result")
-    out = json.loads(Path(job["result"]).read_text())
-    if failure:
-        raise StepFailed(f"recipe: {failure}", out)
+    out = json.loads(Path(job["result"]).read_text()) if Path(job["result"]).exists() else None
+    if failure or out is None:
+        raise StepFailed(f"recipe: {failure or 'it wrote no result'}", out)
     return out
 
 
@@ -462,11 +449,15 @@ def main(out_dir, budget_s, device, quick, work_dir, steps_text):
 
 
 def run_steps(check: Check, sizes, device: str) -> None:
-    steps = check.selected
+    from dalipipe.data.synthetic import generate
+
+    steps, path = check.selected, check.work / f"synthetic-{sizes.n_train}-{sizes.synth_size}"
     env = check.step("env", lambda: environment(device), min_s=0, key="environment")
     check.on_cpu = not (env and env["gpu"])
     after = [n for n in steps if n in ("smoke", "tests", "recipe", "bench")]  # they need data, and the smoke
-    data = check.step("data", lambda: synthetic_data(check.work, sizes)) if after or "data" in steps else None
+    data = check.step("data", lambda: path if (path / "y_test.csv").exists() else generate(  # or the one made before
+        path, SynthSpec(n_train=sizes.n_train, n_test=sizes.n_test, n_classes=sizes.classes,
+                        image_size=sizes.synth_size, seed=0), force=True)) if after or "data" in steps else None
     if "torch" in steps:
         check.step("torch", lambda: gpu_tests(check, TORCH_TESTS, "torch_tests.txt",
                                               paths=("--ignore=tests/test_gpu.py", "tests")), min_s=20,
