@@ -401,14 +401,12 @@ def markdown(report: dict) -> str:
 
 
 @click.command()
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Report folder (a few small files).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--budget-s", type=float, help=f"Stop all work within this many seconds. [default: "
                                              f"{BUDGET_GPU_S:.0f} on a GPU, {BUDGET_CPU_S:.0f} without one]")
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny sizes (for the CPU, and the test suite).")
-@click.option("--work", "work_dir", type=click.Path(),
-              help="Data and run folders. [default: a temporary folder, removed at the end]")
+@click.option("--work", "work_dir", type=click.Path(), help="Data and runs. [default: a temporary folder, removed]")
 @click.option("--steps", "steps_text", help=f"Comma-separated steps, of {','.join(STEPS)}. [default: all]")
 def main(out_dir, budget_s, device, quick, work_dir, steps_text):
     """Verify this machine's GPU path and measure it against the project's targets."""
@@ -439,7 +437,7 @@ def main(out_dir, budget_s, device, quick, work_dir, steps_text):
     finally:
         if not work_dir:  # ours: do not leave data and runs behind
             shutil.rmtree(work, ignore_errors=True)
-    check.say("\n" + markdown(json.loads((out / "report.json").read_text())))
+    check.say("\n" + (out / "report.md").read_text())
     check.say(f"report: {out / 'report.md'}, {out / 'report.json'}; log: {out / 'gpu_check.log'}"
               + (f"; work: {work}" if work_dir else ""))
     failed = [s["step"] for s in check.steps if s["status"] == "failed"]
@@ -455,9 +453,11 @@ def run_steps(check: Check, sizes, device: str) -> None:
     env = check.step("env", lambda: environment(device), min_s=0, key="environment")
     check.on_cpu = not (env and env["gpu"])
     after = [n for n in steps if n in ("smoke", "tests", "recipe", "bench")]  # they need data, and the smoke
-    data = check.step("data", lambda: path if (path / "y_test.csv").exists() else generate(  # or the one made before
-        path, SynthSpec(n_train=sizes.n_train, n_test=sizes.n_test, n_classes=sizes.classes,
-                        image_size=sizes.synth_size, seed=0), force=True)) if after or "data" in steps else None
+    spec = SynthSpec(n_train=sizes.n_train, n_test=sizes.n_test, n_classes=sizes.classes,
+                     image_size=sizes.synth_size, seed=0)
+    data = None  # made here, or by an earlier call with this --work
+    if after or "data" in steps:
+        data = check.step("data", lambda: path if (path / "y_test.csv").exists() else generate(path, spec, force=True))
     if "torch" in steps:
         check.step("torch", lambda: gpu_tests(check, TORCH_TESTS, "torch_tests.txt",
                                               paths=("--ignore=tests/test_gpu.py", "tests")), min_s=20,
