@@ -383,7 +383,9 @@ class Checkpointer:
                  device: torch.device = torch.device("cpu"), world: World = World(),
                  policy: CheckpointPolicy | None = None):
         self.out, self.writer, self.state = Path(out), writer, state
-        self.loader, self.key, self.device, self.world, self.policy = loader, key, device, world, policy
+        self.loader, self.key, self.device, self.world = loader, key, device, world
+        # (without one: no mid-epoch checkpoint and no time limit)
+        self.policy = policy or CheckpointPolicy(None, None, None, time.perf_counter(), world)
         self.staging = HostStaging()
         self.written = threading.Event()  # the previous checkpoint is on disk (or its write failed)
         self.written.set()

@@ -262,7 +262,8 @@ def benchmark(check: Check, data: Path, sizes, device: str, rows: list[str]) -> 
 def timed_train(cfg, clock=time.perf_counter) -> tuple:
     """train(cfg), timed on this clock through its observe callback: (its result, the times). setup_s: to its
     first epoch; epoch_walls: each whole epoch (steps, validation, the hand-off of its checkpoint and records);
-    partial_*: those of an epoch --time-limit stopped; record_wait_s: the wait for the last writes at the end."""
+    partial_*: those of an epoch --time-limit stopped; record_wait_s: from the last epoch's end to train()'s: the
+    last writes waited for, and the loaders closed."""
     from dalipipe.run.train import train
 
     t0, marks = clock(), []
@@ -333,7 +334,7 @@ def recipe_child(job: dict) -> None:
     if torch.cuda.is_available() and job["device"] != "cpu":
         # torch's allocator; DALI's own pools are apart (the benchmark's device column counts both)
         out["peak_device_memory_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-    if res.stopped_early:  # projected, plus the wait for the last writes at the end
+    if res.stopped_early:  # projected, plus the end (the last writes, the loaders closed)
         projected, basis = project_recipe(t["setup_s"], walls, sizes.epochs, t["steps_per_epoch"],
                                           t["partial_steps"], t["partial_s"])
         out.update(steps_done_in_last_epoch=t["partial_steps"], projection=basis,

@@ -301,3 +301,56 @@ def test_metrics_jsonl_is_replaced_whole_at_each_epoch_never_appended_in_place(t
     rec.close()
     assert (tmp_path / "metrics.jsonl").stat().st_ino != first  # renamed over, not opened for appending
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
+
+
+def test_a_save_waiting_for_a_skipped_checkpoint_gets_the_earlier_failure(tmp_path, monkeypatch):
+    """After a failed write, the writer skips what comes next, a checkpoint included; a save waiting for that
+    checkpoint's write is told all the same (or it would wait forever for a write that never happens)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    rec = recorder(out)
+    rows = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_balanced_accuracy": 0.5}]
+    gate, waiting, raised = threading.Event(), threading.Event(), []
+    rec.in_background(out / "held", lambda: gate.wait(timeout=60))  # the writer busy until the folder is gone
+    rec.epoch_end(EpochRecord(rows[0], rows, None))  # metrics.jsonl: will fail, the folder being removed
+    saver(rec)({"epoch": 1})  # queued behind the failure: skipped
+    wait = rec.checkpointer.written.wait
+    monkeypatch.setattr(rec.checkpointer.written, "wait", lambda *a: (waiting.set(), wait(*a))[1])
+
+    def save_again():
+        try:
+            saver(rec)({"epoch": 2})
+        except DataError as e:
+            raised.append(str(e))
+
+    # (a daemon: a save that hangs fails this test, not the whole suite)
+    second = threading.Thread(target=save_again, name="second save", daemon=True)
+    second.start()
+    try:
+        assert waiting.wait(timeout=60), "the second save never began to wait"
+        shutil.rmtree(out)
+        gate.set()
+        second.join(timeout=60)
+        assert not second.is_alive(), "the second save waits for a skipped write"
+    finally:
+        gate.set()
+        rec.close(failed=True)
+    assert len(raised) == 1 and str(out / "metrics.jsonl") in raised[0] and "\n" not in raised[0], raised
+
+
+def test_a_second_run_in_one_process_after_torch_ran_on_several_threads_ends(small_synth, tmp_path):
+    """The recorder's drawing worker is forked from the training process; a torch operation there can hang on
+    the OpenMP threads torch ran before the fork (train_batch.png of a second run in one process, with two
+    torch threads, once did): the worker runs none."""
+    d = small_synth
+    script = (
+        "import sys\nfrom dalipipe.config import AugmentSpec, TrainConfig\nfrom dalipipe.run.train import train\n"
+        "for name in ('a', 'b'):\n"
+        f"    train(TrainConfig(images_dir={str(d / 'images_train')!r}, labels_csv={str(d / 'y_train.csv')!r},\n"
+        f"                      out_dir={str(tmp_path)!r} + '/' + name, epochs=1, subset=96, batch_size=32,\n"
+        "                      device='cpu', workers=1, threads=2, augment=AugmentSpec(image_size=16)))\n"
+        "print('both ended')\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    r = processes.run([sys.executable, "-c", script], env=env, timeout=COMMAND_TIMEOUT_S, check=True)
+    assert "both ended" in r.stdout
+    assert (tmp_path / "b" / "train_batch.png").is_file()

@@ -40,7 +40,7 @@ class DataWait:
                 return
             self.seconds += self.clock() - t
             yield batch
-            t = self.clock()  # the step and the hooks ran in between: not waiting for data
+            t = self.clock()  # the step (and a checkpoint) ran in between: not waiting for data
 
 
 @dataclass(frozen=True)

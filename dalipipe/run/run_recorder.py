@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
-import torch
 
 from dalipipe.atomic import write_atomic, write_file
 from dalipipe.child_processes import worker_pool
@@ -72,7 +71,7 @@ class FirstBatch:
     title: str
 
     def pictures(self) -> np.ndarray:
-        return display_images(torch.from_numpy(self.images), self.norm)
+        return display_images(self.images, self.norm)  # (in NumPy: no torch operation in the forked worker)
 
 
 def _first_batch_png(batch: FirstBatch, path: str) -> None:

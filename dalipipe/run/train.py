@@ -5,7 +5,6 @@ torchrun."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -137,9 +136,6 @@ class TrainResult:
     best_epoch: int  # the epoch of best.pt (0 before a first epoch)
     best_report: str  # its per-class precision, recall and F1 on the validation split ('' before a first epoch)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 # An instrument's callback (benchmarks, the GPU check), which takes its own clock: observe("epochs",
 # steps per epoch) when this command's first epoch starts, observe("epoch_end", epoch) after each whole
@@ -214,6 +210,7 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, checkpointer: Checkpo
     if observe and progress.epochs_done < cfg.epochs:
         observe("epochs", steps_per_epoch)
     for epoch in range(progress.epochs_done, cfg.epochs):
+        t0 = time.perf_counter()
         start, partial = partial, None
         dev.reset_peak_memory(device)
         try:
@@ -232,7 +229,7 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, checkpointer: Checkpo
             return True
         if sample_log:
             write_sample_log(sample_log, world.rank, epoch + 1, run.train_df.file_id.to_numpy()[sums.positions])
-        row, best = _validate(run, epoch, sums=sums)
+        row, best = _validate(run, epoch, sums=sums, t0=t0)
         # The next epoch's start, on every rank; written by rank 0 in the background, then the epoch's records.
         checkpointer.epoch_end(best=best is not None)
         recorder.epoch_end(EpochRecord(row, list(progress.history), best))
@@ -299,7 +296,8 @@ def _largest(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: max(r[k] for r in rows) for k in rows[0]}
 
 
-def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums) -> tuple[dict, BestEpoch | None]:
+def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums,
+              t0: float) -> tuple[dict, BestEpoch | None]:
     """Score the epoch on the validation split and update the run's progress: (metrics row, what to write
     if it is the best epoch so far). The training figures are summed over every process; the data wait is
     the most starved process's."""
@@ -320,7 +318,7 @@ def _validate(run: train_setup.Setup, epoch: int, *, sums: EpochSums) -> tuple[d
     figures = training_figures(ranks)
     row = {"epoch": epoch + 1, "train_loss": figures["train_loss"], "val_loss": round(cross_entropy(logits, y), 5),
            "val_balanced_accuracy": round(score, 5), "train_images_per_s": figures["train_images_per_s"],
-           "val_seconds": round(val_time, 2), "epoch_seconds": round(sums.train_s + val_time, 2),
+           "val_seconds": round(val_time, 2), "epoch_seconds": round(time.perf_counter() - t0, 2),
            "lr": run.recipe.epoch_lr(epoch), "data_wait_s": figures["data_wait_s"],
            "data_wait_share": figures["data_wait_share"],
            # on a GPU: the epoch's peak of torch's allocator and the device memory in use at its end (the
