@@ -199,21 +199,21 @@ class RunState:
     split: Split
     config: TrainConfig
 
-    def to_checkpoint(self, ranks: list[RankState], partial_steps: int | None,
-                      config: dict | None = None, made_by: dict | None = None) -> dict[str, Any]:
+    def to_checkpoint(self, ranks: list[RankState], partial_steps: int | None, config: dict,
+                      made_by: dict) -> dict[str, Any]:
         """Everything predict and an exact resume need; partial_steps: saved in the middle of an epoch.
-        config, made_by: the run's config.to_dict() and versions(), where the caller has them already.
+        config, made_by: the run's config.to_dict() and versions(), taken once per run by the caller.
         (The keys and their order: tests/data/checkpoint_layout.json.)"""
         p, cfg = self.progress, self.config
         return {"model_name": MODEL_NAME, "class_names": list(self.class_names), "mean": list(self.norm.mean),
                 "std": list(self.norm.std), "image_size": cfg.augment.image_size,
-                "config": cfg.to_dict() if config is None else config,
+                "config": config,
                 "epoch": p.epochs_done, "best_score": p.best, "history": p.history,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "split": self.split.to_dict(),
                 "ema": None if self.ema is None else self.ema.state_dict(), "class_weights": self.class_weights,
                 "val_balanced_accuracy": p.last_score, "best_confusion": p.best_confusion,
-                "versions": versions() if made_by is None else made_by, "ranks": [r.to_dict() for r in ranks],
+                "versions": made_by, "ranks": [r.to_dict() for r in ranks],
                 "partial": None if partial_steps is None else {"steps": partial_steps}}
 
 
