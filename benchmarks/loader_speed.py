@@ -2,6 +2,7 @@
 
     python benchmarks/loader_speed.py [--data DIR] [--device auto|gpu|cpu] [--batch-size 64]
         [--image-size 224] [--workers N] [--epochs E] [--limit N] [--train] [--sweep] [--json OUT]
+    python benchmarks/loader_speed.py --source-sizes 64,256,512,1024 [--gpu-step-rate R] [--json OUT]
 
 Rows (identical AugmentSpec and output contract: normalized NCHW float on the target device):
   torch    PIL decode + augmentation in DataLoader workers, then the copy to the device;
@@ -19,7 +20,8 @@ synchronized before clocks are read. --train adds an efficientnet-b1 forward/bac
 reports the fraction of the step time spent waiting for data. Workers default to what `dalipipe train`
 uses on this machine (the cores, at most 8), so that the rows describe the loader training gets. --sweep
 repeats torch and dali with 1, 2, 4, ... workers up to the core count. --rows picks rows (for example the
-compile row apart, as its compilation takes long).
+compile row apart, as its compilation takes long). --source-sizes: what each source image size costs, the data
+check and the torch and dali rows on a synthetic set per size (cost_by_size.py).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from probes import DeviceMemory, cpu_delta, cpu_snapshot  # noqa: E402  (beside this script)
+from probes import DeviceMemory, cpu_delta, cpu_snapshot, descendants_peak_rss_kb  # noqa: E402  (beside this script)
 from step_profile import StepRanges, profiler  # noqa: E402
 
 from dalipipe.cli import options_of  # noqa: E402  (light: click and the options table)
@@ -72,6 +74,16 @@ def ensure_data(data: str | None) -> Path:
         click.echo(f"generating the synthetic benchmark set in {path} (once)", err=True)
         generate(path, SynthSpec(), force=True)
     return path
+
+
+def warn_if_short(samples: int, batch_size: int) -> int:
+    """The batches of an epoch; a warning when they are too few to time."""
+    batches = -(-samples // batch_size)
+    if batches < MIN_TIMED_BATCHES:
+        click.echo(f"warning: an epoch of {samples} samples is {batches} batch(es) of {batch_size}: too short to "
+                   f"measure (the loaders' prefetched batches would be timed as instant); use at least "
+                   f"{MIN_TIMED_BATCHES} batches, --limit {MIN_TIMED_BATCHES * batch_size} or more", err=True)
+    return batches
 
 
 def machine() -> dict:
@@ -205,8 +217,10 @@ def measure_row(job: dict) -> dict:
     profile = None
     if job.get("profile_dir"):
         profile = profile_steps(job, batches, step, ranges, memory, device)
+    live_kb = descendants_peak_rss_kb()  # torch's workers, before close ends them (they are not our children)
     loader.close()
-    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  live_kb)
     ips = [e["images"] / e["seconds"] for e in per_epoch]
     images = sum(e["images"] for e in per_epoch)
 
@@ -351,7 +365,9 @@ def plot(results: list[dict], info: dict, settings: dict, path: Path) -> None:
 @click.option("--train", "train_mode", is_flag=True, help="Also time an efficientnet-b1 training step per batch.")
 @click.option("--sweep", is_flag=True, help="Repeat torch and dali with 1, 2, 4, ... workers.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all numbers and the machine here.")
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), help="PNG of the table. [default: next to --json, else loader_speed.png]")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False),
+              help="PNG of the table. [default: next to --json, else loader_speed.png (cost_by_size.png with "
+                   "--source-sizes)]")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False),
               help="Profile training steps of --loader after its timed epochs: a trace per row and a table of ranges.")
 @click.option("--loader", "profile_rows", multiple=True,
@@ -362,13 +378,38 @@ def plot(results: list[dict], info: dict, settings: dict, path: Path) -> None:
 @click.option("--row-job", hidden=True, type=click.Path())
 def main(data, train_mode, sweep, json_out, plot_out, profile_dir, profile_rows, only_rows, row_job, **opts):
     """Images/s, CPU time and memory of each loader, and the data stall in training."""
+    command = " ".join(["python", "benchmarks/loader_speed.py", *sys.argv[1:]])
     if row_job:
-        print(json.dumps(measure_row(json.loads(Path(row_job).read_text()))))
+        job = json.loads(Path(row_job).read_text())
+        if job["row"] == "check":
+            from cost_by_size import measure_check
+
+            print(json.dumps(measure_check(job)))
+        else:
+            print(json.dumps(measure_row(job)))
         return
     try:
         s = LoaderSpeedSettings(**opts)  # the table's check of every option's bounds and choices
+        sizes = s.source_size_list if s.source_sizes else None
     except DataError as e:
         raise click.ClickException(str(e)) from None
+    if sizes:
+        given = [flag for flag, on in (("--data", data), ("--train", train_mode), ("--sweep", sweep),
+                                       ("--profile", profile_dir)) if on]
+        if given:
+            raise click.ClickException(f"--source-sizes draws its own synthetic sets and times loading only: "
+                                       f"without {' and '.join(given)}")
+        if only_rows and not set(only_rows) & {"torch", "dali"}:
+            raise click.ClickException("--source-sizes runs the torch and dali rows: --rows picks among them")
+        from cost_by_size import run
+
+        try:
+            run(s, only_rows, json_out, plot_out, command)
+        except DataError as e:
+            raise click.ClickException(str(e)) from None
+        return
+    if s.gpu_step_rate is not None:
+        raise click.ClickException("--gpu-step-rate is set against the projections of --source-sizes: give both")
     device, batch_size, image_size, workers, threads, epochs, limit, profile_steps = (
         s.device, s.batch_size, s.image_size, s.workers, s.threads, s.epochs, s.limit, s.profile_steps)
 
@@ -399,16 +440,12 @@ def main(data, train_mode, sweep, json_out, plot_out, profile_dir, profile_rows,
         index = stratified_subset(index, limit, 0)
     index = inspect_images(index)
     norm = channel_stats(index)
-    batches = -(-len(index) // batch_size)
-    if batches < MIN_TIMED_BATCHES:
-        click.echo(f"warning: an epoch of {len(index)} samples is {batches} batch(es) of {batch_size}: too short to "
-                   f"measure (the loaders' prefetched batches would be timed as instant); use at least "
-                   f"{MIN_TIMED_BATCHES} batches, --limit {MIN_TIMED_BATCHES * batch_size} or more", err=True)
+    batches = warn_if_short(len(index), batch_size)
     info = machine()
     settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs,
                 "threads": threads_given or "as train: the cores the row's workers leave free", "samples": len(index),
                 "batches_per_epoch": batches, "too_short_to_measure": batches < MIN_TIMED_BATCHES,
-                "data": str(root), "command": " ".join(["python", "benchmarks/loader_speed.py", *sys.argv[1:]])}
+                "data": str(root), "command": command}
     from dalipipe.atomic import save_json
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,8 +3,10 @@
 CPU: on Linux each thread's CPU time is read from /proc/self/task/*/stat and classed by the thread's name:
 DALI's threads ("[DALI]..." executor and pool threads, "PrefetchWorker" reader threads) are the loader's;
 the main thread is the training loop's (on a GPU mostly spinning in CUDA syncs); the rest are torch's own
-(intra-op compute threads). torch DataLoader workers are child processes, counted as the loader's once
-they exit (they do at the end of each epoch). Elsewhere only the process total is known.
+(intra-op compute threads). The processes below this one are the loader's too: torch's DataLoader workers
+are persistent children of a forkserver (itself a child), so they neither exit during a row nor are this
+process's children; they are read live from /proc, with what they reaped. Elsewhere only the process total
+(and the children it reaped) is known.
 
 Device memory: torch's allocator counters do not see DALI's own pools; cudaMemGetInfo (the driver's view)
 sees everything this process (and any other) holds on the GPU.
@@ -41,11 +43,51 @@ def _thread_cpu() -> dict[str, float] | None:
     return out
 
 
+def _descendants() -> dict[int, list[str]]:
+    """The live processes below this one (Linux), each with the fields of its /proc stat after the name."""
+    stats: dict[int, list[str]] = {}
+    kids: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return {}
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        stats[int(entry)] = fields
+        kids.setdefault(int(fields[1]), []).append(int(entry))  # field 4: the parent
+    out, todo = {}, [os.getpid()]
+    while todo:
+        for pid in kids.get(todo.pop(), []):
+            out[pid] = stats[pid]
+            todo.append(pid)
+    return out
+
+
+def descendants_peak_rss_kb() -> int:
+    """The largest peak resident memory of the live processes below this one (torch's workers), in kB."""
+    peak = 0
+    for pid in _descendants():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM:")])
+        except (OSError, ValueError, IndexError):
+            continue
+    return peak
+
+
 def cpu_snapshot() -> dict[str, float]:
-    """CPU seconds so far: total (process and exited children), and where threads can be told apart,
-    main, loader (DALI threads and exited torch workers) and other."""
+    """CPU seconds so far: total (process, exited children and live descendants), and where threads can be
+    told apart, main, loader (DALI threads, and the processes below: torch's workers) and other."""
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    children = c.ru_utime + c.ru_stime
+    # utime, stime, cutime, cstime (fields 14-17 of stat): a process reaped between two snapshots moves
+    # from here into its parent's cutime and cstime, or into RUSAGE_CHILDREN, and is counted once either way.
+    live = sum(sum(int(x) for x in fields[11:15]) for fields in _descendants().values()) / _TICK
+    children = c.ru_utime + c.ru_stime + live
     snap = {"total": s.ru_utime + s.ru_stime + children}
     threads = _thread_cpu()
     if threads is not None:

@@ -141,3 +141,31 @@ class LoaderSpeedSettings(_Checked):
                              default_text="3; 1 for --train on a CPU")
     limit: int | None = opt(None, "Use at most this many samples.", low=2, default_text="all; 128 for --train on a CPU")
     profile_steps: int = opt(30, "With --profile: training steps recorded.", low=1)
+    # The cost-by-size mode (benchmarks/cost_by_size.py). A list of sides: the table's types are single values,
+    # so it is text, read by source_size_list.
+    source_sizes: str | None = opt(None, "What each source image size costs: for each side given (pixels, "
+                                   "comma-separated), a synthetic set of --limit samples of that size, its data check "
+                                   "cold and warm, and the torch and dali rows loading it at --image-size.",
+                                   metavar="PX,PX,...", default_text="off; with it, --limit defaults to 10 batches")
+    gpu_step_rate: float | None = opt(None, "With --source-sizes: a training step's images/s on a GPU, known from "
+                                      "elsewhere (nothing here measures it), set against each loader's projected "
+                                      "rate.", low=0, low_open=True, metavar="IMAGES_PER_S")
+    projected_cores: int = opt(16, "With --source-sizes: the CPU cores of the GPU machine that each loader's rate "
+                               "per core is projected to.", low=1)
+
+    @property
+    def source_size_list(self) -> tuple[int, ...]:
+        """--source-sizes as sides in pixels, in the order given; a DataError names a side that is not one."""
+        sides: list[int] = []
+        for part in (self.source_sizes or "").split(","):
+            try:
+                side = int(part)
+            except ValueError:
+                raise DataError(f"--source-sizes takes sides in pixels separated by commas (64,256,512), got "
+                                f"'{self.source_sizes}'") from None
+            if not MIN_IMAGE_SIZE <= side <= SYNTH_MAX_SIZE:  # the synthetic set's bounds (synth --size)
+                raise DataError(f"--source-sizes: each side must be in [{MIN_IMAGE_SIZE}, {SYNTH_MAX_SIZE}], "
+                                f"got {side}")
+            if side not in sides:
+                sides.append(side)
+        return tuple(sides)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +65,81 @@ def test_profile_writes_a_chrome_trace_and_a_table_of_ranges(small_synth, tmp_pa
     # tiny images may cost the loader less than one tick, so only the bounds are certain).
     total = row["cpu_s_per_1000_images"]
     assert 0 <= row["loader_cpu_s_per_1000_images"] <= total + 1 and 0 < row["main_cpu_s_per_1000_images"] <= total + 1
+
+
+# A process below a child, as torch's workers are below the forkserver: it burns this much CPU, says so on
+# stdout and waits on stdin, alive and nobody's exited child.
+BURN_S = 0.3
+GRANDCHILD = f"""import sys, time
+while time.process_time() < {BURN_S}:
+    pass
+print("burnt", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_cpu_probe_counts_a_live_process_below_a_child():
+    """torch's persistent workers are children of a forkserver: they neither exit during a row nor are the
+    row's children, and their CPU is the loader's all the same."""
+    spec = importlib.util.spec_from_file_location("probes", BENCH.parent / "probes.py")
+    probes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probes)
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {GRANDCHILD!r}])"
+    before = probes.cpu_snapshot()
+    with processes.started([sys.executable, "-c", child], timeout=BENCH_TIMEOUT_S, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout.readline() == "burnt\n"
+        cpu = probes.cpu_delta(before, probes.cpu_snapshot())
+        peak_kb = probes.descendants_peak_rss_kb()
+        proc.stdin.close()
+        proc.wait()
+    # what the grandchild's own clock counted, less the /proc tick's rounding
+    assert cpu["total"] >= BURN_S - 0.05 and cpu["loader"] >= BURN_S - 0.05, cpu
+    assert peak_kb > 1000
+
+
+def test_cost_by_size_has_the_check_cold_and_warm_and_each_loader_per_size(tmp_path):
+    out, cache = tmp_path / "cost.json", tmp_path / "cache"
+    env = dict(os.environ, DALIPIPE_CACHE_DIR=str(cache))  # the sets it draws go here, not to the user's cache
+    r = processes.run([sys.executable, str(BENCH), "--source-sizes", "16,48", "--image-size", "32", "--limit", "32",
+                       "--batch-size", "16", "--workers", "1", "--epochs", "1", "--device", "cpu",
+                       "--gpu-step-rate", "1000", "--json", str(out)], timeout=BENCH_TIMEOUT_S, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["machine"]["cpu_count"] >= 1
+    rows = {(x["source_size"], x["row"]): x for x in report["results"]}
+    kinds = ("check-cold", "check-warm", "torch", "dali")
+    assert sorted(rows) == sorted((size, kind) for size in (16, 48) for kind in kinds)
+    for (size, kind), row in rows.items():
+        assert row["images_per_s"] > 0 and row["peak_host_memory_mb"] > 10, (size, kind)
+        assert (cache / f"bench-synthetic-{size}px-n32-v1" / "y_train.csv").is_file()
+        if kind.startswith("check"):
+            # cold: the check's memory is empty; warm: it holds every sample the cold run checked
+            assert row["samples"] == 32 and row["remembered_before"] == (0 if kind == "check-cold" else 32)
+        else:
+            assert row["images_per_epoch"] == 32 and row["cpu_s_per_1000_images"] > 0
+            assert row["images_per_s_per_core"] == 1000 / row["cpu_s_per_1000_images"]
+            assert row["projected_images_per_s"] == 16 * row["images_per_s_per_core"]
+            assert row["limit"] in ("decoding limits", "keeps up")
+    # The step rate is the user's, and said to be so; the projection is said to be an estimate.
+    settings = report["settings"]
+    assert settings["gpu_step_rate_images_per_s"] == 1000 and "not measured" in settings["gpu_step_rate_source"]
+    assert settings["projection"].startswith("estimate")
+    table = {(int(m[1]), m[2].replace(" ", "-")) for m in
+             re.finditer(r"^ *(\d+) +(check cold|check warm|torch|dali) ", r.stdout, flags=re.M)}
+    assert table == set(rows), r.stdout
+    assert "not measured" in r.stdout and "estimate" in r.stdout
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_cost_by_size_refuses_a_size_it_cannot_draw_and_the_other_modes(tmp_path):
+    for args, said in [(["--source-sizes", "64,abc"], "--source-sizes takes sides in pixels"),
+                       (["--source-sizes", "8"], "--source-sizes: each side must be in [16, 4096], got 8"),
+                       (["--source-sizes", "64", "--train"], "without --train"),
+                       (["--gpu-step-rate", "100"], "give both")]:
+        r = processes.run([sys.executable, str(BENCH), *args], timeout=BENCH_TIMEOUT_S,
+                          env=dict(os.environ, DALIPIPE_CACHE_DIR=str(tmp_path)))  # should one go on: not the user's
+        assert r.returncode == 1 and said in r.stderr, (args, r.stderr[-2000:])
 
 
 def test_record_cost_reports_each_setting_and_fsync_delay(tmp_path):

@@ -70,7 +70,7 @@ OTHER_FLAGS = {
     "--no-index", "--find-links", "--logdir",
     "--budget-s", "--steps", "--work", "--quick", "--train", "--sweep", "--rows", "--limit", "--json",
     "--profile", "--profile-steps", "--settings", "--fsync-delay", "--data", "--repeats", "--busy",
-    "--check", "--list", "--stale",
+    "--check", "--list", "--stale", "--source-sizes", "--gpu-step-rate", "--projected-cores",
 }
 
 
