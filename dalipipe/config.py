@@ -28,6 +28,7 @@ HALF_PRECISIONS = ("bf16", "fp16")  # forced half precision: a GPU's only
 class AugmentSpec:
     """The reference augmentation. Both loaders read this and nothing else.
 
+    First, each side of an image longer than image_size is shrunk to image_size, antialiased (working_shape).
     Training: random resized crop (area and aspect-ratio ranges as torchvision's RandomResizedCrop),
     then rotation uniform in +-max_rotation degrees (zero fill), then horizontal and vertical flips.
     Evaluation: bilinear resize to image_size. Both end with per-channel normalization.
@@ -53,6 +54,20 @@ class AugmentSpec:
         for p in (self.hflip_p, self.vflip_p):
             if not 0 <= p <= 1:
                 raise DataError(f"flip probabilities must be in [0, 1], got {p}")
+
+    def working_shape(self, height, width, smaller=min):
+        """The (height, width) an image is brought to before the geometry above: a side longer than
+        image_size is shrunk to it with an antialiased resize, a shorter one is left as it is.
+
+        Why: the geometry (one warp per sample, or the evaluation resize) reads 2x2 source pixels per output
+        pixel whatever the scale, so that shrinking a 512 px image with it turns fine texture into moire
+        (a one-pixel checkerboard came out with a gray-level std of 41.6 instead of uniform gray). After
+        this step the geometry never shrinks: for large images this is the reference's own order (Resize to
+        224, then RandomResizedCrop to 224), and small images (the challenge's 64 px) are warped from their
+        pixels in one step, as before. The crop and rotation are drawn on the image's own shape, in
+        coordinates relative to its size, so that this step does not change them.
+        smaller: min, or DALI's math.min in its graph (dali_loader.py)."""
+        return smaller(height, self.image_size), smaller(width, self.image_size)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ T_DATA = "tests/test_data.py"
 T_PNG = "tests/test_pngio.py"
 T_ROBUST = "tests/test_robustness.py"
 T_LOADERS = "tests/test_loaders.py"
+T_LARGE = "tests/test_large_images.py"
 T_RECORDER = "tests/test_run_recorder.py"
 T_OPTS = "tests/test_options_table.py"
 T_MSG = "tests/test_options_and_messages.py"
@@ -201,12 +202,22 @@ BREAKAGES = [
              (T_LOADERS,)),
     Breakage("the torch loader decides both flips with one coin", "dalipipe/loading/augment.py",
              "fy = -1.0 if rng.random() < spec.vflip_p else 1.0", "fy = fx", (T_LOADERS, "tests/test_augment.py")),
-    Breakage("the torch evaluation resize antialiases (DALI's does not)", "dalipipe/loading/augment.py",
-             'mode="bilinear", align_corners=False, antialias=False)', 'mode="bilinear", align_corners=False, antialias=True)',
-             (T_LOADERS,)),
-    Breakage("the DALI evaluation resize antialiases (torch's does not)", "dalipipe/loading/dali_loader.py",
-             "interp_type=types.INTERP_LINEAR, antialias=False", "interp_type=types.INTERP_LINEAR, antialias=True",
-             (T_LOADERS,)),
+    Breakage("the torch loader shrinks large images without antialiasing", "dalipipe/loading/augment.py",
+             "        if n_out >= n_in:\n            continue", "        if True:\n            continue", (T_LARGE,)),
+    Breakage("DALI's evaluation shrinks large images without antialiasing", "dalipipe/loading/dali_loader.py",
+             "images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True",
+             "images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=False", (T_LARGE,)),
+    Breakage("DALI's training shrinks large images without antialiasing", "dalipipe/loading/dali_loader.py",
+             "interp_type=types.INTERP_LINEAR,\n                           antialias=True",
+             "interp_type=types.INTERP_LINEAR,\n                           antialias=False", (T_LARGE,)),
+    Breakage("the torch shrink renormalizes at the edges (torch's rule, not DALI's)", "dalipipe/loading/augment.py",
+             "images = out.index_copy(dim, rows, edge.movedim(-1, dim))", "images = out", (T_LARGE,)),
+    Breakage("DALI's training crop is not scaled to the shrunk image", "dalipipe/loading/dali_loader.py",
+             "start = fn.stack(anchor[1], anchor[0]) * to_working", "start = fn.stack(anchor[1], anchor[0])",
+             (T_LARGE,)),
+    Breakage("the torch evaluation resize of small images changes (bicubic)", "dalipipe/loading/augment.py",
+             'size=(size, size), mode="bilinear"', 'size=(size, size), mode="bicubic"',
+             ("tests/test_earlier_release_runs.py", T_LARGE)),
     Breakage("the torch loader's augmentation is the same in every epoch", "dalipipe/loading/torch_loader.py",
              "rng = np.random.default_rng([self.seed, epoch, i])", "rng = np.random.default_rng([self.seed, i])",
              (T_LOADERS,)),

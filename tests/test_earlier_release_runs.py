@@ -39,15 +39,16 @@ def earlier_release(tmp_path_factory) -> Path:
     return dst
 
 
-def earlier_train(release: Path, *args, env_extra=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(release), **(env_extra or {}))
-    return processes.run([sys.executable, "-m", "dalipipe", "train", *map(str, args)], env=env, cwd=release,
+def earlier(release: Path, *args) -> subprocess.CompletedProcess:
+    """A command of the earlier release: `earlier(release, "train", ...)`."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(release))
+    return processes.run([sys.executable, "-m", "dalipipe", *map(str, args)], env=env, cwd=release,
                          timeout=COMMAND_TIMEOUT_S)
 
 
 def test_a_run_of_the_earlier_release_predicts_and_resumes_after_an_epoch(earlier_release, small_synth, tmp_path):
     d, run = small_synth, tmp_path / "run"
-    r = earlier_train(earlier_release, d / "images_train", d / "y_train.csv", "--epochs", "1", *TINY, "--out", run)
+    r = earlier(earlier_release, "train", d / "images_train", d / "y_train.csv", "--epochs", "1", *TINY, "--out", run)
     assert r.returncode == 0, r.stderr[-3000:]
     dalipipe("predict", run, d / "images_test", "--out", tmp_path / "sub.csv", "--device", "cpu", "--workers", "1")
     sub = pd.read_csv(tmp_path / "sub.csv")
@@ -60,7 +61,7 @@ def test_a_run_of_the_earlier_release_predicts_and_resumes_after_an_epoch(earlie
 
 def test_a_mid_epoch_checkpoint_of_the_earlier_release_resumes(earlier_release, small_synth, tmp_path):
     d, run = small_synth, tmp_path / "run"
-    r = earlier_train(earlier_release, d / "images_train", d / "y_train.csv", "--epochs", "1", *TINY,
+    r = earlier(earlier_release, "train", d / "images_train", d / "y_train.csv", "--epochs", "1", *TINY,
                       "--time-limit", "0.000001", "--out", run)
     saved = checkpoint.SavedRun.read(run / "last.pt")
     assert saved.partial_steps == 1 and saved.progress.epochs_done == 0, r.stderr[-3000:]
@@ -68,3 +69,22 @@ def test_a_mid_epoch_checkpoint_of_the_earlier_release_resumes(earlier_release, 
     saved = checkpoint.SavedRun.read(run / "last.pt")
     assert saved.partial_steps is None and saved.progress.epochs_done == 1
     assert (run / "best.pt").is_file()
+
+
+def test_a_model_of_the_earlier_release_predicts_as_before_on_images_it_enlarges(earlier_release, small_synth,
+                                                                                    tmp_path):
+    """The challenge's case, images no larger than the model input (here 32 px to 48): the loaders enlarge
+    them as before, only larger images are now shrunk antialiased first. From the same checkpoint, the
+    earlier release and this one write the same predictions and probabilities, with either loader."""
+    d, run = small_synth, tmp_path / "run"
+    r = earlier(earlier_release, "train", d / "images_train", d / "y_train.csv", "--epochs", "1", "--image-size", "48",
+                "--batch-size", "32", "--device", "cpu", "--workers", "1", "--out", run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for loader in ("dali", "torch"):
+        args = ["predict", run, d / "images_test", "--probs", "--loader", loader, "--device", "cpu", "--workers", "1"]
+        r = earlier(earlier_release, *args, "--out", tmp_path / f"before_{loader}.csv")
+        assert r.returncode == 0, r.stderr[-3000:]
+        dalipipe(*args, "--out", tmp_path / f"now_{loader}.csv")
+        before, now = (pd.read_csv(tmp_path / f"{when}_{loader}.csv") for when in ("before", "now"))
+        assert len(now) == 60 and now.filter(like="p_").shape[1] == 4
+        pd.testing.assert_frame_equal(now, before)

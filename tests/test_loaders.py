@@ -51,8 +51,8 @@ def test_no_augmentation_dali_equals_torch_on_synthetic(small_synth):
 
 @pytest.mark.parametrize("size", [20, 27])
 def test_no_augmentation_dali_equals_torch_when_shrinking(small_synth, size):
-    """Images larger than the model input (32 px to 20 and 27): both loaders shrink them alike, pixel for
-    pixel; an antialiased resize in one of them alone would differ by tens of gray levels."""
+    """Images larger than the model input (32 px to 20 and 27): both loaders shrink them alike (antialiased),
+    pixel for pixel; an antialiased resize in one of them alone would differ by tens of gray levels."""
     idx = inspect_images(build_index(small_synth / "images_train", small_synth / "y_train.csv"), progress=False)
     idx = idx.iloc[:64]
     spec = AugmentSpec(image_size=size)

@@ -1,12 +1,14 @@
 """The reference augmentation as one 2x3 affine matrix per sample, for the torch loader.
 
 Crop, rotation and flips compose into one matrix in normalized coordinates (affine_grid with
-align_corners=False), so each sample costs one grid_sample. DALI's pipeline applies the same
-AugmentSpec with its own operators (dali_loader.py); tests check that both follow the spec.
+align_corners=False), so each sample costs one grid_sample. Images larger than the model input are
+shrunk first, antialiased, by DALI's rule (shrink). DALI's pipeline applies the same AugmentSpec with
+its own operators (dali_loader.py); tests check that both follow the spec and agree.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -55,5 +57,40 @@ def warp(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Evaluation geometry: bilinear, half-pixel centres, no antialias (as DALI's INTERP_LINEAR resize)."""
+    """Evaluation geometry, after shrink: bilinear, half-pixel centres (as DALI's INTERP_LINEAR resize). It
+    only enlarges (or keeps) a side here, where antialiasing would change nothing."""
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+
+
+def shrink(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """images (B, C, H, W) float, each side shrunk to (height, width) where that is smaller (AugmentSpec.
+    working_shape), antialiased as DALI's linear resize does it: a triangle filter as wide as the scale.
+    torch's antialiased interpolate computes the same, except where the filter reaches past the image's
+    edge: torch leaves those pixels out and renormalizes, DALI repeats the edge pixel, which moved the
+    outermost output pixels by up to 14 gray levels (noise, 512 -> 224). Those few rows and columns are
+    recomputed here by DALI's rule, so that the two loaders agree everywhere."""
+    for dim, n_out in ((2, height), (3, width)):
+        n_in = images.shape[dim]
+        if n_out >= n_in:
+            continue
+        size = [images.shape[2], images.shape[3]]
+        size[dim - 2] = n_out
+        out = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        rows, weights = _edge_weights(n_in, n_out)
+        edge = images.movedim(dim, -1) @ weights.T  # (..., rows)
+        images = out.index_copy(dim, rows, edge.movedim(-1, dim))
+    return images
+
+
+@functools.lru_cache(maxsize=64)
+def _edge_weights(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output indices whose filter reaches past either edge, and their weights over the n_in source
+    pixels by DALI's rule: (rows,), (len(rows), n_in)."""
+    scale = n_in / n_out
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale  # in source pixels, edges at 0 and n_in
+    taps = torch.floor(centre - scale - 0.5).long()[:, None] + torch.arange(math.ceil(2 * scale) + 2)
+    w = (1 - (taps + 0.5 - centre[:, None]).abs() / scale).clamp(min=0)
+    rows = torch.nonzero(((taps < 0) | (taps >= n_in)).logical_and(w > 0).any(1)).flatten()
+    dense = torch.zeros(len(rows), n_in, dtype=torch.float64)
+    dense.scatter_add_(1, taps[rows].clamp(0, n_in - 1), w[rows])
+    return rows, (dense / dense.sum(1, keepdim=True)).float()

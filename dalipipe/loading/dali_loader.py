@@ -2,8 +2,9 @@
 
 Graph: three file readers (one per channel, identical order, seed, shuffling and sharding, so that
 they stay in step) -> decode to gray (`mixed` on a GPU: PNG is decoded on DALI's CPU threads and
-handed on as a GPU tensor; `cpu` without one) -> stack as RGB (yellow, red, blue) -> training: one
-warp_affine doing random resized crop, flips and rotation; evaluation: linear resize -> normalize to NCHW.
+handed on as a GPU tensor; `cpu` without one) -> stack as RGB (yellow, red, blue) -> training: sides
+longer than the model input shrunk (antialiased), then one warp_affine doing random resized crop, flips
+and rotation; evaluation: one antialiased linear resize -> normalize to NCHW.
 
 Each reader carries the sample's row position as its label; the wrapper checks that the three
 positions agree (a mixed-up sample would be a silent disaster) and maps them to the caller's targets.
@@ -38,13 +39,14 @@ def dali_available() -> bool:
     return True
 
 
-def _train_matrix(shape, spec: AugmentSpec):
+def _train_matrix(shape, working, spec: AugmentSpec):
     """Random resized crop, flips and rotation composed into one source-to-output affine matrix per
     sample, the same composition as augment.sample_affine, so that one warp does all the geometry (one
     pass over the output instead of three; measured faster on the CPU here, and one kernel on a GPU).
     Coordinates: (x, y) with [0, 0] the corner of the first pixel, as torch's align_corners=False.
     shape: each sample's (H, W, C) on the CPU, read from the encoded file: a GPU node's shape() would be a
-    GPU-to-CPU transition that makes these CPU operators wait for the same batch's decode on the GPU."""
+    GPU-to-CPU transition that makes these CPU operators wait for the same batch's decode on the GPU.
+    working: the (height, width) the warp reads (AugmentSpec.working_shape), as FLOAT nodes."""
     from nvidia.dali import fn, types
 
     s = float(spec.image_size)
@@ -52,8 +54,11 @@ def _train_matrix(shape, spec: AugmentSpec):
     anchor, extent = fn.random_crop_generator(shape, random_area=list(spec.crop_area),
                                               random_aspect_ratio=list(spec.crop_ratio), num_attempts=10)
     anchor, extent = fn.cast(anchor, dtype=types.FLOAT), fn.cast(extent, dtype=types.FLOAT)
-    start = fn.stack(anchor[1], anchor[0])  # (y, x) -> (x, y)
-    end = start + fn.stack(extent[1], extent[0])
+    # the crop in the shrunk image's pixels: (x, y) scaled by its size over the source's (1 for small images)
+    to_working = fn.stack(working[1] / fn.cast(shape[1], dtype=types.FLOAT),
+                          working[0] / fn.cast(shape[0], dtype=types.FLOAT))
+    start = fn.stack(anchor[1], anchor[0]) * to_working  # (y, x) -> (x, y)
+    end = start + fn.stack(extent[1], extent[0]) * to_working
     m = fn.transforms.crop(from_start=start, from_end=end, to_start=[0.0, 0.0], to_end=[s, s])
 
     def sign(p: float):
@@ -69,15 +74,22 @@ def _train_matrix(shape, spec: AugmentSpec):
 def _process(images, shape, *, spec: AugmentSpec, norm: Normalization, train: bool, out_dtype, layout: str):
     """The processing graph, separate from the readers so that any source of HWC uint8 RGB can use it.
     shape: the images' (H, W, C) as a CPU node (for the random crop)."""
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn, math, types
 
     size = [spec.image_size, spec.image_size]
     if train:
-        images = fn.warp_affine(images, matrix=_train_matrix(shape, spec), size=size, inverse_map=False,
-                                fill_value=0, interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
+        height, width = (fn.cast(side, dtype=types.FLOAT)
+                         for side in spec.working_shape(shape[0], shape[1], smaller=math.min))
+        matrix = _train_matrix(shape, (height, width), spec)  # its random operators first: seeds as before
+        # An image no larger than the model input is resized to its own size here, which returns it exactly.
+        images = fn.resize(images, resize_y=height, resize_x=width, interp_type=types.INTERP_LINEAR,
+                           antialias=True, dtype=types.FLOAT)
+        images = fn.warp_affine(images, matrix=matrix, size=size, inverse_map=False, fill_value=0,
+                                interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
     else:
-        # Linear, no antialias: equal to torch's bilinear interpolate(align_corners=False).
-        images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=False, dtype=types.FLOAT)
+        # Antialiased where a side shrinks, linear where it grows: the working shape's shrink and the
+        # resize in one operator (separable per side), equal to augment.shrink then augment.resize.
+        images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
     return fn.crop_mirror_normalize(images, mean=list(norm.mean), std=list(norm.std), output_layout=layout,
                                     dtype=out_dtype)
 

@@ -51,9 +51,13 @@ class ChannelDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         img = torch.from_numpy(np.stack([read_gray(p) for p in self.paths[i]])).float()[None]
+        height, width = img.shape[2:]
+        img = augment.shrink(img, *self.spec.working_shape(height, width))
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, i])
-            theta = torch.from_numpy(augment.sample_affine(rng, self.spec, img.shape[2], img.shape[3]))
+            # drawn on the image's own shape (the crop's aspect ratio is in its pixels), in coordinates
+            # relative to its size: the same on the shrunk image
+            theta = torch.from_numpy(augment.sample_affine(rng, self.spec, height, width))
             out = augment.warp(img, theta[None], self.spec.image_size)
         else:
             out = augment.resize(img, self.spec.image_size)
