@@ -20,6 +20,7 @@ import torch
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import CHANNELS, MIN_TRAIN_BATCH
 from dalipipe.errors import DataError
+from dalipipe.loading import dali_state
 from dalipipe.loading.loader_rules import train_plan
 
 READER = "reader_yellow"
@@ -39,14 +40,13 @@ def dali_available() -> bool:
     return True
 
 
-def _train_matrix(shape, working, spec: AugmentSpec):
+def _train_matrix(shape, spec: AugmentSpec):
     """Random resized crop, flips and rotation composed into one source-to-output affine matrix per
     sample, the same composition as augment.sample_affine, so that one warp does all the geometry (one
     pass over the output instead of three; measured faster on the CPU here, and one kernel on a GPU).
     Coordinates: (x, y) with [0, 0] the corner of the first pixel, as torch's align_corners=False.
     shape: each sample's (H, W, C) on the CPU, read from the encoded file: a GPU node's shape() would be a
-    GPU-to-CPU transition that makes these CPU operators wait for the same batch's decode on the GPU.
-    working: the (height, width) the warp reads (AugmentSpec.working_shape), as FLOAT nodes."""
+    GPU-to-CPU transition that makes these CPU operators wait for the same batch's decode on the GPU."""
     from nvidia.dali import fn, types
 
     s = float(spec.image_size)
@@ -54,11 +54,8 @@ def _train_matrix(shape, working, spec: AugmentSpec):
     anchor, extent = fn.random_crop_generator(shape, random_area=list(spec.crop_area),
                                               random_aspect_ratio=list(spec.crop_ratio), num_attempts=10)
     anchor, extent = fn.cast(anchor, dtype=types.FLOAT), fn.cast(extent, dtype=types.FLOAT)
-    # the crop in the shrunk image's pixels: (x, y) scaled by its size over the source's (1 for small images)
-    to_working = fn.stack(working[1] / fn.cast(shape[1], dtype=types.FLOAT),
-                          working[0] / fn.cast(shape[0], dtype=types.FLOAT))
-    start = fn.stack(anchor[1], anchor[0]) * to_working  # (y, x) -> (x, y)
-    end = start + fn.stack(extent[1], extent[0]) * to_working
+    start = fn.stack(anchor[1], anchor[0])  # (y, x) -> (x, y)
+    end = start + fn.stack(extent[1], extent[0])
     m = fn.transforms.crop(from_start=start, from_end=end, to_start=[0.0, 0.0], to_end=[s, s])
 
     def sign(p: float):
@@ -71,19 +68,44 @@ def _train_matrix(shape, working, spec: AugmentSpec):
     return m
 
 
+def _working_shape(shape, spec: AugmentSpec):
+    """AugmentSpec.working_shape in DALI operators: each sample's (height, width) after the shrink, as a FLOAT
+    node, and the transform from its pixels to the source's (the identity for images no larger than the
+    model input), to put in front of the training matrix.
+
+    Every operator here is named. DALI names the others by a counter in the order they are made, and a
+    checkpoint keys each operator's state by its name: operators added with automatic names before the
+    existing ones would rename those, and DALI would refuse the loader state of every run saved before
+    (an earlier release's included). Named ones leave the counter alone."""
+    from nvidia.dali import fn, types
+
+    def xy(hw, name: str):  # (height, width) -> (x, y) order, as transforms take it
+        return fn.cat(fn.slice(hw, start=[1], shape=[1], axes=[0], name=f"{name}_x"),
+                      fn.slice(hw, start=[0], shape=[1], axes=[0], name=f"{name}_y"), name=name)
+
+    source = fn.cast(fn.slice(shape, start=[0], shape=[2], axes=[0], name="source_hw"), dtype=types.FLOAT,
+                     name="source_hw_float")
+    largest = fn.constant(fdata=[float(spec.image_size)] * 2, name="largest_working_hw")
+    working = fn.reductions.min(fn.stack(source, largest, axis=1, name="source_and_largest"), axes=[1],
+                                name="working_hw")
+    to_source = fn.transforms.crop(from_start=[0.0, 0.0], from_end=xy(working, "working_xy"),
+                                   to_start=[0.0, 0.0], to_end=xy(source, "source_xy"), name="working_to_source")
+    return working, to_source
+
+
 def _process(images, shape, *, spec: AugmentSpec, norm: Normalization, train: bool, out_dtype, layout: str):
     """The processing graph, separate from the readers so that any source of HWC uint8 RGB can use it.
     shape: the images' (H, W, C) as a CPU node (for the random crop)."""
-    from nvidia.dali import fn, math, types
+    from nvidia.dali import fn, types
 
     size = [spec.image_size, spec.image_size]
     if train:
-        height, width = (fn.cast(side, dtype=types.FLOAT)
-                         for side in spec.working_shape(shape[0], shape[1], smaller=math.min))
-        matrix = _train_matrix(shape, (height, width), spec)  # its random operators first: seeds as before
+        working, to_source = _working_shape(shape, spec)
+        # The crop and rotation are drawn on the source's shape, then read from the shrunk image's pixels.
+        matrix = fn.transforms.combine(to_source, _train_matrix(shape, spec), name="working_to_output")
         # An image no larger than the model input is resized to its own size here, which returns it exactly.
-        images = fn.resize(images, resize_y=height, resize_x=width, interp_type=types.INTERP_LINEAR,
-                           antialias=True, dtype=types.FLOAT)
+        images = fn.resize(images, size=working, interp_type=types.INTERP_LINEAR, antialias=True,
+                           dtype=types.FLOAT, name="shrink")
         images = fn.warp_affine(images, matrix=matrix, size=size, inverse_map=False, fill_value=0,
                                 interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
     else:
@@ -141,6 +163,11 @@ def build_pipeline(paths: list[list[str]], *, spec: AugmentSpec, norm: Normaliza
     """device_id None: every operator on the CPU; a GPU number: decoding as settings.decoder says, the
     processing on that GPU. checkpoint: a state saved from the same pipeline (readers' positions, random
     generators), to continue where it was."""
+    if checkpoint is not None:  # saved before the graph changed? fit it to the graph as it is now
+        fresh = define_pipeline(paths, spec=spec, norm=norm, train=train, device_id=device_id, settings=settings)
+        fresh.build()
+        checkpoint = dali_state.fit(checkpoint, fresh.checkpoint())
+        del fresh
     p = define_pipeline(paths, spec=spec, norm=norm, train=train, device_id=device_id, settings=settings,
                         checkpoint=checkpoint)
     p.build()
