@@ -40,7 +40,17 @@ def make_loader(index: pd.DataFrame, targets: np.ndarray, *, spec: AugmentSpec, 
         if not dali_available():
             raise DataError(f"--loader dali: NVIDIA DALI is not installed (pip install {dali_package()}), "
                             "or use --loader torch")
-        cls = DaliLoader
-    else:
-        from dalipipe.loading.torch_loader import TorchLoader as cls
-    return cls(paths, targets, spec=spec, norm=norm, train=train, device=device, settings=settings, state=state)
+        # A graph without the shrink step where no image needs it (the torch loader decides per image)
+        return DaliLoader(paths, targets, spec=spec, norm=norm, train=train, device=device, settings=settings,
+                          state=state, largest_side=largest_side(index))
+    from dalipipe.loading.torch_loader import TorchLoader
+
+    return TorchLoader(paths, targets, spec=spec, norm=norm, train=train, device=device, settings=settings,
+                       state=state)
+
+
+def largest_side(index: pd.DataFrame) -> int | None:
+    """The longest image side among these samples, from the data check's columns; None without them."""
+    if not {"height", "width"} <= set(index.columns):
+        return None
+    return int(max(index["height"].max(), index["width"].max()))
