@@ -9,8 +9,10 @@ then, each in its own process (loader_speed.run_row):
 Per loader, images/s per core is 1000 / (CPU s per 1,000 images, the row's process and its children), and
 the projection is that rate times --projected-cores: an estimate of what the loader delivers on a GPU machine
 with that many cores, assuming decoding spreads over them as well as here and that they are as fast. On a GPU
-DALI decodes on the GPU: the projection then counts only its CPU share. It is set against --gpu-step-rate, a
-training step's images/s on a GPU given by the user: nothing here measures a GPU step.
+the PNGs are still decoded on CPU threads (there is no GPU PNG codec, even for DALI's mixed decoder), while the
+resize and augmentation move to the GPU: the CPU measured here is an upper bound of what is left there. It is
+set against --gpu-step-rate, a training step's images/s on a GPU given by the user: nothing here measures a
+GPU step. Host memory: the peak of the row's process (VmHWM) or of its largest worker.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from pathlib import Path
 
 import click
 from loader_speed import MIN_TIMED_BATCHES, machine, run_row, warn_if_short
-from probes import cpu_delta, cpu_snapshot
+from probes import cpu_delta, cpu_snapshot, own_peak_rss_kb
 
 from dalipipe.settings import SynthSpec
 
 LOADERS = ("torch", "dali")
 ESTIMATE = ("estimate: images/s per core measured here x {cores} cores; assumes decoding spreads over them "
-            "as well as here and that they are as fast; on a GPU, DALI's GPU decoding is not in it")
+            "as well as here and that they are as fast; on a GPU, the resize and augmentation leave the CPU, "
+            "the PNG decoding does not")
 
 
 def ensure_sized(size: int, n: int) -> Path:
@@ -58,8 +61,7 @@ def measure_check(job: dict) -> dict:
     summarize(CheckSettings(job["images_dir"], job["labels_csv"]))
     seconds = time.perf_counter() - t0
     cpu = cpu_delta(cpu0, cpu_snapshot())["total"]
-    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    peak_kb = max(own_peak_rss_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return {"seconds": seconds, "samples": job["samples"], "remembered_before": remembered,
             "images_per_s": job["samples"] / seconds, "cpu_s_per_1000_images": 1000 * cpu / job["samples"],
             "peak_host_memory_mb": peak_kb / 1024}

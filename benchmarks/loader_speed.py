@@ -41,7 +41,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from probes import DeviceMemory, cpu_delta, cpu_snapshot, descendants_peak_rss_kb  # noqa: E402  (beside this script)
+from probes import DeviceMemory, cpu_delta, cpu_snapshot, descendants_peak_rss_kb, own_peak_rss_kb  # noqa: E402  (beside this script)
 from step_profile import StepRanges, profiler  # noqa: E402
 
 from dalipipe.cli import options_of  # noqa: E402  (light: click and the options table)
@@ -219,8 +219,7 @@ def measure_row(job: dict) -> dict:
         profile = profile_steps(job, batches, step, ranges, memory, device)
     live_kb = descendants_peak_rss_kb()  # torch's workers, before close ends them (they are not our children)
     loader.close()
-    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-                  live_kb)
+    peak_kb = max(own_peak_rss_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, live_kb)
     ips = [e["images"] / e["seconds"] for e in per_epoch]
     images = sum(e["images"] for e in per_epoch)
 
