@@ -55,7 +55,7 @@ class AugmentSpec:
             if not 0 <= p <= 1:
                 raise DataError(f"flip probabilities must be in [0, 1], got {p}")
 
-    def working_shape(self, height, width, smaller=min):
+    def working_shape(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) an image is brought to before the geometry above: a side longer than
         image_size is shrunk to it with an antialiased resize, a shorter one is left as it is.
 
@@ -65,9 +65,9 @@ class AugmentSpec:
         this step the geometry never shrinks: for large images this is the reference's own order (Resize to
         224, then RandomResizedCrop to 224), and small images (the challenge's 64 px) are warped from their
         pixels in one step, as before. The crop and rotation are drawn on the image's own shape, in
-        coordinates relative to its size, so that this step does not change them.
-        smaller: min, or DALI's math.min in its graph (dali_loader.py)."""
-        return smaller(height, self.image_size), smaller(width, self.image_size)
+        coordinates relative to its size, so that this step does not change them. DALI's graph computes the
+        same in its own operators (dali_loader._working_shape); tests/test_large_images.py holds them equal."""
+        return min(height, self.image_size), min(width, self.image_size)
 
 
 @dataclass(frozen=True)

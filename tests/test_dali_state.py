@@ -59,3 +59,21 @@ def test_the_same_graph_keeps_the_state_byte_for_byte_and_a_lost_random_state_is
         dali_state.fit(_without(saved, [coin]), fresh)
     with pytest.raises(DataError, match=coin):  # a random operator the saving graph did not have
         dali_state.fit(saved, _without(fresh, [coin]))
+
+
+def test_a_state_it_cannot_read_is_left_to_dali_and_long_entries_keep_their_length():
+    """Lengths of 128 bytes or more take two bytes or more; a truncated or foreign state is returned as it is
+    (DALI's own restore then says what it thinks of it) rather than failing in this module."""
+
+    def entry(name: str, state: bytes) -> bytes:
+        return dali_state._field(dali_state._OPERATOR, dali_state._field(1, name.encode()) + dali_state._field(2, state))
+
+    context = dali_state._field(2, b'{"iter": 3}') + bytes([3 << 3 | 0, 0x96, 0x01])  # and a varint field
+    saved = entry("reader_yellow", b"r" * 300) + entry("a" * 200, b"") + context
+    fresh = entry("reader_yellow", b"x" * 5) + entry("shrink", b"") + context
+    fitted = dali_state.fit(saved, fresh)
+    ops, rest = dali_state._split(fitted)
+    assert list(ops) == ["reader_yellow", "shrink"] and rest == context
+    assert dali_state._state(ops["reader_yellow"]) == b"r" * 300  # the saved state, not the fresh one
+    for broken in (saved[:-5], saved[:40], b"\x0f" + saved):
+        assert dali_state.fit(broken, fresh) is broken

@@ -87,4 +87,4 @@ def test_a_model_of_the_earlier_release_predicts_as_before_on_images_it_enlarges
         dalipipe(*args, "--out", tmp_path / f"now_{loader}.csv")
         before, now = (pd.read_csv(tmp_path / f"{when}_{loader}.csv") for when in ("before", "now"))
         assert len(now) == 60 and now.filter(like="p_").shape[1] == 4
-        pd.testing.assert_frame_equal(now, before)
+        pd.testing.assert_frame_equal(now, before, check_exact=True)

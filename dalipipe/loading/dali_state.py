@@ -18,14 +18,19 @@ from dalipipe.errors import DataError
 
 _OPERATOR = 1  # top-level field number of an operator's entry
 _LENGTH_DELIMITED = 2
+_FIXED = {1: 8, 5: 4}  # protobuf wire types of fixed width: 64 and 32 bits
 
 
 def fit(saved: bytes, fresh: bytes) -> bytes:
     """`saved` with an empty state for each operator that only `fresh` (the current graph's state, as built)
     has and that keeps none there, and without the stateless operators the graph no longer has. Raises
-    DataError when an operator that keeps state is in one and not in the other: its state would be lost."""
-    saved_ops, rest = _split(saved)
-    fresh_ops, _ = _split(fresh)
+    DataError when an operator that keeps state is in one and not in the other: its state would be lost.
+    A state this module cannot read (a future DALI's form) is returned as it is, for DALI to judge."""
+    try:
+        saved_ops, rest = _split(saved)
+        fresh_ops, _ = _split(fresh)
+    except ValueError:
+        return saved
     if saved_ops.keys() == fresh_ops.keys():
         return saved
     lost = [name for name in saved_ops.keys() - fresh_ops.keys() if _state(saved_ops[name])]
@@ -45,6 +50,8 @@ def _split(blob: bytes) -> tuple[dict[str, bytes], bytes]:
     ops, rest = {}, bytearray()
     for number, value, whole in _fields(blob):
         if number == _OPERATOR:
+            if value is None:
+                raise ValueError("an operator entry that is not a message")
             ops[_name(value)] = value
         else:
             rest += whole
@@ -52,30 +59,44 @@ def _split(blob: bytes) -> tuple[dict[str, bytes], bytes]:
 
 
 def _fields(blob: bytes):
-    """(field number, value, the field's bytes) of each field of a message. Every field DALI writes here is
-    length-delimited; anything else means a form this module does not know."""
+    """(field number, value, the field's bytes) of each field of a message; a value is bytes for the
+    length-delimited fields (all that DALI writes here), None for the others (skipped). ValueError where the
+    bytes are not a message."""
     i = 0
     while i < len(blob):
         start = i
         key, i = _varint(blob, i)
-        if key & 7 != _LENGTH_DELIMITED:
-            raise DataError("the run's DALI loader state is not in the form this dalipipe reads")
-        n, i = _varint(blob, i)
-        i += n
-        yield key >> 3, blob[i - n:i], blob[start:i]
+        kind, value = key & 7, None
+        if kind == _LENGTH_DELIMITED:
+            n, i = _varint(blob, i)
+            value, i = blob[i:i + n], i + n
+        elif kind == 0:
+            _, i = _varint(blob, i)
+        elif kind in _FIXED:
+            i += _FIXED[kind]
+        else:
+            raise ValueError(f"wire type {kind}")
+        if i > len(blob):
+            raise ValueError("truncated")
+        yield key >> 3, value, blob[start:i]
 
 
 def _name(entry: bytes) -> str:
-    return next(value.decode() for number, value, _ in _fields(entry) if number == 1)
+    names = [value for number, value, _ in _fields(entry) if number == 1 and value is not None]
+    if len(names) != 1:
+        raise ValueError("an operator entry without its name")
+    return names[0].decode()
 
 
 def _state(entry: bytes) -> bytes:
-    return next((value for number, value, _ in _fields(entry) if number == 2), b"")
+    return next((value for number, value, _ in _fields(entry) if number == 2 and value is not None), b"")
 
 
 def _varint(blob: bytes, i: int) -> tuple[int, int]:
     value = shift = 0
     while True:
+        if i >= len(blob):
+            raise ValueError("truncated")
         byte = blob[i]
         i += 1
         value |= (byte & 0x7F) << shift
