@@ -18,14 +18,13 @@ GPU step. Host memory: the peak of the row's process (VmHWM) or of its largest w
 from __future__ import annotations
 
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import click
-from loader_speed import MIN_TIMED_BATCHES, machine, run_row, warn_if_short
-from probes import cpu_delta, cpu_snapshot, own_peak_rss_kb
+from loader_speed import MIN_TIMED_BATCHES, cached_synthetic, machine, run_row, warn_if_short
+from probes import cpu_delta, cpu_snapshot, peak_host_memory_mb
 
 from dalipipe.settings import SynthSpec
 
@@ -37,14 +36,8 @@ ESTIMATE = ("estimate: images/s per core measured here x {cores} cores; assumes 
 
 def ensure_sized(size: int, n: int) -> Path:
     """A synthetic set of n training samples of size x size px (no test set), generated once into the cache."""
-    from dalipipe.data.check_cache import cache_dir
-    from dalipipe.data.synthetic import generate
-
-    path = cache_dir() / f"bench-synthetic-{size}px-n{n}-v1"
-    if not (path / "y_train.csv").exists():
-        click.echo(f"generating a {size} px synthetic set of {n} samples in {path} (once)", err=True)
-        generate(path, SynthSpec(n_train=n, n_test=0, image_size=size), force=True)
-    return path
+    return cached_synthetic(f"bench-synthetic-{size}px-n{n}-v1", SynthSpec(n_train=n, n_test=0, image_size=size),
+                            f"a {size} px synthetic set of {n} samples")
 
 
 def measure_check(job: dict) -> dict:
@@ -61,10 +54,9 @@ def measure_check(job: dict) -> dict:
     summarize(CheckSettings(job["images_dir"], job["labels_csv"]))
     seconds = time.perf_counter() - t0
     cpu = cpu_delta(cpu0, cpu_snapshot())["total"]
-    peak_kb = max(own_peak_rss_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return {"seconds": seconds, "samples": job["samples"], "remembered_before": remembered,
             "images_per_s": job["samples"] / seconds, "cpu_s_per_1000_images": 1000 * cpu / job["samples"],
-            "peak_host_memory_mb": peak_kb / 1024}
+            "peak_host_memory_mb": peak_host_memory_mb()}
 
 
 def project(r: dict, cores: int, step_rate: float | None) -> None:

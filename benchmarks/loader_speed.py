@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from probes import DeviceMemory, cpu_delta, cpu_snapshot, descendants_peak_rss_kb, own_peak_rss_kb  # noqa: E402  (beside this script)
+from probes import DeviceMemory, cpu_delta, cpu_snapshot, descendants_peak_rss_kb, peak_host_memory_mb  # noqa: E402  (beside this script)
 from step_profile import StepRanges, profiler  # noqa: E402
 
 from dalipipe.cli import options_of  # noqa: E402  (light: click and the options table)
@@ -65,14 +64,20 @@ def ensure_data(data: str | None) -> Path:
     """The user's data, or a full-size synthetic set generated once into the cache."""
     if data:
         return Path(data)
-    from dalipipe.data.check_cache import cache_dir
-    from dalipipe.data.synthetic import generate
     from dalipipe.settings import SynthSpec
 
-    path = cache_dir() / "bench-synthetic-v1"
+    return cached_synthetic("bench-synthetic-v1", SynthSpec(), "the synthetic benchmark set")
+
+
+def cached_synthetic(name: str, spec, what: str) -> Path:
+    """The synthetic set `spec` (a SynthSpec) in the cache folder `name`, generated there the first time."""
+    from dalipipe.data.check_cache import cache_dir
+    from dalipipe.data.synthetic import generate
+
+    path = cache_dir() / name
     if not (path / "y_train.csv").exists():
-        click.echo(f"generating the synthetic benchmark set in {path} (once)", err=True)
-        generate(path, SynthSpec(), force=True)
+        click.echo(f"generating {what} in {path} (once)", err=True)
+        generate(path, spec, force=True)
     return path
 
 
@@ -219,7 +224,6 @@ def measure_row(job: dict) -> dict:
         profile = profile_steps(job, batches, step, ranges, memory, device)
     live_kb = descendants_peak_rss_kb()  # torch's workers, before close ends them (they are not our children)
     loader.close()
-    peak_kb = max(own_peak_rss_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, live_kb)
     ips = [e["images"] / e["seconds"] for e in per_epoch]
     images = sum(e["images"] for e in per_epoch)
 
@@ -233,7 +237,7 @@ def measure_row(job: dict) -> dict:
               "cpu_s_per_1000_images": per_1000("total"),
               # The loader's own threads and worker processes, and the training loop's main thread, apart.
               "loader_cpu_s_per_1000_images": per_1000("loader"), "main_cpu_s_per_1000_images": per_1000("main"),
-              "peak_host_memory_mb": peak_kb / 1024, "images_per_epoch": per_epoch[0]["images"],
+              "peak_host_memory_mb": peak_host_memory_mb(live_kb), "images_per_epoch": per_epoch[0]["images"],
               # pipeline build, cuDNN autotuning, and for ceiling-compile the compilation
               "warmup_epoch_seconds": warmup_s, **memory.result()}
     if job["train"]:

@@ -76,6 +76,12 @@ def own_peak_rss_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
+def peak_host_memory_mb(live_kb: int = 0) -> float:
+    """A row's peak host memory: the largest of its own process's (own_peak_rss_kb), its ended children's
+    and live_kb (its live workers', descendants_peak_rss_kb, read before they end), in MB."""
+    return max(own_peak_rss_kb(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, live_kb) / 1024
+
+
 def descendants_peak_rss_kb() -> int:
     """The largest peak resident memory of the live processes below this one (torch's workers), in kB."""
     peak = 0
