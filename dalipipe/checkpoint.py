@@ -219,10 +219,15 @@ class RunState:
 
 # --- capture and restore of every rank's generators and loader -------------------------------------------
 
-def loader_key(kind: str, decoder: str, device: torch.device) -> str:
-    """What a loader state fits: DALI's belongs to one pipeline graph (CPU, or GPU with this decoding)."""
+def loader_key(kind: str, decoder: str, device: torch.device, stored: bool = False) -> str:
+    """What a loader state fits: DALI's belongs to one pipeline graph (CPU, or GPU with this decoding; or
+    reading the decoded store). The torch loader's state (epoch, batches done) fits it read from PNGs or
+    from the store alike: its samples and their augmentation are a function of the seed, the epoch and the
+    sample."""
     if kind == "torch":
         return "torch"
+    if stored:
+        return f"dali/{device.type}/store"
     return f"dali/{device.type}" + (f"/{decoder}" if device.type == "cuda" else "")
 
 
@@ -253,7 +258,7 @@ def restore(ranks: list[RankState] | None, *, partial_steps: int | None, key: st
     if mine.loader_key != key:
         if partial_steps:
             raise DataError(f"{run}: the run was saved in the middle of an epoch with the loader {mine.loader_key}; "
-                            f"resume it with the same --loader, --device and --decoder (got {key})")
+                            f"resume it with the same --loader, --device, --decoder and --[no-]decode-once (got {key})")
         mine = dataclasses.replace(mine, loader=None)
     torch.set_rng_state(mine.rng_cpu)
     if device.type == "cuda" and mine.rng_cuda is not None:

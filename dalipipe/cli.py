@@ -42,6 +42,7 @@ def _click_option(o: options.Option, given_only: bool):
     if o.on_off:
         return click.option(f"{o.flag}/--no-{o.flag[2:]}", o.name, **kw)
     kind = (click.Choice(o.choices) if o.choices else o.type if o.spec.path is None
+            else click.Path(file_okay=False) if o.spec.path == "folder"
             else click.Path(exists=o.spec.path == "existing file", dir_okay=False))
     return click.option(o.flag, o.name, type=kind, **kw)
 

@@ -73,6 +73,10 @@ SEED_MAX = 2**32 - 1
 SYNTH_MAX_SIZE = 4096
 SYNTH_MAX_SAMPLES = 1_000_000
 
+# Disk space the decoded store always leaves free on its disk: a store that would leave less is refused before
+# anything is written (a full disk fails every other program, and the run's own checkpoints too).
+STORE_RESERVE_BYTES = 2 * 10**9
+
 # Loader threads (DALI) or worker processes (torch) per training process, at most, when not given.
 MAX_DEFAULT_WORKERS = 8
 

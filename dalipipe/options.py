@@ -39,7 +39,7 @@ class Spec:
     why: str = ""  # said after the bound in the error ("for training (BatchNorm ...)")
     resume: bool = False  # a --resume may change it (every other setting stays the run's)
     gpu_values: tuple = ()  # values that need a GPU (a resume elsewhere drops them, a new run is refused)
-    path: str | None = None  # a file path: "file", or "existing file" (one that must exist)
+    path: str | None = None  # a path: "file", "existing file" (one that must exist) or "folder"
     required: bool = False  # the command needs it (no default)
     switch: bool = False  # an on/off flag without a --no- form (--force): off unless given
     section: str = "reference"  # for the docs' tables: "reference" or "beyond" (beyond the reference recipe)

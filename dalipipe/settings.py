@@ -60,6 +60,9 @@ class PredictSettings(_Checked):
                     "flips (4x the compute of a plain prediction).", default_text=AS_REFERENCE)
     force: bool = opt(False, "Replace --out if it exists.", switch=True)
     check_cache: bool = _cache()
+    decode_once: bool = like(TrainConfig, "decode_once", "As for train: decode each PNG once, into the decoded "
+                             "store, which a later prediction over the same images then reads.")
+    store: str | None = like(TrainConfig, "store", "As for train: where the decoded store lives.")
 
 @dataclass(frozen=True)
 class PreviewSettings(_Checked):
@@ -104,6 +107,11 @@ class CheckSettings(_Checked):
                                "for the split shown.")
     seed: int = like(TrainConfig, "seed", "As for train: the seed of the split shown.")
     check_cache: bool = _cache()
+    # Off here: a check alone writes nothing unless asked; with it, train and predict find the store built.
+    decode_once: bool = opt(False, "Also build the decoded store that train and predict read (as their "
+                            "--decode-once, on by default there), so that a run starts with every PNG decoded.",
+                            default_text="off: check only")
+    store: str | None = like(TrainConfig, "store", "As for train: where the decoded store lives.")
 
 @dataclass(frozen=True)
 class SynthSpec:

@@ -15,7 +15,6 @@ from dalipipe import device as dev
 from dalipipe.config import LoaderSettings, TrainConfig
 from dalipipe.errors import DataError
 from dalipipe.loading.dali_loader import build_pipeline, decoder_args
-from dalipipe.loading.loaders import decode_cache_mb
 from dalipipe.run.train_setup import make_optimizer
 from tests.test_cli import assert_one_line_error, dalipipe
 from tests.test_loaders import RAW
@@ -40,8 +39,7 @@ def test_precision_on_the_cpu_is_fp32_and_refuses_half_types():
             dev.amp_dtype(cpu, precision)
 
 
-@pytest.mark.parametrize("option", [["--precision", "fp16"], ["--precision", "bf16"], ["--decode-cache"],
-                                    ["--decode-cache", "--loader", "torch"]])
+@pytest.mark.parametrize("option", [["--precision", "fp16"], ["--precision", "bf16"]])
 def test_gpu_only_options_on_the_cpu_are_one_line_errors_before_any_work(small_synth, tmp_path, option):
     d = small_synth
     r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", tmp_path / "run", "--device", "cpu",
@@ -68,31 +66,9 @@ def test_fused_adam_follows_the_device_the_run_continues_on():
     assert torch.equal(back.state[model.weight]["exp_avg"], cpu_opt.state[model.weight]["exp_avg"])
 
 
-def test_decoder_arguments_drop_jpeg_paddings_and_carry_the_cache():
-    assert decoder_args("cpu", 0) == {} and decoder_args("cpu", 100) == {}
-    assert decoder_args("mixed", 0) == {"device_memory_padding": 0, "host_memory_padding": 0}
-    cached = decoder_args("mixed", 140)
-    assert cached["cache_size"] == 140 and cached["cache_type"] == "threshold" and cached["cache_threshold"] == 0
-
-
-def test_decode_cache_size_covers_every_decoded_channel():
-    index = pd.DataFrame({"height": [64] * 9632, "width": [64] * 9632})
-    mb = decode_cache_mb(index)
-    # the challenge's set: three channels, each cached as RGB (about 340 MiB decoded)
-    assert mb * 2**20 >= 9632 * 64 * 64 * 3 * 3 and mb < 450
-
-
-def test_decode_cache_reaches_the_loader_settings_and_the_pipeline_refuses_it_without_a_gpu(small_synth):
-    cfg = TrainConfig(images_dir="", labels_csv="", out_dir="", decode_cache=True)
-    assert cfg.loader_settings(True, 0, 1, decode_cache_mb=50).decode_cache_mb == 50
-    assert TrainConfig(images_dir="", labels_csv="", out_dir="").loader_settings(True, 0, 1, 50).decode_cache_mb == 0
-    from dalipipe.config import AugmentSpec
-    from dalipipe.data.index import PATH_COLUMNS, build_index
-
-    paths = build_index(small_synth / "images_test")[PATH_COLUMNS].values.tolist()
-    with pytest.raises(DataError, match="--decode-cache"):
-        build_pipeline(paths, spec=AugmentSpec(image_size=16), norm=RAW, train=False, device_id=None,
-                       settings=LoaderSettings(decode_cache_mb=50))
+def test_decoder_arguments_drop_jpeg_paddings():
+    assert decoder_args("cpu") == {}
+    assert decoder_args("mixed") == {"device_memory_padding": 0, "host_memory_padding": 0}
 
 
 @pytest.mark.parametrize("cuda,package", [(None, "nvidia-dali-cuda120"), ("12.6", "nvidia-dali-cuda120"),
@@ -151,51 +127,24 @@ def _graph(device_id, settings):
     return pipe._ops
 
 
-def test_with_the_decode_cache_each_channel_is_decoded_as_rgb_and_turned_gray_on_the_gpu():
-    """DALI's decoder cache stores only RGB HWC decodes (a GRAY decode is never cached, so every epoch would
-    decode again): with the cache the decoders ask for RGB and a GPU conversion gives the gray channel."""
-    from nvidia.dali import types
+def test_on_a_gpu_the_store_is_read_on_the_cpu_and_copied_once_a_batch():
+    """With the decoded store nothing is decoded: one CPU numpy reader, whose batch goes to the GPU in one copy,
+    and the processing on the GPU as without the store."""
+    from dalipipe.config import AugmentSpec
+    from dalipipe.loading.dali_loader import define_pipeline
 
-    for mb, decoded_as, conversions in ((0, types.GRAY, 0), (50, types.RGB, 3)):
-        ops = _graph(0, LoaderSettings(batch_size=4, decode_cache_mb=mb))
-        decoders = [op for op in ops if op.name.strip("_").rsplit("_", 1)[0] == "Image"]
-        assert len(decoders) == 3
-        assert all(f"output_type: {int(decoded_as)}\n" in repr(op.spec) for op in decoders), mb
-        assert all((f"cache_size: {mb}\n" in repr(op.spec)) == bool(mb) for op in decoders)
-        converted = [op for op in ops if "ColorSpaceConversion" in op.name]
-        assert len(converted) == conversions
-        assert all(node.device == "gpu" for op in converted for node in op.outputs)
+    stored = [f"/store/{i:05d}-abc.npy" for i in range(4)]
+    paths = [[f"/data/{i:05d}_{c}.png" for c in ("yellow", "red", "blue")] for i in range(4)]
+    pipe = define_pipeline(paths, spec=AugmentSpec(image_size=16), norm=RAW, train=True, device_id=0,
+                           settings=LoaderSettings(batch_size=4), stored=stored)
+    pipe._build_graph()
+    ops = pipe._ops
 
+    def kind(op):  # the operator's schema, as its spec names it: "OpSpec for readers__Numpy: ..."
+        return repr(op.spec).split(":")[0].split()[-1]
 
-def test_gray_through_an_rgb_decode_equals_the_gray_decode_on_pngsuite():
-    """What the cached path computes (DALI's CPU kernels here, the same operators as on a GPU): for every
-    PngSuite file the data check accepts, gray PNGs exactly, colour PNGs within one level (the gray rule)."""
-    from nvidia.dali import fn, pipeline_def, types
-    from PIL import Image
-
-    from dalipipe.data.pngio import _GRAY_MODES, read_gray
-    from dalipipe.loading.dali_loader import rgb_to_gray
-    from tests.conftest import pngsuite
-
-    files, gray = [], []
-    for path in sorted(pngsuite().glob("*.png")):
-        try:
-            read_gray(path)
-        except DataError:
-            continue  # refused by the data check: never reaches a loader
-        files.append(str(path))
-        gray.append(Image.open(path).mode in _GRAY_MODES)
-    assert sum(gray) >= 20 and len(files) - sum(gray) >= 40
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def pipe():
-        enc, _ = fn.readers.file(files=files)
-        return (fn.decoders.image(enc, device="cpu", output_type=types.GRAY),
-                rgb_to_gray(fn.decoders.image(enc, device="cpu", output_type=types.RGB)))
-
-    p = pipe()
-    p.build()
-    for path, is_gray in zip(files, gray):
-        direct, via_rgb = (np.asarray(out[0]).astype(int) for out in p.run())
-        assert direct.shape == via_rgb.shape
-        assert np.abs(direct - via_rgb).max() <= (0 if is_gray else 1), path
+    assert not [op for op in ops if kind(op) in ("decoders__Image", "readers__File")]  # no decoder, no PNG reader
+    (reader,) = [op for op in ops if kind(op) == "readers__Numpy"]
+    assert all(node.device == "cpu" for node in reader.outputs)
+    warps = [op for op in ops if kind(op) == "WarpAffine"]
+    assert warps and all(node.device == "gpu" for op in warps for node in op.outputs)

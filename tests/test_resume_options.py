@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from dalipipe import checkpoint, cli
+from dalipipe import device as dev
 from dalipipe.checkpoint import Progress
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
@@ -17,7 +18,7 @@ from dalipipe.errors import DataError
 from dalipipe.run import run_dir
 from tests import checkpoint_layout
 
-ON_OFF = ("decode_cache", "compile", "check_cache", "tensorboard", "tta_val", "pretrained")
+ON_OFF = ("decode_once", "compile", "check_cache", "tensorboard", "tta_val", "pretrained")
 
 
 def saved_run(folder, epochs_done: int = 1, **settings) -> str:
@@ -67,49 +68,59 @@ def test_a_resume_turns_an_option_off_and_on_again(tmp_path, name, flag):
 
 
 def test_a_gpu_run_resumed_on_the_cpu_drops_what_the_cpu_cannot_do(tmp_path, caplog):
-    run = saved_run(tmp_path / "run", decode_cache=True, precision="bf16")
+    run = saved_run(tmp_path / "run", precision="bf16")
     with caplog.at_level(logging.WARNING, logger="dalipipe"):
         cfg = run_dir.resume_config(run, given_by("--device", "cpu"), None, None, None)
-    assert cfg.device == "cpu" and cfg.decode_cache is False and cfg.precision == "auto"
-    cfg.check_device("cpu")  # the checks that refused the resume before now pass
+    assert cfg.device == "cpu" and cfg.precision == "auto"
+    assert dev.amp_dtype(torch.device("cpu"), cfg.precision) is None  # the check that refused the resume now passes
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "--decode-cache and --precision bf16" in lines[0] and "cpu" in lines[0], lines
+    assert len(lines) == 1 and "--precision bf16" in lines[0] and "a GPU" in lines[0] and "cpu" in lines[0], lines
 
 
-@pytest.mark.parametrize("change", [["--loader", "torch"], ["--decoder", "cpu"]])
-def test_a_gpu_resume_with_another_loader_or_decoder_drops_the_decode_cache(tmp_path, caplog, monkeypatch, change):
-    """On a GPU (a stand-in: the device is only named here) the cache still needs DALI's mixed decoder."""
+def test_a_gpu_resume_with_another_loader_or_decoder_keeps_the_gpu_settings(tmp_path, caplog, monkeypatch):
+    """On a GPU (a stand-in: the device is only named here) a forced half precision applies to any loader."""
     monkeypatch.setattr(run_dir.dev, "resolve", lambda name, local_rank=0: torch.device("cuda", 0))
-    run = saved_run(tmp_path / "run", decode_cache=True, precision="bf16")
+    run = saved_run(tmp_path / "run", precision="bf16")
     with caplog.at_level(logging.WARNING, logger="dalipipe"):
-        cfg = run_dir.resume_config(run, given_by(*change), None, None, None)
-    assert cfg.decode_cache is False and cfg.precision == "bf16"  # bf16 is a GPU's: kept
-    (line,) = [r.getMessage() for r in caplog.records]
-    assert "--decode-cache" in line and "--loader dali and --decoder mixed" in line and "bf16" not in line
+        cfg = run_dir.resume_config(run, given_by("--loader", "torch", "--decoder", "cpu"), None, None, None)
+    assert cfg.precision == "bf16" and cfg.loader == "torch" and not caplog.records
 
 
 def test_a_gpu_only_option_given_again_on_the_cpu_is_still_refused(tmp_path):
-    run = saved_run(tmp_path / "run", decode_cache=True, device="cpu")
-    cfg = run_dir.resume_config(run, given_by("--decode-cache"), None, None, None)
-    assert cfg.decode_cache is True  # kept, as asked: the run's device check refuses it in one line
-    with pytest.raises(DataError, match="--decode-cache keeps decoded images in GPU memory"):
-        cfg.check_device("cpu")
+    run = saved_run(tmp_path / "run", precision="bf16", device="cpu")
+    cfg = run_dir.resume_config(run, given_by("--precision", "bf16"), None, None, None)
+    assert cfg.precision == "bf16"  # kept, as asked: the run's device check refuses it in one line
+    with pytest.raises(DataError, match="--precision bf16 needs a CUDA GPU"):
+        dev.amp_dtype(torch.device("cpu"), cfg.precision)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_gpu_resume_keeps_the_gpu_settings(tmp_path):
-    run = saved_run(tmp_path / "run", decode_cache=True, precision="bf16")
+    run = saved_run(tmp_path / "run", precision="bf16")
     cfg = run_dir.resume_config(run, given_by("--device", "gpu"), None, None, None)
-    assert cfg.decode_cache is True and cfg.precision == "bf16"
+    assert cfg.precision == "bf16"
 
 
 def test_only_rank_0_says_what_a_resume_dropped(tmp_path, caplog, monkeypatch):
-    run = saved_run(tmp_path / "run", decode_cache=True)
+    run = saved_run(tmp_path / "run", precision="fp16")
     monkeypatch.setenv("RANK", "1")
     with caplog.at_level(logging.WARNING, logger="dalipipe"):
         cfg = run_dir.resume_config(run, given_by("--device", "cpu"), None, None, None)
-    assert cfg.decode_cache is False and not caplog.records
+    assert cfg.precision == "auto" and not caplog.records
+
+
+def test_a_run_of_a_release_without_the_decoded_store_resumes_without_it(tmp_path):
+    """Its config has no decode_once: its DALI loader state fits the graph that decodes PNGs (a mid-epoch
+    resume needs that graph), so the run goes on as it was, unless --decode-once is given."""
+    run = saved_run(tmp_path / "run")
+    ck = checkpoint.load(tmp_path / "run" / CKPT_LAST)
+    del ck["config"]["decode_once"], ck["config"]["store"]
+    checkpoint.write(ck, tmp_path / "run" / CKPT_LAST)
+    assert run_dir.resume_config(run, given_by(), None, None, None).decode_once is False
+    assert run_dir.resume_config(run, given_by("--decode-once"), None, None, None).decode_once is True
+    new = saved_run(tmp_path / "new")
+    assert run_dir.resume_config(new, given_by(), None, None, None).decode_once is True
 
 
 @pytest.mark.parametrize("epoch, best_epoch, score, best, expected", [

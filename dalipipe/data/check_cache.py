@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from dalipipe.atomic import save_json
+from dalipipe.data.pngio import GRAY_RULE
 
 # Raise when the check or what it records changes, so that older memories are not trusted.
 CHECK_VERSION = 1
@@ -25,7 +26,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dalipipe"
 
 
-def _signature(paths: list[str]) -> list[int] | None:
+def file_signature(paths: list[str]) -> list[int] | None:
+    """What says that files are unchanged: their sizes and modification times (None if one is missing). The
+    data check's memory and the decoded store both trust a file by this rule."""
     try:
         stats = [os.stat(p) for p in paths]
     except OSError:
@@ -42,7 +45,9 @@ class CheckCache:
         self.dirty = False
         try:
             data = json.loads(self.path.read_text())
-            if data.get("version") == CHECK_VERSION and data.get("folder") == self.folder:
+            # (a memory without the gray rule's version is of its first version)
+            if (data.get("version") == CHECK_VERSION and data.get("gray_rule", 1) == GRAY_RULE
+                    and data.get("folder") == self.folder):
                 self.entries = data["entries"]
         except (OSError, ValueError, KeyError, AttributeError):
             pass  # no memory yet, or an unreadable one: check everything
@@ -54,12 +59,12 @@ class CheckCache:
     def get(self, paths: list[str]) -> tuple | None:
         """The remembered result of inspect_sample(paths), if none of the files changed since."""
         entry = self.entries.get(self._key(paths))
-        if entry is None or entry[0] != _signature(paths):
+        if entry is None or entry[0] != file_signature(paths):
             return None
         return tuple(entry[1])
 
     def put(self, paths: list[str], result: tuple) -> None:
-        sig = _signature(paths)
+        sig = file_signature(paths)
         if sig is not None:
             self.entries[self._key(paths)] = [sig, list(result)]
             self.dirty = True
@@ -68,7 +73,8 @@ class CheckCache:
         if not self.dirty:
             return
         try:
-            save_json({"version": CHECK_VERSION, "folder": self.folder, "entries": self.entries}, self.path)
+            save_json({"version": CHECK_VERSION, "gray_rule": GRAY_RULE, "folder": self.folder,
+                       "entries": self.entries}, self.path)
         except OSError:
             pass  # a read-only home costs only the speed-up
         self.dirty = False

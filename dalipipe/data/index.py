@@ -23,7 +23,8 @@ from dalipipe.child_processes import worker_pool
 from dalipipe.constants import CHANNELS, FILE_REGEX
 from dalipipe.data.check_cache import CheckCache
 from dalipipe.data.csv_files import read_labels
-from dalipipe.data.pngio import inspect_sample
+from dalipipe.data.decoded_store import DecodedStore, disk_bytes, inspect_and_store, size_text
+from dalipipe.data.pngio import inspect_sample, png_shape
 from dalipipe.errors import DataError
 from dalipipe.progress import quiet_unless
 
@@ -34,6 +35,9 @@ PATH_COLUMNS = [f"path_{c}" for c in CHANNELS]
 # huge image cannot outweigh thousands of small ones.
 MEAN_COLUMNS = [f"mean_{c}" for c in CHANNELS]
 MEANSQ_COLUMNS = [f"meansq_{c}" for c in CHANNELS]
+# Where the decoded store holds each sample's pixels (decoded_store.py), when the check built one: the loaders
+# read these files instead of decoding the PNGs.
+STORE_COLUMN = "store_file"
 # A sample with this many times the median pixel count is called out by name (it is still used).
 LARGE_IMAGE_FACTOR = 16
 
@@ -134,30 +138,42 @@ PARALLEL_FROM = 500
 
 
 def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bool = True, cache: bool = True,
-                   parallel_from: int = PARALLEL_FROM) -> pd.DataFrame:
+                   parallel_from: int = PARALLEL_FROM, store: str | Path | None = None) -> pd.DataFrame:
     """Decode every PNG once, check that it decodes and that the channels of each sample agree in size;
     add height, width and per-channel means. Samples checked before and unchanged since (check_cache)
     are not decoded again; the others are checked on all cores, in processes (decoding here is bound by
     Python and the GIL: threads were slower than one loop). The first bad sample, in index order,
-    raises its one-line DataError, whatever the number of processes."""
+    raises its one-line DataError, whatever the number of processes.
+
+    store: the decoded store's root folder (decoded_store.store_root), or None for no store. With one, every
+    sample not in the store yet is decoded (checked again, if the check remembered it) and written there, and
+    STORE_COLUMN names each sample's file; one line says how big the store is and how much of it was written
+    now (when progress is on). A store the disk cannot hold is refused before anything is decoded."""
     paths = index[PATH_COLUMNS].values.tolist()
     memory = CheckCache(Path(paths[0][0]).parent) if cache and paths else None
     results = [memory.get(p) if memory else None for p in paths]
-    todo = [i for i, r in enumerate(results) if r is None]
+    decoded = DecodedStore(store, Path(paths[0][0]).parent) if store is not None and paths else None
+    files = [decoded.file_for(p) for p in paths] if decoded else [None] * len(paths)
+    # (height, width) where the check remembers it, else from the PNG's header: the store's size before decoding
+    shapes = [r[:2] if r else png_shape(p[0]) or (0, 0) for r, p in zip(results, paths)]
+    to_store = {i for i, f in enumerate(files) if f is not None and not DecodedStore.holds(f, *shapes[i])}
+    todo = [i for i, r in enumerate(results) if r is None or i in to_store]
+    if decoded:
+        _announce(decoded, shapes, to_store, progress)
+    jobs = [(paths[i], files[i] if i in to_store else None) for i in todo]
     workers = workers or available_cores()
-    bar = tqdm(total=len(todo), desc="checking images", unit="sample", leave=False,
-               **quiet_unless(progress and bool(todo)))
+    bar = tqdm(total=len(todo), desc="checking and storing images" if to_store else "checking images", unit="sample",
+               leave=False, **quiet_unless(progress and bool(todo)))
     try:
         if len(todo) < parallel_from or workers == 1:
-            checked = (inspect_sample(paths[i]) for i in todo)
-            for i, r in zip(todo, checked):
+            for i, r in zip(todo, map(_check, jobs)):
                 results[i] = r
                 bar.update()
         else:
             pool = worker_pool(min(workers, len(todo)))  # they only decode with PIL and numpy
             try:
                 chunk = max(1, min(256, len(todo) // (4 * workers)))
-                for i, r in zip(todo, pool.map(inspect_sample, [paths[i] for i in todo], chunksize=chunk)):
+                for i, r in zip(todo, pool.map(_check, jobs, chunksize=chunk)):
                     results[i] = r
                     bar.update()
             except BaseException:  # a bad file or Ctrl-C: stop now, not after every queued chunk
@@ -177,8 +193,34 @@ def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bo
     for k in range(len(CHANNELS)):
         out[MEAN_COLUMNS[k]] = [r[2 + k] for r in results]
         out[MEANSQ_COLUMNS[k]] = [r[2 + len(CHANNELS) + k] for r in results]
+    if decoded:
+        out[STORE_COLUMN] = files
+        decoded.sweep(files)
     warn_large_images(out)
     return out
+
+
+def _check(job: tuple[list[str], str | None]) -> tuple:
+    """One sample's check, and its store file written where one is named (in the check's worker processes)."""
+    paths, file = job
+    return inspect_sample(paths) if file is None else inspect_and_store(job)
+
+
+def _announce(store: DecodedStore, shapes: list[tuple[int, int]], to_store: set[int], say: bool) -> None:
+    """Before any decoding: room for what is to be written (or a one-line refusal), and one line saying what
+    the store holds and what is written to it now."""
+    total = sum(disk_bytes(*s) for s in shapes)
+    needed = sum(disk_bytes(*shapes[i]) for i in to_store)
+    if to_store:
+        store.make_room(needed)
+    if not say:
+        return
+    n = len(shapes)
+    if to_store:
+        log.info(f"decoded store {store.dir}: decoding {len(to_store)} of {n} samples into it ({size_text(needed)}; "
+                 f"{size_text(total)} in all), then no epoch decodes a PNG")
+    else:
+        log.info(f"decoded store {store.dir}: all {n} samples there ({size_text(total)}); no PNG is decoded")
 
 
 def available_cores() -> int:

@@ -23,6 +23,10 @@ from PIL import Image
 
 from dalipipe.errors import DataError
 
+# The rule's version: raise it when what read_gray returns for any file changes, so that pixels decoded by an
+# older rule (the decoded store's, decoded_store.py) are decoded again.
+GRAY_RULE = 1
+
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
@@ -86,15 +90,40 @@ def read_gray(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: PNG does not decode ({msg})") from None
 
 
-def inspect_sample(paths: list[str]) -> tuple:
-    """Check one sample's channel files: (height, width, mean of each channel..., mean square of each
-    channel...). Raises DataError naming the file. Runs in the data check's worker processes, which is
-    why it lives here, in a module that imports only numpy and PIL."""
+def read_sample(paths: list[str]) -> list[np.ndarray]:
+    """A sample's channel files decoded by the rule above, one 2-D array each; a DataError names the file
+    that does not decode, or the folder where the channels differ in size."""
     arrays = [read_gray(p) for p in paths]
     shapes = [a.shape for a in arrays]
     if len(set(shapes)) != 1:
         desc = ", ".join(f"{Path(p).name} {s[1]}x{s[0]}" for p, s in zip(paths, shapes))
         raise DataError(f"{Path(paths[0]).parent}: channels of one sample differ in size ({desc})")
+    return arrays
+
+
+def sample_stats(arrays: list[np.ndarray]) -> tuple:
+    """(height, width, mean of each channel..., mean square of each channel...) of a decoded sample."""
     means = [float(a.mean(dtype=np.float64)) for a in arrays]
     meansqs = [float(np.square(a, dtype=np.float64).mean()) for a in arrays]
-    return (shapes[0][0], shapes[0][1], *means, *meansqs)
+    return (*arrays[0].shape, *means, *meansqs)
+
+
+def inspect_sample(paths: list[str]) -> tuple:
+    """Check one sample's channel files: sample_stats of read_sample. Raises DataError naming the file.
+    Runs in the data check's worker processes, which is why it lives here, in a module that imports only
+    numpy and PIL."""
+    return sample_stats(read_sample(paths))
+
+
+def png_shape(path: str | Path) -> tuple[int, int] | None:
+    """(height, width) from a PNG's header, without decoding it; None where the file does not start as a
+    PNG does (the check then says what is wrong with it)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or not head.startswith(_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return height, width

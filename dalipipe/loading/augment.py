@@ -68,29 +68,35 @@ def shrink(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     torch's antialiased interpolate computes the same, except where the filter reaches past the image's
     edge: torch leaves those pixels out and renormalizes, DALI repeats the edge pixel, which moved the
     outermost output pixels by up to 14 gray levels (noise, 512 -> 224). Those few rows and columns are
-    recomputed here by DALI's rule, so that the two loaders agree everywhere."""
-    for dim, n_out in ((2, height), (3, width)):
-        n_in = images.shape[dim]
-        if n_out >= n_in:
-            continue
-        size = [images.shape[2], images.shape[3]]
-        size[dim - 2] = n_out
-        out = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-        rows, weights = _edge_weights(n_in, n_out)
-        edge = images.movedim(dim, -1) @ weights.T  # (..., rows)
-        images = out.index_copy(dim, rows, edge.movedim(-1, dim))
-    return images
+    recomputed here by DALI's rule, so that the two loaders agree everywhere. One interpolate over both
+    sides, and the edges as thin products with DALI's weights (a few rows each): at 512 px this is about a
+    third of the time that shrinking one side after the other took, on one CPU core."""
+    n_h, n_w = images.shape[2], images.shape[3]
+    out_h, out_w = min(height, n_h), min(width, n_w)
+    if (out_h, out_w) == (n_h, n_w):
+        return images
+    out = F.interpolate(images, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+    rows, along_h = _dali_weights(n_h, out_h)
+    cols, along_w = _dali_weights(n_w, out_w)
+    if len(rows):
+        out[:, :, rows, :] = along_h[rows] @ images @ along_w.T
+    if len(cols):  # (as rows of the transposed image: a thin product is many times faster that way round)
+        out[:, :, :, cols] = along_h @ (along_w[cols] @ images.transpose(2, 3)).transpose(2, 3)
+    return out
 
 
 @functools.lru_cache(maxsize=64)
-def _edge_weights(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output indices whose filter reaches past either edge, and their weights over the n_in source
-    pixels by DALI's rule: (rows,), (len(rows), n_in)."""
+def _dali_weights(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DALI's linear antialiased resize of one side as a matrix, (n_out, n_in), and the output indices whose
+    filter reaches past either edge (where DALI repeats the edge pixel and torch does not): (rows,), matrix.
+    n_out == n_in: the identity, and no such rows."""
+    if n_out == n_in:
+        return torch.zeros(0, dtype=torch.long), torch.eye(n_in)
     scale = n_in / n_out
     centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale  # in source pixels, edges at 0 and n_in
     taps = torch.floor(centre - scale - 0.5).long()[:, None] + torch.arange(math.ceil(2 * scale) + 2)
     w = (1 - (taps + 0.5 - centre[:, None]).abs() / scale).clamp(min=0)
     rows = torch.nonzero(((taps < 0) | (taps >= n_in)).logical_and(w > 0).any(1)).flatten()
-    dense = torch.zeros(len(rows), n_in, dtype=torch.float64)
-    dense.scatter_add_(1, taps[rows].clamp(0, n_in - 1), w[rows])
+    dense = torch.zeros(n_out, n_in, dtype=torch.float64)
+    dense.scatter_add_(1, taps.clamp(0, n_in - 1), w)
     return rows, (dense / dense.sum(1, keepdim=True)).float()

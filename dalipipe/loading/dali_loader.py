@@ -5,9 +5,12 @@ they stay in step) -> decode to gray (`mixed` on a GPU: PNG is decoded on DALI's
 handed on as a GPU tensor; `cpu` without one) -> stack as RGB (yellow, red, blue) -> training: sides
 longer than the model input shrunk (antialiased), then one warp_affine doing random resized crop, flips
 and rotation; evaluation: one antialiased linear resize -> normalize to NCHW.
+With the decoded store (decoded_store.py), one numpy reader of the samples' stored RGB pixels takes the
+place of the readers and decoders, with the same order, seed, shuffling and sharding; the rest is the same.
 
 Each reader carries the sample's row position as its label; the wrapper checks that the three
-positions agree (a mixed-up sample would be a silent disaster) and maps them to the caller's targets.
+positions agree (a mixed-up sample would be a silent disaster) and maps them to the caller's targets. The
+numpy reader has no labels: the wrapper maps the file each sample came from to its position.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import torch
 
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import CHANNELS, MIN_TRAIN_BATCH
-from dalipipe.errors import DataError
 from dalipipe.loading import dali_state
 from dalipipe.loading.loader_rules import train_plan
 
 READER = "reader_yellow"
+STORE_READER = "reader_store"
 # Batches the loader keeps referenced after handing them out. They are views of DALI's own buffers, which
 # DALI may reuse once no reference is left, on its own stream, while the training step's kernels queued on
 # torch's stream may still read them: the loop queues a step without waiting for it, and CUDA's launch
@@ -129,64 +132,38 @@ def output_layout(gpu: bool) -> str:
     return "HWC" if gpu else "CHW"
 
 
-def decoder_args(decoder: str, cache_mb: int) -> dict:
+def decoder_args(decoder: str) -> dict:
     """fn.decoders.image's arguments beyond the output type. mixed: DALI's defaults reserve, per decoder
     thread, 16 MiB of device memory and two 8 MiB pinned host buffers for nvJPEG, which PNG never uses (it
     is decoded on the CPU even by the mixed decoder): 0 allocates on demand instead of holding about 0.75 GB
-    of each in three decoders of two pipelines at 8 threads. cache_mb > 0: DALI's decoder cache (mixed
-    only) keeps every decoded image in GPU memory, keyed by file name, so that from the second epoch on
-    nothing is decoded (as RGB: see decode_gray). DALI keeps one cache per GPU and process, shared by every decoder, and refuses
-    decoders that ask for it with other parameters: every pipeline of a run passes the same size."""
+    of each in three decoders of two pipelines at 8 threads."""
     if decoder != "mixed":
         return {}
-    args = {"device_memory_padding": 0, "host_memory_padding": 0}
-    if cache_mb:
-        args.update(cache_size=cache_mb, cache_type="threshold", cache_threshold=0)
-    return args
-
-
-def decode_gray(encoded, device: str, dec_args: dict):
-    """One channel's PNGs as gray (H, W, 1) uint8. With DALI's decoder cache (cache_size in dec_args) they are
-    decoded as RGB and turned to gray after the decoder, on the GPU: the cache stores only RGB HWC decodes
-    (the cache-store block of DALI's image_decoder.h skips every other output type), so a GRAY decode would
-    be decoded again in every epoch with the cache never filled. For a gray PNG the three planes are equal and
-    the conversion returns them exactly; for a colour PNG it is the GRAY decode's luma within one level
-    (both checked on PngSuite), the loaders' gray rule. The price: three times the cache memory."""
-    from nvidia.dali import fn, types
-
-    if not dec_args.get("cache_size"):
-        return fn.decoders.image(encoded, device=device, output_type=types.GRAY, **dec_args)
-    return rgb_to_gray(fn.decoders.image(encoded, device=device, output_type=types.RGB, **dec_args))
-
-
-def rgb_to_gray(rgb):
-    from nvidia.dali import fn, types
-
-    return fn.color_space_conversion(rgb, image_type=types.RGB, output_type=types.GRAY)
+    return {"device_memory_padding": 0, "host_memory_padding": 0}
 
 
 def build_pipeline(paths: list[list[str]], *, spec: AugmentSpec, norm: Normalization, train: bool,
                    device_id: int | None, settings: LoaderSettings, checkpoint: bytes | None = None,
-                   largest_side: int | None = None):
+                   largest_side: int | None = None, stored: list[str] | None = None):
     """device_id None: every operator on the CPU; a GPU number: decoding as settings.decoder says, the
     processing on that GPU. checkpoint: a state saved from the same pipeline (readers' positions, random
     generators), to continue where it was. largest_side: the longest side of any image (the data check's),
-    None if unknown."""
+    None if unknown. stored: each sample's file in the decoded store, read instead of its PNGs."""
     if checkpoint is not None:  # saved before the graph changed? fit it to the graph as it is now
         fresh = define_pipeline(paths, spec=spec, norm=norm, train=train, device_id=device_id, settings=settings,
-                                largest_side=largest_side)
+                                largest_side=largest_side, stored=stored)
         fresh.build()
         checkpoint = dali_state.fit(checkpoint, fresh.checkpoint())
         del fresh
     p = define_pipeline(paths, spec=spec, norm=norm, train=train, device_id=device_id, settings=settings,
-                        checkpoint=checkpoint, largest_side=largest_side)
+                        checkpoint=checkpoint, largest_side=largest_side, stored=stored)
     p.build()
     return p
 
 
 def define_pipeline(paths: list[list[str]], *, spec: AugmentSpec, norm: Normalization, train: bool,
                     device_id: int | None, settings: LoaderSettings, checkpoint: bytes | None = None,
-                    largest_side: int | None = None):
+                    largest_side: int | None = None, stored: list[str] | None = None):
     """build_pipeline's pipeline, not yet built: building a GPU pipeline needs the GPU, its definition
     does not (the tests read a GPU pipeline's graph on machines without one)."""
     from nvidia.dali import fn, pipeline_def, types
@@ -194,32 +171,38 @@ def define_pipeline(paths: list[list[str]], *, spec: AugmentSpec, norm: Normaliz
     gpu = device_id is not None
     seed, shard_id = settings.seed, settings.shard_id
     order = (np.random.default_rng(seed).permutation(len(paths)) if train else np.arange(len(paths))).tolist()
-    decode_on = "mixed" if gpu and settings.decoder == "mixed" else "cpu"
-    if settings.decode_cache_mb and decode_on != "mixed":
-        raise DataError("--decode-cache is the cache of DALI's mixed decoder: it needs a GPU, --loader dali and "
-                        "--decoder mixed")
-    dec_args = decoder_args(decode_on, settings.decode_cache_mb)
+    decode_on = "mixed" if gpu and settings.decoder == "mixed" and stored is None else "cpu"
+    dec_args = decoder_args(decode_on)
+    # Same arguments on every reader keep the three channel readers in step, and the store's reader in the
+    # same order as they are (the Loader base of both shuffles alike): shuffle_after_epoch is a full
+    # permutation per epoch (random_shuffle only shuffles inside a buffer), and the list is pre-permuted so
+    # that the first epoch is shuffled too. pad_last_batch stops the last partial batch from spilling into
+    # the next epoch.
+    reading = dict(shuffle_after_epoch=train, random_shuffle=False, seed=seed, shard_id=shard_id,
+                   num_shards=settings.num_shards, pad_last_batch=True)
     shrink = largest_side is None or spec.working_shape(largest_side, largest_side) != (largest_side, largest_side)
 
     @pipeline_def(batch_size=settings.batch_size, num_threads=max(1, settings.workers or 1), device_id=device_id,
                   seed=seed + shard_id, prefetch_queue_depth=2, exec_dynamic=True,
                   enable_checkpointing=settings.checkpointing, checkpoint=checkpoint)
     def pipe():
-        outs, labels = [], []
-        for k, channel in enumerate(CHANNELS):
-            # Same arguments on all three readers keep them in step; shuffle_after_epoch is a full
-            # permutation per epoch (random_shuffle only shuffles inside a buffer), and the list is
-            # pre-permuted so that the first epoch is shuffled too. pad_last_batch stops the last
-            # partial batch from spilling into the next epoch.
-            enc, pos = fn.readers.file(files=[paths[i][k] for i in order], labels=order,
-                                       shuffle_after_epoch=train, random_shuffle=False, seed=seed,
-                                       shard_id=shard_id, num_shards=settings.num_shards, pad_last_batch=True,
-                                       name=f"reader_{channel}")
-            if k == 0:  # the three channels share one size (checked with the data)
-                shape = fn.peek_image_shape(enc)
-            outs.append(decode_gray(enc, decode_on, dec_args))
-            labels.append(pos)
-        rgb = fn.cat(*outs, axis=2)
+        if stored is not None:
+            rgb = fn.readers.numpy(files=[stored[i] for i in order], **reading, name=STORE_READER)
+            shape = rgb.shape()
+            rgb = fn.reshape(rgb, layout="HWC", name="store_hwc")
+            # the file each sample came from, as bytes padded with zeros to the batch's longest name
+            labels = [fn.pad(fn.get_property(rgb, key="source_info", name="store_source"), fill_value=0,
+                             name="store_source_padded")]
+        else:
+            outs, labels = [], []
+            for k, channel in enumerate(CHANNELS):
+                enc, pos = fn.readers.file(files=[paths[i][k] for i in order], labels=order, **reading,
+                                           name=f"reader_{channel}")
+                if k == 0:  # the three channels share one size (checked with the data)
+                    shape = fn.peek_image_shape(enc)
+                outs.append(fn.decoders.image(enc, device=decode_on, output_type=types.GRAY, **dec_args))
+                labels.append(pos)
+            rgb = fn.cat(*outs, axis=2)
         if gpu and decode_on == "cpu":
             rgb = rgb.gpu()  # one host-to-device copy of the stacked batch
         out_dtype = types.FLOAT16 if settings.out_dtype == "float16" else types.FLOAT
@@ -233,16 +216,21 @@ class DaliLoader:
     """DALI pipeline + DALIGenericIterator as an iterable of (images, targets) with len()."""
 
     def __init__(self, paths, targets, *, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
-                 settings: LoaderSettings, state: dict | None = None, largest_side: int | None = None):
+                 settings: LoaderSettings, state: dict | None = None, largest_side: int | None = None,
+                 stored: list[str] | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         from dalipipe.device import cuda_index
 
         self.pipe = build_pipeline(paths, spec=spec, norm=norm, train=train, device_id=cuda_index(device),
                                    settings=settings, checkpoint=state["dali"] if state else None,
-                                   largest_side=largest_side)
+                                   largest_side=largest_side, stored=stored)
         self.checkpointing = settings.checkpointing
-        self.iterator = DALIGenericIterator(self.pipe, ["images", "p0", "p1", "p2"], reader_name=READER,
+        # The store's reader names each sample's file, mapped back to its position here.
+        self.position_of = None if stored is None else {f: i for i, f in enumerate(stored)}
+        outputs, reader = (["images", "p0", "p1", "p2"], READER) if stored is None else (["images", "file"],
+                                                                                           STORE_READER)
+        self.iterator = DALIGenericIterator(self.pipe, outputs, reader_name=reader,
                                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
         self.targets = torch.tensor(np.asarray(targets), dtype=torch.int64)
         self.device, self.out_dtype = device, getattr(torch, settings.out_dtype)
@@ -270,9 +258,7 @@ class DaliLoader:
         left_in_plan = self.plan is not None
         for (batch,) in self.iterator:  # always to the end: DALI's iterator resets only there
             self.handed_out.append(batch)
-            pos = [batch[k].view(-1).long().cpu() for k in ("p0", "p1", "p2")]
-            if not (torch.equal(pos[0], pos[1]) and torch.equal(pos[0], pos[2])):
-                raise RuntimeError("DALI channel readers fell out of step; please report this as a bug")
+            pos = self._positions(batch)
             images = batch["images"]
             if left_in_plan:
                 keep = min(len(pos[0]), self.left)
@@ -288,6 +274,18 @@ class DaliLoader:
                 images = images.to(self.out_dtype)
             yield images, self.targets[pos[0]].to(self.device, non_blocking=True)
         self.left = None  # the next epoch starts with its whole plan
+
+    def _positions(self, batch) -> list[torch.Tensor]:
+        """The batch's samples as row positions (CPU int64), from the channel readers' labels, or from the
+        names of the store's files."""
+        if self.position_of is not None:
+            names = batch["file"].cpu().numpy()
+            return [torch.tensor([self.position_of[bytes(n).rstrip(b"\0").decode()] for n in names],
+                                 dtype=torch.int64)]
+        pos = [batch[k].view(-1).long().cpu() for k in ("p0", "p1", "p2")]
+        if not (torch.equal(pos[0], pos[1]) and torch.equal(pos[0], pos[2])):
+            raise RuntimeError("DALI channel readers fell out of step; please report this as a bug")
+        return pos
 
     def close(self) -> None:
         self.handed_out.clear()

@@ -3,37 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import pandas as pd
 import torch
 
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-from dalipipe.data.index import PATH_COLUMNS
+from dalipipe.data.index import PATH_COLUMNS, STORE_COLUMN
 from dalipipe.device import dali_package
 from dalipipe.errors import DataError
 from dalipipe.loading.loader_rules import default_workers
 
 
-def decode_cache_mb(index: pd.DataFrame) -> int:
-    """DALI's decoder cache size for these samples: their three channels, each cached as RGB (the only
-    decode the cache keeps: dali_loader.decode_gray), height and width from the data check, with room for
-    the cache's own bookkeeping. One cache serves every pipeline of a process (training and validation), so
-    the index is all the samples the run loads."""
-    decoded = int((index["height"] * index["width"]).sum()) * 3 * 3
-    return math.ceil(decoded * 1.1 / 2**20) + 16
-
-
 def make_loader(index: pd.DataFrame, targets: np.ndarray, *, spec: AugmentSpec, norm: Normalization, train: bool,
                 device: torch.device, settings: LoaderSettings = LoaderSettings(), state: dict | None = None):
-    """An iterable of (images, targets) over the rows of `index`; targets[i] belongs to row i.
+    """An iterable of (images, targets) over the rows of `index`; targets[i] belongs to row i. The pixels come
+    from the decoded store where the data check built one (the index's STORE_COLUMN), else from the PNGs.
     state: what the same loader's state() returned, to continue exactly where it was."""
     if settings.workers is None:
         settings = dataclasses.replace(settings, workers=default_workers())
     paths = index[PATH_COLUMNS].values.tolist()
     if len(paths) == 0:
         raise DataError("no samples to load")
+    stored = index[STORE_COLUMN].tolist() if STORE_COLUMN in index.columns else None
     if settings.kind == "dali":
         from dalipipe.loading.dali_loader import DaliLoader, dali_available
 
@@ -42,11 +34,11 @@ def make_loader(index: pd.DataFrame, targets: np.ndarray, *, spec: AugmentSpec, 
                             "or use --loader torch")
         # A graph without the shrink step where no image needs it (the torch loader decides per image)
         return DaliLoader(paths, targets, spec=spec, norm=norm, train=train, device=device, settings=settings,
-                          state=state, largest_side=largest_side(index))
+                          state=state, largest_side=largest_side(index), stored=stored)
     from dalipipe.loading.torch_loader import TorchLoader
 
     return TorchLoader(paths, targets, spec=spec, norm=norm, train=train, device=device, settings=settings,
-                       state=state)
+                       state=state, stored=stored)
 
 
 def largest_side(index: pd.DataFrame) -> int | None:

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from dalipipe import constants
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import MIN_TRAIN_BATCH
-from dalipipe.data.pngio import read_gray
+from dalipipe.data import decoded_store
+from dalipipe.data.pngio import read_sample
 from dalipipe.errors import DataError
 from dalipipe.loading import augment
 from dalipipe.loading.loader_rules import train_plan
@@ -33,15 +34,17 @@ WORKER_CHECK_S = 5.0
 
 
 class ChannelDataset(Dataset):
-    """(epoch, i) -> (normalized float32 (3, S, S), target i). Augmentation randomness is a function of
+    """(epoch, i) -> (normalized float32 (3, S, S), target i). The pixels come from the decoded store where
+    `stored` names its files (decoded_store.py), else from the PNGs, decoded by the same rule. Augmentation randomness is a function of
     (seed, epoch, i), so that it does not depend on which worker draws the sample; the epoch comes with the
     index because the workers outlive an epoch and never see the main process's copy of this object.
     Normalization runs here, in the workers, as the reference's transforms did: the main process only
     collates."""
 
     def __init__(self, paths: list[list[str]], targets: np.ndarray, *, spec: AugmentSpec, norm: Normalization,
-                 train: bool, seed: int):
+                 train: bool, seed: int, stored: list[str] | None = None):
         self.paths, self.targets, self.spec, self.train, self.seed = paths, targets, spec, train, seed
+        self.stored = stored
         self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
         self.inv_std = 1.0 / torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1)
 
@@ -50,7 +53,8 @@ class ChannelDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
-        img = torch.from_numpy(np.stack([read_gray(p) for p in self.paths[i]])).float()[None]
+        pixels = decoded_store.read(self.stored[i]) if self.stored else np.stack(read_sample(self.paths[i]))
+        img = torch.from_numpy(pixels).float()[None]
         height, width = img.shape[2:]
         img = augment.shrink(img, *self.spec.working_shape(height, width))
         if self.train:
@@ -132,10 +136,11 @@ class TorchLoader:
     """Iterable of (images, targets) with len(); each epoch a new seeded order (train) or file order."""
 
     def __init__(self, paths, targets, *, spec: AugmentSpec, norm: Normalization, train: bool, device: torch.device,
-                 settings: LoaderSettings, state: dict | None = None):
+                 settings: LoaderSettings, state: dict | None = None, stored: list[str] | None = None):
         batch_size, seed = settings.batch_size, settings.seed
         shard_id, num_shards = settings.shard_id, settings.num_shards
-        self.dataset = ChannelDataset(paths, np.asarray(targets), spec=spec, norm=norm, train=train, seed=seed)
+        self.dataset = ChannelDataset(paths, np.asarray(targets), spec=spec, norm=norm, train=train, seed=seed,
+                                      stored=stored)
         # DistributedSampler also serves one process; without shuffling it keeps file order. Evaluation:
         # shards padded by repeating a few samples (de-duplicated by the caller). Training: every rank the
         # same n // num_shards samples and steps, a last batch too small for BatchNorm dropped

@@ -68,14 +68,14 @@ def advice(cfg: TrainConfig, machine: Machine, share: float, epoch: int) -> str:
     the one most likely to help on this machine and loader first."""
     tips = []
     gpu_dali = machine.device_type == "cuda" and cfg.loader == "dali"
-    if gpu_dali and cfg.decoder == "mixed" and not cfg.decode_cache:
-        tips.append("--decode-cache (no PNG decoded from the second epoch on)")
+    if not cfg.decode_once:  # decoding the PNGs again in every epoch: the loaders' largest cost at 512 px
+        tips.append("--decode-once (each PNG decoded once, into the decoded store)")
     idle = machine.cores - machine.processes * machine.workers
     if idle > 0:
         tips.append(f"more --workers (the run uses {machine.workers} per process for {machine.processes} "
                     f"process(es); this machine has {machine.cores} cores)")
-    if gpu_dali:
-        tips.append("--decoder cpu" if cfg.decoder == "mixed" else "--decoder mixed (and then --decode-cache)")
+    if gpu_dali and not cfg.decode_once:  # (the store's reader decodes nothing)
+        tips.append("--decoder cpu" if cfg.decoder == "mixed" else "--decoder mixed")
     if cfg.loader == "torch":
         tips.append("--loader dali")
     measure = "python benchmarks/loader_speed.py --train --sweep"

@@ -169,22 +169,23 @@ def warn_if_config_edited(run: Path, saved: dict) -> None:
 
 
 def fit_to_device(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
-    """A run resumed on another device (or loader, or decoder) keeps only the settings of its own that
-    this command can honour: the run's GPU-only ones (the table's gpu_values) are dropped, back to their
-    defaults, with one line saying so. Given again in this command, they are checked as for a new run (a
-    one-line error where they cannot apply)."""
+    """A run resumed without a GPU keeps only the settings of its own that this command can honour: the
+    run's GPU-only ones (the table's gpu_values) are dropped, back to their defaults, with one line saying
+    so. Given again in this command, they are checked as for a new run (a one-line error where they cannot
+    apply)."""
     kind = dev.resolve(cfg.device).type
+    if kind == "cuda":
+        return cfg
     dropped, changes = [], {}
     for o in TRAIN_OPTIONS:
         value = getattr(cfg, o.name, None)
-        if o.name in given or value not in o.spec.gpu_values or cfg.gpu_setting_applies(o.name, kind):
+        if o.name in given or value not in o.spec.gpu_values:
             continue
         dropped.append(o.flag if o.type is bool else f"{o.flag} {value}")
         changes[o.name] = o.default
     if dropped and distributed.launched_rank() == 0:  # one voice under torchrun
         log.warning(f"warning: this run was started with {' and '.join(dropped)}, which need"
-                    f"{'s' if len(dropped) == 1 else ''} {'a GPU' if kind != 'cuda' else '--loader dali and --decoder mixed'}; "
-                    f"resumed on {kind} (--loader {cfg.loader}, --decoder {cfg.decoder}) without "
+                    f"{'s' if len(dropped) == 1 else ''} a GPU; resumed on {kind} without "
                     f"{'it' if len(dropped) == 1 else 'them'}")
     return dataclasses.replace(cfg, **changes)
 

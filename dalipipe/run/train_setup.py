@@ -18,12 +18,13 @@ from dalipipe import distributed
 from dalipipe.checkpoint import PartialEpoch, Progress, RunState, SavedRun, Split
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
-from dalipipe.data.index import LabelMap, available_cores, build_index, inspect_images
+from dalipipe.data.decoded_store import store_root
+from dalipipe.data.index import STORE_COLUMN, LabelMap, available_cores, build_index, inspect_images
 from dalipipe.data.split import kfold_split, stratified_split, stratified_subset
 from dalipipe.data.stats import channel_stats
 from dalipipe.errors import DataError
 from dalipipe.loading.loader_rules import default_threads, default_workers, train_plan
-from dalipipe.loading.loaders import decode_cache_mb, make_loader
+from dalipipe.loading.loaders import make_loader
 from dalipipe.model import build_model, compiled
 from dalipipe.run import run_dir
 from dalipipe.run.recipe import Recipe
@@ -34,8 +35,9 @@ log = logging.getLogger("dalipipe")
 
 def prepare_data(cfg: TrainConfig, world: distributed.World):
     """Validate everything, then split: (label map, train frame, validation frame, normalization).
-    Under torchrun with the check cache, one process per machine checks the images and the others then
-    find every check remembered, instead of each decoding every file again."""
+    Under torchrun with the check cache, one process per machine checks the images (and builds the decoded
+    store) and the others then find every check remembered and every sample stored, instead of each decoding
+    every file again."""
     index = build_index(cfg.images_dir, cfg.labels_csv)
     labels = LabelMap.from_labels(index["cell_line"])
     if cfg.subset is not None:
@@ -45,11 +47,12 @@ def prepare_data(cfg: TrainConfig, world: distributed.World):
     # Before the long image check: the split must be possible and give every process a training step.
     train_plan(len(split(cfg, index)[0]), cfg.batch_size, world.size)
     first = world.local_rank == 0 or not cfg.check_cache
+    store = store_root(cfg)
     if first:
-        index = inspect_images(index, progress=world.is_main, cache=cfg.check_cache)
+        index = inspect_images(index, progress=world.is_main, cache=cfg.check_cache, store=store)
     distributed.barrier(world)
     if not first:
-        index = inspect_images(index, progress=False, cache=True)
+        index = inspect_images(index, progress=False, cache=True, store=store)
     train_df, val_df = split(cfg, index)
     return labels, train_df, val_df, channel_stats(train_df)
 
@@ -113,7 +116,6 @@ def check_options(cfg: TrainConfig, world: distributed.World) -> torch.device:
     line before any work, and before the run folder is made."""
     device = dev.resolve(cfg.device, world.local_rank)
     dev.amp_dtype(device, cfg.precision)
-    cfg.check_device(device.type)
     if cfg.tensorboard:
         tensorboard_log.require()
     return device
@@ -177,7 +179,7 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
         restore_scaler(scaler, saved.scaler)
         progress, partial_steps = saved.progress, saved.partial_steps
     # This rank's generators and loader position as saved (restored here, after the model's random init).
-    key = checkpoint.loader_key(cfg.loader, cfg.decoder, device)
+    key = checkpoint.loader_key(cfg.loader, cfg.decoder, device, stored=STORE_COLUMN in train_df.columns)
     mine = checkpoint.restore(saved.ranks if saved else None, partial_steps=partial_steps, key=key, device=device,
                                world=world, run=str(out))
     partial = None if partial_steps is None else PartialEpoch(
@@ -188,17 +190,14 @@ def build(cfg: TrainConfig, resume: bool, world: distributed.World, device: torc
     loader_seed = cfg.seed if (loader_state or not saved) else cfg.seed + progress.epochs_done
     # Loaders yield row positions; labels are looked up on the device. Positions also let a debugging
     # run record exactly which samples each rank trained on (DALIPIPE_SAMPLE_LOG).
-    cache_mb = decode_cache_mb(pd.concat([train_df, val_df])) if cfg.decode_cache else 0
     train_loader = make_loader(train_df, np.arange(len(train_df)), spec=cfg.augment, norm=norm, train=True,
                                device=device,
                                settings=dataclasses.replace(
-                                   cfg.loader_settings(train=True, shard_id=world.rank, num_shards=world.size,
-                                                       decode_cache_mb=cache_mb),
+                                   cfg.loader_settings(train=True, shard_id=world.rank, num_shards=world.size),
                                    seed=loader_seed, checkpointing=True),
                                state=loader_state)
     val_loader = make_loader(val_df, np.arange(len(val_df)), spec=cfg.augment, norm=norm, train=False, device=device,
-                             settings=cfg.loader_settings(train=False, shard_id=world.rank, num_shards=world.size,
-                                                          decode_cache_mb=cache_mb))
+                             settings=cfg.loader_settings(train=False, shard_id=world.rank, num_shards=world.size))
     recipe = Recipe(cfg, model, y_train=train_df["y"].to_numpy(), n_classes=len(labels.names),
                     steps_per_epoch=len(train_loader), device=device, saved=saved.ema if saved else None)
     state = RunState(model=model, optimizer=opt, scaler=scaler, ema=recipe.ema,

@@ -1,0 +1,178 @@
+"""The decoded store: each checked sample decoded once, by the gray rule (pngio), into raw uint8 pixels on
+local disk, which both loaders read in every epoch instead of decoding its three PNGs again.
+
+Decoding is the one part of loading that no GPU takes over (DALI decodes PNG on CPU threads even with its
+mixed decoder), and at 512 px it is most of the loaders' CPU time. The data check decodes every PNG anyway;
+with the store it also writes the pixels, so that a run's first check is its only decode.
+
+Layout: one folder per images folder, one .npy file per sample: (height, width, 3) uint8, the channels in
+the model's order (yellow, red, blue). A file's name is the sample's id and a hash of where its pixels come
+from: the images folder, the three files' names, sizes and modification times (the data check's rule of an
+unchanged file, check_cache.file_signature) and the gray rule's version. A changed PNG, rule or folder
+gives another name, so that a stale file is never read; it is removed when its sample is stored again.
+
+A file is written under a temporary name and renamed once complete: a kill leaves a complete file or none
+under the name a reader looks for, and a file of the wrong size (a crash of the machine) is written again.
+
+Why one .npy per sample: DALI's numpy reader reads a list of them with the same shuffling, sharding and
+checkpointing as its file reader (the same order: tests/test_decoded_store.py), numpy reads one in a call,
+and a changed sample rewrites one small file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from dalipipe.constants import STORE_RESERVE_BYTES
+from dalipipe.data.check_cache import cache_dir, file_signature
+from dalipipe.data.pngio import GRAY_RULE, read_sample, sample_stats
+from dalipipe.errors import DataError
+
+# Raise when the layout of a stored file changes.
+STORE_FORMAT = 1
+# What a file system rounds each file up to: the store's size on disk is counted in these.
+BLOCK = 4096
+SUFFIX = ".npy"
+
+
+def store_root(settings) -> Path | None:
+    """Where a command's stores live (its settings' decode_once and store: train's, predict's, check's):
+    --store DIR, else the user's cache folder (check_cache.cache_dir()/decoded); None with --no-decode-once."""
+    if not settings.decode_once:
+        return None
+    return Path(settings.store) if settings.store else cache_dir() / "decoded"
+
+
+def file_bytes(height: int, width: int) -> int:
+    """The size of one sample's file: its .npy header and 3 * height * width pixels."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (height, width, 3)})
+    return header.tell() + 3 * height * width
+
+
+def disk_bytes(height: int, width: int) -> int:
+    return -(-file_bytes(height, width) // BLOCK) * BLOCK
+
+
+def size_text(n: float) -> str:
+    """Bytes as a person reads them: 118 MB, 7.6 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}".replace(".0 ", " ")
+    return f"{int(n)} bytes"
+
+
+class DecodedStore:
+    """The store of one images folder under `root`."""
+
+    def __init__(self, root: str | Path, images_folder: str | Path):
+        self.images_folder = str(Path(images_folder).resolve())
+        self.dir = Path(root) / hashlib.sha256(self.images_folder.encode()).hexdigest()[:20]
+
+    def file_for(self, paths: list[str]) -> str | None:
+        """The file that holds this sample's pixels as its PNGs are now; None if one of them is missing."""
+        signature = file_signature(paths)
+        if signature is None:
+            return None
+        names = [Path(p).name for p in paths]
+        key = json.dumps([STORE_FORMAT, GRAY_RULE, self.images_folder, names, signature])
+        return str(self.dir / f"{_stem(paths)}-{hashlib.sha256(key.encode()).hexdigest()[:24]}{SUFFIX}")
+
+    @staticmethod
+    def holds(file: str, height: int, width: int) -> bool:
+        """Whether `file` is there, complete."""
+        try:
+            return os.stat(file).st_size == file_bytes(height, width)
+        except OSError:
+            return False
+
+    def make_room(self, needed: int) -> None:
+        """Create the folder and refuse, in one line, a store that the disk cannot hold (with
+        STORE_RESERVE_BYTES left free for everything else)."""
+        from dalipipe.atomic import ensure_writable
+
+        ensure_writable(self.dir, "decoded store (--store DIR elsewhere, or --no-decode-once)")
+        free = shutil.disk_usage(self.dir).free
+        if needed + STORE_RESERVE_BYTES > free:
+            raise DataError(f"{self.dir}: the decoded store needs {size_text(needed)} more and {size_text(free)} are "
+                            f"free there (keeping {size_text(STORE_RESERVE_BYTES)} free); give --store DIR on a disk "
+                            "with room, or --no-decode-once to decode the PNGs in every epoch")
+
+    def sweep(self, files: list[str]) -> None:
+        """Remove what no reader may read any more: other versions of these samples (their PNGs changed) and
+        the temporary files of writers that are no longer running (killed). Another command's store of other
+        samples of the folder (a --subset run) is left alone."""
+        current = set(files)
+        stems = {_file_stem(f) for f in files}
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return
+        for name in names:
+            path = str(self.dir / name)
+            if name.endswith(SUFFIX):
+                stale = path not in current and _file_stem(path) in stems
+            else:
+                stale = name.endswith(".tmp") and not _running(name.rsplit(".", 2)[-2])
+            if stale:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+
+def _stem(paths: list[str]) -> str:
+    """The sample's id as its file names spell it (00042 of 00042_yellow.png)."""
+    return Path(paths[0]).name.split("_")[0]
+
+
+def _file_stem(file: str) -> str:
+    return Path(file).name.rsplit("-", 1)[0]
+
+
+def _running(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def write(file: str, arrays: list[np.ndarray]) -> None:
+    """One sample's channels as (height, width, 3) uint8, renamed into place once complete. Not synced to
+    disk: a file cut short by a crash of the machine has the wrong size and is written again (holds)."""
+    tmp = f"{file}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.stack(arrays, axis=2))
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read(file: str) -> np.ndarray:
+    """A sample's (3, height, width) uint8 pixels from its file; a DataError names a file that is gone."""
+    try:
+        return np.ascontiguousarray(np.load(file).transpose(2, 0, 1))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{file}: the decoded store's file of this sample is gone or damaged ({e}); run the "
+                        "command again, which stores it again") from None
+
+
+def inspect_and_store(job: tuple[list[str], str]) -> tuple:
+    """pngio.inspect_sample, also writing the decoded sample to its store file: the check's one decode."""
+    paths, file = job
+    arrays = read_sample(paths)
+    write(file, arrays)
+    return sample_stats(arrays)

@@ -1,0 +1,223 @@
+"""The decoded store (data/decoded_store.py): the loaders hand out the same batches from it as from the PNGs,
+no PNG is opened once it holds a sample, a changed PNG is decoded again, a killed writer leaves nothing that a
+later run trusts, and a store the disk cannot hold is refused before anything is written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dalipipe.config import AugmentSpec, LoaderSettings
+from dalipipe.data import decoded_store
+from dalipipe.data.decoded_store import DecodedStore
+from dalipipe.data.index import PATH_COLUMNS, STORE_COLUMN, build_index, inspect_images
+from dalipipe.data.pngio import read_sample
+from dalipipe.errors import DataError
+from dalipipe.loading.loaders import make_loader
+from tests.test_cli import assert_one_line_error, dalipipe
+from tests.test_loaders import RAW
+
+CPU = torch.device("cpu")
+SPEC = AugmentSpec(image_size=24)
+
+
+def _batches(index, *, kind, train, shard_id=0, num_shards=1, state=None, stop_after=None):
+    """Two epochs of (images, targets), or the first `stop_after` batches and the loader's state then."""
+    settings = LoaderSettings(kind=kind, batch_size=16, workers=2, seed=5, shard_id=shard_id, num_shards=num_shards,
+                              checkpointing=True)
+    loader = make_loader(index, np.arange(len(index)), spec=SPEC, norm=RAW, train=train, device=CPU,
+                         settings=settings, state=state)
+    out, saved = [], None
+    try:
+        for _ in range(2):
+            for x, y in loader:
+                out.append((x.clone(), y.clone()))
+                if stop_after is not None and len(out) == stop_after:
+                    saved = loader.state()
+                    return out, saved
+    finally:
+        loader.close()
+    return out, saved
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def both(small_synth, tmp_path_factory):
+    """The training images' index as the check gives it without the store and with one."""
+    index = build_index(small_synth / "images_train", small_synth / "y_train.csv")
+    store = tmp_path_factory.mktemp("store")
+    return inspect_images(index, progress=False), inspect_images(index, progress=False, store=store)
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+@pytest.mark.parametrize("train", [True, False])
+def test_the_store_gives_the_batches_of_the_pngs(both, kind, train):
+    plain, stored = both
+    assert STORE_COLUMN not in plain.columns and STORE_COLUMN in stored.columns
+    a, _ = _batches(plain, kind=kind, train=train)
+    b, _ = _batches(stored, kind=kind, train=train)
+    assert len(a) >= 2 * 14 and _same(a, b)
+    if train:  # augmented: the two epochs differ, so that the equality above says something of the order
+        assert not torch.equal(a[0][1], a[len(a) // 2][1])
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_a_shard_and_a_resumed_loader_read_the_store_as_the_pngs(both, kind):
+    """Rank 1 of 2, and a loader stopped after 5 batches and built again from its state: the same batches
+    as decoding the PNGs."""
+    plain, stored = both
+    a, _ = _batches(plain, kind=kind, train=True, shard_id=1, num_shards=2)
+    b, _ = _batches(stored, kind=kind, train=True, shard_id=1, num_shards=2)
+    assert _same(a, b)
+    head, state = _batches(stored, kind=kind, train=True, stop_after=5)
+    rest, _ = _batches(stored, kind=kind, train=True, state=state)
+    whole, _ = _batches(plain, kind=kind, train=True)
+    assert _same(whole[:5], head) and _same(whole[5:5 + len(rest)], rest) and len(rest) > 10
+
+
+def test_a_stored_file_holds_the_pngs_decoded_pixels(both):
+    _, stored = both
+    for row in stored.head(5).itertuples():
+        pixels = decoded_store.read(getattr(row, STORE_COLUMN))
+        assert np.array_equal(pixels, np.stack(read_sample([getattr(row, c) for c in PATH_COLUMNS])))
+
+
+def _garble_keeping_size_and_time(folder: Path) -> None:
+    """Every PNG becomes bytes that decode to nothing, with its size and modification time as they were: what
+    the check's memory and the store trust of a file is unchanged, so only opening one would notice."""
+    for png in folder.glob("*.png"):
+        st = png.stat()
+        png.write_bytes(b"\0" * st.st_size)
+        os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_once_the_store_is_built_no_png_is_opened(synth_copy, tmp_path):
+    """`check --decode-once` builds the store; after that the PNGs are garbage, and training (both loaders, two
+    epochs) and predicting still run: nothing decoded a PNG. Without the store the same run fails on them."""
+    d, store = synth_copy, tmp_path / "store"
+    r = dalipipe("check", d / "images_train", d / "y_train.csv", "--decode-once", "--store", store)
+    assert "no problems found" in r.stdout
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("decoded store")]
+    assert "decoding 240 of 240 samples" in line
+    dalipipe("check", d / "images_test", "--decode-once", "--store", store)
+    _garble_keeping_size_and_time(d / "images_train")
+    _garble_keeping_size_and_time(d / "images_test")
+    common = ["--epochs", "2", "--image-size", "16", "--batch-size", "16", "--device", "cpu", "--store", store]
+    for loader in ("dali", "torch"):
+        run = tmp_path / f"run_{loader}"
+        r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", run, "--loader", loader, *common)
+        (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("decoded store")]
+        assert "all 240 samples there" in line and "no PNG is decoded" in line, line
+        dalipipe("predict", run, d / "images_test", "--out", tmp_path / f"{loader}.csv", "--loader", loader,
+                 "--store", store, "--device", "cpu")
+    r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", tmp_path / "no_store", "--loader", "torch",
+                 *common, "--no-decode-once", check=False)
+    assert_one_line_error(r, ".png", "not a PNG file")
+
+
+def test_a_changed_png_is_decoded_again(synth_copy, tmp_path):
+    index = build_index(synth_copy / "images_train", synth_copy / "y_train.csv")
+    first = inspect_images(index, progress=False, store=tmp_path)
+    row = first.iloc[3]
+    red = Path(row["path_red"])
+    changed = 255 - np.asarray(Image.open(red))
+    Image.fromarray(changed.astype(np.uint8)).save(red)
+    st = red.stat()
+    os.utime(red, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later time, even on a coarse clock
+    again = inspect_images(index, progress=False, store=tmp_path)
+    old, new = row[STORE_COLUMN], again.iloc[3][STORE_COLUMN]
+    assert new != old and not Path(old).exists()  # the stale version is gone
+    assert np.array_equal(decoded_store.read(new)[1], changed)
+    assert (again[STORE_COLUMN] == first[STORE_COLUMN]).sum() == len(first) - 1  # the others are kept
+    images, _ = next(iter(make_loader(again.iloc[3:4], np.arange(1), spec=AugmentSpec(image_size=32), norm=RAW,
+                                      train=False, device=CPU, settings=LoaderSettings(kind="torch", workers=0))))
+    assert torch.equal(images[0, 1], torch.from_numpy(changed).float())
+
+
+def test_another_gray_rule_or_folder_is_another_file(small_synth, tmp_path, monkeypatch):
+    paths = build_index(small_synth / "images_train")[PATH_COLUMNS].values.tolist()[0]
+    store = DecodedStore(tmp_path, small_synth / "images_train")
+    name = store.file_for(paths)
+    assert name == store.file_for(paths)
+    assert DecodedStore(tmp_path, small_synth / "images_test").file_for(paths) != name
+    monkeypatch.setattr(decoded_store, "GRAY_RULE", decoded_store.GRAY_RULE + 1)
+    assert store.file_for(paths) != name
+
+
+def test_a_write_cut_short_leaves_no_file_under_the_name(tmp_path, monkeypatch):
+    """A writer stopped mid-file (here: an interrupt in the middle of its write) leaves nothing a reader takes
+    for a sample; a file of the wrong size under the name (a crash of the machine) is not trusted either."""
+    target = str(tmp_path / "00001-abc.npy")
+    arrays = [np.full((8, 8), v, np.uint8) for v in (1, 2, 3)]
+
+    def half_then_interrupt(f, array):
+        f.write(b"\x93NUMPY half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        decoded_store.write(target, arrays)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    decoded_store.write(target, arrays)
+    assert DecodedStore.holds(target, 8, 8)
+    with open(target, "r+b") as f:
+        f.truncate(100)
+    assert not DecodedStore.holds(target, 8, 8)
+
+
+KILLED_BUILD = """
+import sys
+from dalipipe.data.index import build_index, inspect_images
+inspect_images(build_index(sys.argv[1]), progress=False, cache=False, workers=1, store=sys.argv[2])
+"""
+
+
+def test_a_killed_store_build_leaves_only_complete_files_and_the_next_run_finishes_it(tmp_path):
+    """kill -9 while the check writes the store: every file under a sample's name is complete and holds its
+    decoded pixels, and the next check stores the rest and removes the dead writer's temporary file."""
+    from dalipipe.data.synthetic import generate
+    from dalipipe.settings import SynthSpec
+
+    d = generate(tmp_path / "data", SynthSpec(n_train=8, n_test=300, n_classes=2, image_size=256, seed=2))
+    folder, store = d / "images_test", tmp_path / "store"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(folder), str(store)], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and len(list(store.rglob("*.npy"))) < 20:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    index = build_index(folder)
+    store_of = DecodedStore(store, folder)
+    done = [p for p in index[PATH_COLUMNS].values.tolist() if Path(store_of.file_for(p)).exists()]
+    assert 0 < len(done), "the build was killed before it wrote anything: nothing tested"
+    for paths in done:
+        assert np.array_equal(decoded_store.read(store_of.file_for(paths)), np.stack(read_sample(paths)))
+    full = inspect_images(index, progress=False, cache=False, store=store)
+    assert all(Path(f).exists() for f in full[STORE_COLUMN])
+    assert not list(store.rglob("*.tmp"))
+
+
+def test_a_store_the_disk_cannot_hold_is_refused_before_anything_is_written(small_synth, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**9, 10**9))
+    index = build_index(small_synth / "images_train", small_synth / "y_train.csv")
+    with pytest.raises(DataError) as e:
+        inspect_images(index, progress=False, store=tmp_path / "store")
+    message = str(e.value)
+    assert str(tmp_path / "store") in message and "1 GB are free" in message and "--store DIR" in message
+    assert "--no-decode-once" in message and "\n" not in message
+    assert not list((tmp_path / "store").rglob("*.npy"))
