@@ -5,7 +5,11 @@ then, each in its own process (loader_speed.run_row):
   check cold, check warm  `dalipipe check` over the set with its memory of checked files empty, then again
            over the unchanged files (the memory the cold run left). Timed inside the process: Python's start
            and imports are not in it. The files are in the OS's page cache both times (just written or read);
-  torch, dali  the loader_speed.py rows, loading only, at --image-size.
+  check store  `dalipipe check --decode-once` with its memory empty and an empty store (in the cache folder,
+           removed at the end): each sample decoded once, checked and written to the decoded store in one
+           pass, the time a first run's check takes with the store; its store_disk_mb is the store's size;
+  torch, dali, torch-store, dali-store  the loader_speed.py rows, loading only, at --image-size; the store
+           rows read the store that check store built.
 Per loader, images/s per core is 1000 / (CPU s per 1,000 images, the row's process and its children), and
 the projection is that rate times --projected-cores: an estimate of what the loader delivers on a GPU machine
 with that many cores, assuming decoding spreads over them as well as here and that they are as fast. On a GPU
@@ -23,12 +27,12 @@ import time
 from pathlib import Path
 
 import click
-from loader_speed import MIN_TIMED_BATCHES, cached_synthetic, machine, run_row, warn_if_short
+from loader_speed import MIN_TIMED_BATCHES, STORE_ROWS, cached_synthetic, disk_mb, machine, run_row, scratch_store, warn_if_short
 from probes import cpu_delta, cpu_snapshot, peak_host_memory_mb
 
 from dalipipe.settings import SynthSpec
 
-LOADERS = ("torch", "dali")
+LOADERS = ("torch", "dali", *STORE_ROWS)
 ESTIMATE = ("estimate: images/s per core measured here x {cores} cores; assumes decoding spreads over them "
             "as well as here and that they are as fast; on a GPU, the resize and augmentation leave the CPU, "
             "the PNG decoding does not")
@@ -50,8 +54,9 @@ def measure_check(job: dict) -> dict:
     from dalipipe.settings import CheckSettings
 
     remembered = len(CheckCache(job["images_dir"]).entries)  # 0 when cold; every sample when warm
+    store = job.get("store")
     cpu0, t0 = cpu_snapshot(), time.perf_counter()
-    summarize(CheckSettings(job["images_dir"], job["labels_csv"]))
+    summarize(CheckSettings(job["images_dir"], job["labels_csv"], decode_once=bool(store), store=store))
     seconds = time.perf_counter() - t0
     cpu = cpu_delta(cpu0, cpu_snapshot())["total"]
     return {"seconds": seconds, "samples": job["samples"], "remembered_before": remembered,
@@ -101,23 +106,34 @@ def run(s, rows: tuple[str, ...], json_out: str | None, plot_out: str | None, co
         if json_out:
             save_json({"machine": info, "settings": settings, "results": results, "complete": complete}, json_out)
 
-    total = len(settings["source_sizes"]) * (2 + len(loaders))
+    with_store = any(row in STORE_ROWS for row in loaders)
+    total = len(settings["source_sizes"]) * (2 + with_store + len(loaders))
     for size in settings["source_sizes"]:
         root = ensure_sized(size, n)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, scratch_store() as store:
             check = {"row": "check", "images_dir": str(root / "images_train"), "labels_csv": str(root / "y_train.csv"),
                      "samples": n, "cache_dir": str(Path(tmp) / "check-cache")}  # empty: the cold run fills it
-            for state in ("cold", "warm"):
+            states = [("cold", check), ("warm", check)]
+            if with_store:  # its own empty memory: the one pass of a first run's check with the store
+                states.append(("store", dict(check, cache_dir=str(Path(tmp) / "check-cache-store"), store=store)))
+            for state, job in states:
                 label = f"[{len(results) + 1}/{total}] {size} px: check ({state})"
-                results.append({"source_size": size, "row": f"check-{state}", **run_row(check, label)})
+                results.append({"source_size": size, "row": f"check-{state}", **run_row(job, label)})
+                if state == "store":
+                    results[-1]["store_disk_mb"] = disk_mb(store)
                 click.echo(f"{label}: {results[-1]['images_per_s']:.0f} samples/s", err=True)
                 done(False)
-            index = inspect_images(build_index(root / "images_train", root / "y_train.csv"))
+            index = build_index(root / "images_train", root / "y_train.csv")
+            stored = inspect_images(index, store=store) if with_store else None  # all there: nothing decoded
+            index = inspect_images(index)
             norm = channel_stats(index)
-            index_csv = Path(tmp) / "index.csv"
+            index_csv, store_csv = Path(tmp) / "index.csv", Path(tmp) / "index-store.csv"
             index.to_csv(index_csv, index=False)
+            if with_store:
+                stored.to_csv(store_csv, index=False)
             for row in loaders:
-                job = {"row": row, "index_csv": str(index_csv), "mean": list(norm.mean), "std": list(norm.std),
+                job = {"row": row, "index_csv": str(store_csv if row in STORE_ROWS else index_csv),
+                       "mean": list(norm.mean), "std": list(norm.std),
                        "image_size": s.image_size, "device": s.device, "batch_size": s.batch_size, "epochs": epochs,
                        "workers": workers, "threads": s.threads or default_threads(workers), "train": False}
                 label = f"[{len(results) + 1}/{total}] {size} px: {row} (load, {workers} workers)"
@@ -141,7 +157,7 @@ def run(s, rows: tuple[str, ...], json_out: str | None, plot_out: str | None, co
 def table(results: list[dict], settings: dict) -> str:
     cores, step = settings["projected_cores"], settings["gpu_step_rate_images_per_s"]
     est = f"x{cores} cores (est.)"
-    head = (f"{'source px':>9}  {'row':10} {'images/s':>9} {'CPU s/1k':>9} {'host MB':>8} {'per core':>9} "
+    head = (f"{'source px':>9}  {'row':11} {'images/s':>9} {'CPU s/1k':>9} {'host MB':>8} {'per core':>9} "
             f"{est:>18}  vs GPU step")
     lines = [head, "-" * len(head)]
 
@@ -150,13 +166,17 @@ def table(results: list[dict], settings: dict) -> str:
 
     for r in results:
         loader = r["row"] in LOADERS
-        lines.append(f"{r['source_size']:>9}  {r['row'].replace('-', ' '):10} {r['images_per_s']:>9.0f} "
+        lines.append(f"{r['source_size']:>9}  {r['row'].replace('-', ' '):11} {r['images_per_s']:>9.0f} "
                      f"{num(r['cpu_s_per_1000_images'], '.2f'):>9} {r['peak_host_memory_mb']:>8.0f} "
                      f"{num(r.get('images_per_s_per_core') if loader else None, '.0f'):>9} "
                      f"{num(r.get('projected_images_per_s') if loader else None, '.0f'):>18}  "
                      f"{(r.get('limit') or '-') if loader else ''}".rstrip())
     lines.append(f"images/s: samples of three PNGs per second (the check's samples/s). {est}: per core x {cores}, "
                  "an estimate, not a measurement.")
+    stores = [f"{r['source_size']} px {r['store_disk_mb']:.1f} MB" for r in results if "store_disk_mb" in r]
+    if stores:
+        lines.append("check store: the cold check that also writes the decoded store (one pass); the store on disk: "
+                     + ", ".join(stores))
     lines.append(f"training step on a GPU: {step:g} images/s, given with --gpu-step-rate, not measured"
                  if step else "training step on a GPU: not given (--gpu-step-rate) and not measured here")
     return "\n".join(lines)
@@ -172,7 +192,8 @@ def plot(results: list[dict], info: dict, settings: dict, path: Path) -> None:
     from dalipipe.atomic import write_atomic
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"torch": ("C0", "o-"), "dali": ("C2", "o-"), "check-cold": ("C7", "s--"), "check-warm": ("C7", "s:")}
+    styles = {"torch": ("C0", "o-"), "dali": ("C2", "o-"), "torch-store": ("C0", "^--"), "dali-store": ("C2", "^--"),
+              "check-cold": ("C7", "s--"), "check-warm": ("C7", "s:"), "check-store": ("C5", "s-.")}
     for row, (color, style) in styles.items():
         pts = [(r["source_size"], r["images_per_s"]) for r in results if r["row"] == row]
         if pts:

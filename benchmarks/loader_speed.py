@@ -8,8 +8,11 @@ Rows (identical AugmentSpec and output contract: normalized NCHW float on the ta
   torch    PIL decode + augmentation in DataLoader workers, then the copy to the device;
   dali     the DALI pipeline on the target device (mixed decoding + GPU operators with a GPU, cpu without);
   dali-cpudec  (GPU only) the same with decoding in DALI's CPU pool and one copy per batch (--decoder cpu);
-  dali-cache  (GPU only) dali with DALI's decoder cache (--decode-cache): the warm-up epoch decodes and
-           fills it, the timed epochs decode nothing;
+  torch-store, dali-store  the torch and dali rows reading the decoded store (decoded_store.py: one .npy of
+           raw pixels per sample, written by the data check) instead of decoding the PNGs in every epoch. The
+           store is built for the run in an empty folder in the cache, timed (the data check's decode and the
+           store's writes in one pass, the check's memory off), and removed at the end; the other rows read
+           the PNGs;
   ceiling-compile  (--train on a GPU) the ceiling with the model through torch.compile (`train --compile`);
   ceiling  (--train only) a few batches already on the device, cycled: no loading at all, the bound that
            any loader can reach in training. Without a training step it would measure nothing. Its batches
@@ -21,11 +24,12 @@ reports the fraction of the step time spent waiting for data. Workers default to
 uses on this machine (the cores, at most 8), so that the rows describe the loader training gets. --sweep
 repeats torch and dali with 1, 2, 4, ... workers up to the core count. --rows picks rows (for example the
 compile row apart, as its compilation takes long). --source-sizes: what each source image size costs, the data
-check and the torch and dali rows on a synthetic set per size (cost_by_size.py).
+check and the loading rows on a synthetic set per size (cost_by_size.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -51,13 +55,15 @@ CEILING_BATCHES = 16
 # Loaders fill their prefetch queues (DALI 2 batches per pipeline, torch 2 per worker) while the previous
 # epoch ends: an epoch of only a few batches is timed mostly on batches made before its clock started.
 MIN_TIMED_BATCHES = 10
-ROWS = ("torch", "dali", "dali-cpudec", "dali-cache", "ceiling", "ceiling-compile")
+ROWS = ("torch", "dali", "dali-cpudec", "torch-store", "dali-store", "ceiling", "ceiling-compile")
+# The rows that read the decoded store, and the row of the same loader that reads the PNGs.
+STORE_ROWS = {"torch-store": "torch", "dali-store": "dali"}
 # (row, train) in the order rows run; the others (sweep rows) after them.
 # First the rows that answer the open defaults: DALI in training against the ceiling, DALI against torch
-# loading at equal workers, --decoder cpu, --decode-cache; then the rest.
-PRIORITY = [("ceiling", True), ("dali", True), ("dali", False), ("torch", False), ("dali-cpudec", True),
-            ("dali-cache", True), ("torch", True), ("dali-cpudec", False), ("dali-cache", False),
-            ("ceiling-compile", True)]
+# loading at equal workers, the decoded store against the PNGs, --decoder cpu; then the rest.
+PRIORITY = [("ceiling", True), ("dali", True), ("dali-store", True), ("dali", False), ("torch", False),
+            ("dali-store", False), ("torch-store", False), ("dali-cpudec", True), ("torch", True),
+            ("torch-store", True), ("dali-cpudec", False), ("ceiling-compile", True)]
 
 
 def ensure_data(data: str | None) -> Path:
@@ -79,6 +85,51 @@ def cached_synthetic(name: str, spec, what: str) -> Path:
         click.echo(f"generating {what} in {path} (once)", err=True)
         generate(path, spec, force=True)
     return path
+
+
+def scratch_store() -> tempfile.TemporaryDirectory:
+    """An empty folder for a decoded store in the cache folder (where `dalipipe train` keeps its own, on the
+    same disk as the synthetic sets), removed when the benchmark ends."""
+    from dalipipe.data.check_cache import cache_dir
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix="bench-store-", dir=cache_dir())
+
+
+def disk_mb(folder: str | Path) -> float:
+    """What the files under `folder` take on disk (allocated blocks), in MB."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
+    return total / 1e6
+
+
+def timed_checks(index, store: str):
+    """The data check with its memory off (every PNG decoded: a first run's check), timed; then the same with
+    the empty store `store`: each sample decoded once, checked and written to the store in one pass, as a
+    first `dalipipe train` with --decode-once does. (The PNG index, the store index, the store's figures.)"""
+    from dalipipe.data.index import inspect_images
+
+    t0 = time.perf_counter()
+    checked = inspect_images(index, cache=False, progress=False)
+    check_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stored = inspect_images(index, cache=False, progress=False, store=store)
+    build_s = time.perf_counter() - t0
+    n = len(index)
+    build = {"samples": n, "case": "cold: the check's memory off and the store empty; each sample's PNGs decoded "
+                                   "once, checked and written to the store in one pass",
+             "check_alone_seconds": check_s, "check_alone_samples_per_s": n / check_s,
+             "build_seconds": build_s, "build_samples_per_s": n / build_s, "disk_mb": disk_mb(store)}
+    return checked, stored, build
+
+
+def store_text(b: dict) -> str:
+    return (f"decoded store: {b['samples']} samples checked and stored in {b['build_seconds']:.1f} s "
+            f"({b['build_samples_per_s']:.0f} samples/s; {b['case']}); the check alone "
+            f"{b['check_alone_seconds']:.1f} s ({b['check_alone_samples_per_s']:.0f} samples/s); "
+            f"{b['disk_mb']:.0f} MB on disk")
 
 
 def warn_if_short(samples: int, batch_size: int) -> int:
@@ -140,9 +191,13 @@ def measure_row(job: dict) -> dict:
 
     from dalipipe import device as dev
     from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
-    from dalipipe.loading.loaders import decode_cache_mb, make_loader
+    from dalipipe.data.index import STORE_COLUMN
+    from dalipipe.loading.loaders import make_loader
 
     index = pd.read_csv(job["index_csv"])
+    if (STORE_COLUMN in index.columns) != (job["row"] in STORE_ROWS):
+        raise RuntimeError(f"row {job['row']}: its index {'lacks' if job['row'] in STORE_ROWS else 'has'} the "
+                           f"decoded store's column")
     norm = Normalization(tuple(job["mean"]), tuple(job["std"]))
     spec = AugmentSpec(image_size=job["image_size"])
     device = dev.resolve(job["device"])
@@ -150,12 +205,10 @@ def measure_row(job: dict) -> dict:
     kind, workers, bs = job["row"], job["workers"], job["batch_size"]
     # The ceilings cycle a few batches already on the device: the loader that made them is not timed, and the
     # torch loader makes them without DALI (the GPU check measures the ceiling before it knows DALI works).
-    build = "torch" if kind == "torch" or kind.startswith("ceiling") else "dali"
+    build = "torch" if kind in ("torch", "torch-store") or kind.startswith("ceiling") else "dali"
     decoder = "cpu" if kind == "dali-cpudec" else "mixed"
-    cache_mb = decode_cache_mb(index) if kind == "dali-cache" else 0
     loader = make_loader(index, index["y"].to_numpy(), spec=spec, norm=norm, train=True, device=device,
-                         settings=LoaderSettings(kind=build, batch_size=bs, workers=workers, decoder=decoder,
-                                        decode_cache_mb=cache_mb))
+                         settings=LoaderSettings(kind=build, batch_size=bs, workers=workers, decoder=decoder))
     if kind.startswith("ceiling"):
         # in the layout of the step (DALI's batches arrive so; the torch loader's are made so here, once)
         batches = [(dev.batch_layout(x, device).clone(), y.clone()) for _, (x, y) in zip(range(CEILING_BATCHES), loader)]
@@ -233,6 +286,7 @@ def measure_row(job: dict) -> dict:
         return 1000 * sum(e["cpu"][kind] for e in per_epoch) / images
 
     result = {"row": kind, "workers": workers, "device": str(device), "train": job["train"],
+              "reads": "decoded store" if kind in STORE_ROWS else "PNG",
               "images_per_s": statistics.median(ips), "images_per_s_epochs": ips,
               "cpu_s_per_1000_images": per_1000("total"),
               # The loader's own threads and worker processes, and the training loop's main thread, apart.
@@ -304,9 +358,12 @@ def run_row(job: dict, label: str) -> dict:
 
 
 def table(results: list[dict]) -> str:
+    """The printed table; adds each row's ratio_to_torch and, to a store row, ratio_to_png (against the same
+    loader reading the PNGs, in the same mode)."""
     base = {(r["train"], r["workers"], r.get("sweep", False)): r["images_per_s"] for r in results if r["row"] == "torch"}
+    rate = {(r["row"], r["train"], r["workers"], r.get("sweep", False)): r["images_per_s"] for r in results}
     gpu = any("peak_device_memory_mb" in r for r in results)
-    head = (f"{'row':15} {'mode':6} {'workers':>7} {'images/s':>10} {'x torch':>8} {'loader CPU s/1k':>15} "
+    head = (f"{'row':15} {'mode':6} {'workers':>7} {'images/s':>10} {'x torch':>8} {'x PNG':>6} {'loader CPU s/1k':>15} "
             f"{'main CPU s/1k':>13} {'host MB':>8} {'data wait':>9}" + (f" {'device MB':>9}" if gpu else ""))
     lines = [head, "-" * len(head)]
 
@@ -318,8 +375,12 @@ def table(results: list[dict]) -> str:
         ratio = f"{r['images_per_s'] / ref:.2f}" if ref else "-"
         wait = f"{100 * r['data_wait_fraction']:.1f}%" if "data_wait_fraction" in r else "-"
         r["ratio_to_torch"] = r["images_per_s"] / ref if ref else None
+        png = rate.get((STORE_ROWS.get(r["row"]), r["train"], r["workers"], r.get("sweep", False)))
+        if r["row"] in STORE_ROWS:
+            r["ratio_to_png"] = r["images_per_s"] / png if png else None
         mode = "train" if r["train"] else "sweep" if r.get("sweep") else "load"
         lines.append(f"{r['row']:15} {mode:6} {r['workers']:>7} {r['images_per_s']:>10.0f} {ratio:>8} "
+                     f"{num(r.get('ratio_to_png'), '.2f'):>6} "
                      f"{num(r.get('loader_cpu_s_per_1000_images'), '.2f'):>15} "
                      f"{num(r.get('main_cpu_s_per_1000_images'), '.2f'):>13} {r['peak_host_memory_mb']:>8.0f} {wait:>9}"
                      + (f" {num(r.get('peak_device_memory_mb'), '.0f'):>9}" if gpu else ""))
@@ -340,7 +401,8 @@ def plot(results: list[dict], info: dict, settings: dict, path: Path) -> None:
     ax = axes[0][0]
     labels = [f"{r['row']}\n{'train' if r['train'] else 'load'}" for r in main]
     bars = ax.bar(range(len(main)), [r["images_per_s"] for r in main],
-                  color=["C0" if r["row"] == "torch" else "C2" if r["row"] == "dali" else "C7" for r in main])
+                  color=[{"torch": "C0", "dali": "C2", "torch-store": "C9", "dali-store": "C8"}.get(r["row"], "C7")
+                         for r in main])
     ax.bar_label(bars, fmt="%.0f")
     ax.set_xticks(range(len(main)), labels)
     ax.set_ylabel("images/s")
@@ -402,8 +464,10 @@ def main(data, train_mode, sweep, json_out, plot_out, profile_dir, profile_rows,
         if given:
             raise click.ClickException(f"--source-sizes draws its own synthetic sets and times loading only: "
                                        f"without {' and '.join(given)}")
-        if only_rows and not set(only_rows) & {"torch", "dali"}:
-            raise click.ClickException("--source-sizes runs the torch and dali rows: --rows picks among them")
+        from cost_by_size import LOADERS
+
+        if only_rows and not set(only_rows) & set(LOADERS):
+            raise click.ClickException(f"--source-sizes runs the {', '.join(LOADERS)} rows: --rows picks among them")
         from cost_by_size import run
 
         try:
@@ -441,45 +505,63 @@ def main(data, train_mode, sweep, json_out, plot_out, profile_dir, profile_rows,
         click.echo("no GPU: --train uses 128 samples and 1 timed epoch (a CPU step is ~100x slower than loading)", err=True)
     if limit is not None:
         index = stratified_subset(index, limit, 0)
-    index = inspect_images(index)
-    norm = channel_stats(index)
-    batches = warn_if_short(len(index), batch_size)
-    info = machine()
-    settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs,
-                "threads": threads_given or "as train: the cores the row's workers leave free", "samples": len(index),
-                "batches_per_epoch": batches, "too_short_to_measure": batches < MIN_TIMED_BATCHES,
-                "data": str(root), "command": command}
+    # On a GPU the DALI decoder arrangement is a choice (--decoder): both rows. On the CPU they are one.
+    loaders = ("torch", "dali", "dali-cpudec", *STORE_ROWS) if not on_cpu else ("torch", "dali", *STORE_ROWS)
+    jobs = [dict(row=row, workers=workers, train=False) for row in loaders]
+    if profile_dir:
+        jobs = [dict(row=row, workers=workers, train=True, profile_dir=str(Path(profile_dir).resolve()),
+                     profile_steps=profile_steps) for row in (profile_rows or ("dali",))]
+    elif train_mode:
+        # torch.compile: on a GPU only (inductor compiles for minutes on a CPU).
+        ceilings = ("ceiling",) if on_cpu else ("ceiling", "ceiling-compile")
+        jobs += [dict(row=row, workers=workers, train=True) for row in (*loaders, *ceilings)]
+    if sweep and not profile_dir:
+        counts = [w for w in (1, 2, 4, 8, 16, 32, 64, 128) if w <= cores]
+        jobs += [dict(row=row, workers=w, train=False, sweep=True) for w in counts for row in ("torch", "dali")]
+    if only_rows and not profile_dir:
+        jobs = [job for job in jobs if job["row"] in only_rows]
+        if not jobs:
+            raise click.ClickException(f"--rows {' '.join(only_rows)}: none of these rows runs here "
+                                       f"({'no GPU; ' if on_cpu else ''}the compile and ceiling rows need --train)")
+    for job in jobs:  # torch's threads as `dalipipe train` would give them beside the row's workers
+        job["threads"] = threads_given or default_threads(job["workers"])
+    # Most telling first (PRIORITY), so that a run stopped part-way (a time limit) still answers the main
+    # questions.
+    jobs.sort(key=lambda j: (bool(j.get("sweep")), PRIORITY.index((j["row"], j["train"]))
+                             if (j["row"], j["train"]) in PRIORITY else len(PRIORITY)))
+    with_store = any(job["row"] in STORE_ROWS for job in jobs)
     from dalipipe.atomic import save_json
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, scratch_store() if with_store else contextlib.nullcontext() as store:
+        build = None
+        try:
+            if with_store:  # the PNG rows' index and the store rows', from the two timed checks
+                index, stored, build = timed_checks(index, store)
+                click.echo(store_text(build), err=True)
+            else:
+                index = inspect_images(index)
+        except DataError as e:
+            raise click.ClickException(str(e)) from None
+        norm = channel_stats(index)
+        batches = warn_if_short(len(index), batch_size)
+        info = machine()
+        settings = {"batch_size": batch_size, "image_size": image_size, "epochs": epochs,
+                    "threads": threads_given or "as train: the cores the row's workers leave free",
+                    "samples": len(index), "batches_per_epoch": batches,
+                    "too_short_to_measure": batches < MIN_TIMED_BATCHES, "data": str(root), "command": command}
         index_csv = Path(tmp) / "index.csv"
         index.to_csv(index_csv, index=False)
-        base = {"index_csv": str(index_csv), "mean": list(norm.mean), "std": list(norm.std), "image_size": image_size,
-                "device": device, "batch_size": batch_size, "epochs": epochs}
-        # On a GPU the DALI decoder arrangement is a choice (--decoder): both rows. On the CPU they are one.
-        loaders = ("torch", "dali", "dali-cpudec", "dali-cache") if not on_cpu else ("torch", "dali")
-        jobs = [dict(base, row=row, workers=workers, train=False) for row in loaders]
-        if profile_dir:
-            jobs = [dict(base, row=row, workers=workers, train=True, profile_dir=str(Path(profile_dir).resolve()),
-                         profile_steps=profile_steps) for row in (profile_rows or ("dali",))]
-        elif train_mode:
-            # torch.compile: on a GPU only (inductor compiles for minutes on a CPU).
-            ceilings = ("ceiling",) if on_cpu else ("ceiling", "ceiling-compile")
-            jobs += [dict(base, row=row, workers=workers, train=True) for row in (*loaders, *ceilings)]
-        if sweep and not profile_dir:
-            counts = [w for w in (1, 2, 4, 8, 16, 32, 64, 128) if w <= cores]
-            jobs += [dict(base, row=row, workers=w, train=False, sweep=True) for w in counts for row in ("torch", "dali")]
-        if only_rows and not profile_dir:
-            jobs = [job for job in jobs if job["row"] in only_rows]
-            if not jobs:
-                raise click.ClickException(f"--rows {' '.join(only_rows)}: none of these rows runs here "
-                                           f"({'no GPU; ' if on_cpu else ''}the compile and ceiling rows need --train)")
-        for job in jobs:  # torch's threads as `dalipipe train` would give them beside the row's workers
-            job["threads"] = threads_given or default_threads(job["workers"])
-        # Most telling first (PRIORITY), so that a run stopped part-way (a time limit) still answers the main
-        # questions.
-        jobs.sort(key=lambda j: (bool(j.get("sweep")), PRIORITY.index((j["row"], j["train"]))
-                                 if (j["row"], j["train"]) in PRIORITY else len(PRIORITY)))
+        if with_store:
+            store_csv = Path(tmp) / "index-store.csv"
+            stored.to_csv(store_csv, index=False)
+        base = {"mean": list(norm.mean), "std": list(norm.std), "image_size": image_size, "device": device,
+                "batch_size": batch_size, "epochs": epochs}
+        jobs = [dict(base, **job, index_csv=str(store_csv if job["row"] in STORE_ROWS else index_csv)) for job in jobs]
+
+        def report(complete: bool) -> dict:
+            return {"machine": info, "settings": settings, "store_build": build, "results": results,
+                    "complete": complete}
+
         results = []
         for k, job in enumerate(jobs):
             label = f"[{k + 1}/{len(jobs)}] {job['row']} ({'train' if job['train'] else 'load'}, {job['workers']} workers)"
@@ -488,10 +570,10 @@ def main(data, train_mode, sweep, json_out, plot_out, profile_dir, profile_rows,
             results.append(res)
             click.echo(f"{label}: {res['images_per_s']:.0f} images/s", err=True)
             if json_out:  # after every row: a run stopped part-way still leaves the rows it finished
-                save_json({"machine": info, "settings": settings, "results": results, "complete": False}, json_out)
-    text = table(results)  # adds each row's ratio_to_torch
+                save_json(report(False), json_out)
+    text = table(results)  # adds each row's ratio_to_torch and ratio_to_png
     if json_out:
-        save_json({"machine": info, "settings": settings, "results": results, "complete": True}, json_out)
+        save_json(report(True), json_out)
     plot_path = (Path(plot_out) if plot_out else Path(json_out).with_suffix(".png") if json_out
                  else Path(profile_dir) / "loader_speed.png" if profile_dir else Path("loader_speed.png"))
     plot(results, info, settings, plot_path)
@@ -500,6 +582,8 @@ def main(data, train_mode, sweep, json_out, plot_out, profile_dir, profile_rows,
                + (f"; epochs of {batches} batch(es) are too short to measure: the rates are overstated"
                   if batches < MIN_TIMED_BATCHES else ""))
     click.echo(text)
+    if build:
+        click.echo(store_text(build))
     for r in results:
         if "profile" in r:
             p = r["profile"]

@@ -49,7 +49,7 @@ RECIPE_TRAIN_SHARE = 0.7  # of the recipe step's time, its --time-limit; the res
 # The end-to-end GPU tests (slow) stay out: the recipe trains and predicts on the GPU. Collecting a module
 # imports it, and the DALI GPU tests' module asks DALI for a GPU at import: the torch step leaves it out.
 TORCH_TESTS, DALI_TESTS = "gpu and not dali and not slow", "gpu and dali and not slow"
-BENCH_ROWS = ["torch", "dali", "dali-cpudec", "dali-cache", "ceiling"]  # loader_speed.py runs those that apply
+BENCH_ROWS = ["torch", "dali", "dali-cpudec", "torch-store", "dali-store", "ceiling"]  # loader_speed.py runs those that apply
 SMOKE_SAMPLES = 32
 QUICK_SIZES = dict(n_train=120, n_test=40, classes=3, synth_size=32, image_size=32, epochs=2, batch_size=16,
                    bench_limit=64)

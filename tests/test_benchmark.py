@@ -28,13 +28,25 @@ def test_benchmark_json_has_every_row_and_the_machine(small_synth, tmp_path):
     report = json.loads(out.read_text())
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"]
     rows = {(x["row"], x["train"]): x for x in report["results"]}
-    assert set(rows) == {("torch", False), ("dali", False), ("torch", True), ("dali", True), ("ceiling", True)}
+    loaders = ("torch", "dali", "torch-store", "dali-store")
+    assert set(rows) == {(kind, train) for kind in loaders for train in (False, True)} | {("ceiling", True)}
     for (kind, train), row in rows.items():
         assert row["images_per_epoch"] == 96
         assert row["images_per_s"] > 0 and row["cpu_s_per_1000_images"] > 0 and row["peak_host_memory_mb"] > 10
         if train:
             assert 0 <= row["data_wait_fraction"] < 1
+        # the store rows read the decoded store, the others the PNGs (their index has no store column)
+        assert row["reads"] == ("decoded store" if kind.endswith("-store") else "PNG"), kind
+        if kind.endswith("-store"):
+            png = rows[(kind.removesuffix("-store"), train)]
+            assert row["ratio_to_png"] == row["images_per_s"] / png["images_per_s"]
     assert rows[("torch", False)]["ratio_to_torch"] == 1.0
+    # The store was built for the run, cold, in one pass with the check, and timed; then removed.
+    build = report["store_build"]
+    assert build["samples"] == 96 and build["case"].startswith("cold")
+    assert build["build_seconds"] > 0 and build["build_samples_per_s"] == 96 / build["build_seconds"]
+    assert build["check_alone_seconds"] > 0 and build["disk_mb"] > 0
+    assert "decoded store: 96 samples checked and stored" in r.stdout and "x PNG" in r.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "x torch" in r.stdout and "ceiling" in r.stdout
     # 96 samples in batches of 32: 3 batches an epoch, mostly prefetched before the clock starts.
@@ -98,7 +110,7 @@ def test_the_cpu_probe_counts_a_live_process_below_a_child():
     assert peak_kb > 1000
 
 
-def test_cost_by_size_has_the_check_cold_and_warm_and_each_loader_per_size(tmp_path):
+def test_cost_by_size_has_the_check_cold_warm_and_with_the_store_and_each_loader_per_size(tmp_path):
     out, cache = tmp_path / "cost.json", tmp_path / "cache"
     env = dict(os.environ, DALIPIPE_CACHE_DIR=str(cache))  # the sets it draws go here, not to the user's cache
     r = processes.run([sys.executable, str(BENCH), "--source-sizes", "16,48", "--image-size", "32", "--limit", "32",
@@ -108,14 +120,16 @@ def test_cost_by_size_has_the_check_cold_and_warm_and_each_loader_per_size(tmp_p
     report = json.loads(out.read_text())
     assert report["complete"] and report["machine"]["cpu_count"] >= 1
     rows = {(x["source_size"], x["row"]): x for x in report["results"]}
-    kinds = ("check-cold", "check-warm", "torch", "dali")
+    kinds = ("check-cold", "check-warm", "check-store", "torch", "dali", "torch-store", "dali-store")
     assert sorted(rows) == sorted((size, kind) for size in (16, 48) for kind in kinds)
     for (size, kind), row in rows.items():
         assert row["images_per_s"] > 0 and row["peak_host_memory_mb"] > 10, (size, kind)
         assert (cache / f"bench-synthetic-{size}px-n32-v1" / "y_train.csv").is_file()
         if kind.startswith("check"):
-            # cold: the check's memory is empty; warm: it holds every sample the cold run checked
-            assert row["samples"] == 32 and row["remembered_before"] == (0 if kind == "check-cold" else 32)
+            # cold: the check's memory is empty; warm: it holds every sample the cold run checked; store: its
+            # own memory, empty, and an empty store that it fills
+            assert row["samples"] == 32 and row["remembered_before"] == (32 if kind == "check-warm" else 0)
+            assert (row.get("store_disk_mb", 0) > 0) == (kind == "check-store")
         else:
             assert row["images_per_epoch"] == 32 and row["cpu_s_per_1000_images"] > 0
             assert row["images_per_s_per_core"] == 1000 / row["cpu_s_per_1000_images"]
@@ -126,10 +140,13 @@ def test_cost_by_size_has_the_check_cold_and_warm_and_each_loader_per_size(tmp_p
     assert settings["gpu_step_rate_images_per_s"] == 1000 and "not measured" in settings["gpu_step_rate_source"]
     assert settings["projection"].startswith("estimate")
     table = {(int(m[1]), m[2].replace(" ", "-")) for m in
-             re.finditer(r"^ *(\d+) +(check cold|check warm|torch|dali) ", r.stdout, flags=re.M)}
+             re.finditer(r"^ *(\d+) +(check cold|check warm|check store|torch store|dali store|torch|dali) ",
+                         r.stdout, flags=re.M)}
     assert table == set(rows), r.stdout
     assert "not measured" in r.stdout and "estimate" in r.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
+    # the stores it built for the run are gone; the synthetic sets stay
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith("bench-store")) == []
 
 
 def test_cost_by_size_refuses_a_size_it_cannot_draw_and_the_other_modes(tmp_path):

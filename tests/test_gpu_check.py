@@ -70,7 +70,7 @@ def test_gpu_check_quick_on_the_cpu_writes_a_complete_report(tmp_path):
     assert report["torch_tests"]["counts"] == {} and report["smoke"]["ok"]  # the one test narrowed to needs DALI
     bench = report["benchmark"]
     for key in ("torch_load_images_per_s", "dali_load_images_per_s", "dali_train_images_per_s",
-                "ceiling_train_images_per_s"):
+                "torch-store_load_images_per_s", "dali-store_train_images_per_s", "ceiling_train_images_per_s"):
         assert bench["summary"][key] > 0, key
     assert bench["workers"] == env["workers"]  # the rows use what `dalipipe train` would use here
     rec = report["recipe"]
