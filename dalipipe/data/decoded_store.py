@@ -26,6 +26,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +97,13 @@ class DecodedStore:
     def make_room(self, needed: int) -> None:
         """Create the folder and refuse, in one line, a store that the disk cannot hold (with
         STORE_RESERVE_BYTES left free for everything else)."""
-        from dalipipe.atomic import ensure_writable
-
-        ensure_writable(self.dir, "decoded store (--store DIR elsewhere, or --no-decode-once)")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.dir):
+                pass
+        except OSError as e:
+            raise DataError(f"{self.dir}: cannot write the decoded store there ({e.strerror or type(e).__name__}); "
+                            "give --store DIR elsewhere, or --no-decode-once") from None
         free = shutil.disk_usage(self.dir).free
         if needed + STORE_RESERVE_BYTES > free:
             raise DataError(f"{self.dir}: the decoded store needs {size_text(needed)} more and {size_text(free)} are "
