@@ -19,6 +19,7 @@ from PIL import Image
 
 from dalipipe.config import AugmentSpec, LoaderSettings
 from dalipipe.data import decoded_store
+from dalipipe.data.check_cache import file_signature
 from dalipipe.data.decoded_store import DecodedStore
 from dalipipe.data.index import PATH_COLUMNS, STORE_COLUMN, build_index, inspect_images
 from dalipipe.data.pngio import read_sample
@@ -86,6 +87,27 @@ def test_a_shard_and_a_resumed_loader_read_the_store_as_the_pngs(both, kind):
     rest, _ = _batches(stored, kind=kind, train=True, state=state)
     whole, _ = _batches(plain, kind=kind, train=True)
     assert _same(whole[:5], head) and _same(whole[5:5 + len(rest)], rest) and len(rest) > 10
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_images_of_different_sizes_come_from_the_store_as_from_the_pngs(tmp_path, kind):
+    """Samples of several sizes and shapes in one set, some larger than the model input (shrunk), augmented."""
+    from tests.conftest import write_labels, write_sample
+
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "images"
+    shapes = [(40, 30), (64, 64), (90, 150), (200, 120)]
+    for fid in range(1, 33):
+        h, w = shapes[fid % len(shapes)]
+        write_sample(folder, fid, *rng.integers(0, 256, (3, h, w)))
+    write_labels(tmp_path / "y.csv", [(fid, "AB"[fid % 2]) for fid in range(1, 33)])
+    index = build_index(folder, tmp_path / "y.csv")
+    plain = inspect_images(index, progress=False)
+    stored = inspect_images(index, progress=False, store=tmp_path / "store")
+    assert sorted({decoded_store.read(f).shape for f in stored[STORE_COLUMN]}) == sorted((3, h, w) for h, w in shapes)
+    a, _ = _batches(plain, kind=kind, train=True)
+    b, _ = _batches(stored, kind=kind, train=True)
+    assert len(a) == 4 and _same(a, b)
 
 
 def test_a_stored_file_holds_the_pngs_decoded_pixels(both):
@@ -156,6 +178,20 @@ def test_another_gray_rule_or_folder_is_another_file(small_synth, tmp_path, monk
     monkeypatch.setattr(decoded_store, "GRAY_RULE", decoded_store.GRAY_RULE + 1)
     assert store.file_for(paths) != name
 
+
+
+def test_a_folder_of_the_same_name_elsewhere_is_another_store(small_synth, tmp_path):
+    """A copy of the images folder in another place, with the same folder name and its files' names, sizes and
+    modification times (all that the store trusts of a file): another store, so that a copy whose PNGs were
+    changed since and kept their sizes and times never reads the first folder's pixels."""
+    folder = small_synth / "images_train"
+    copy = shutil.copytree(folder, tmp_path / "elsewhere" / folder.name)  # (copy2: the times are kept)
+    paths = build_index(folder)[PATH_COLUMNS].values.tolist()[0]
+    copied = [str(copy / Path(p).name) for p in paths]
+    assert file_signature(copied) == file_signature(paths)  # only where the folder is differs
+    first = DecodedStore(tmp_path / "store", folder)
+    second = DecodedStore(tmp_path / "store", copy)
+    assert second.file_for(copied) != first.file_for(paths)
 
 def test_a_write_cut_short_leaves_no_file_under_the_name(tmp_path, monkeypatch):
     """A writer stopped mid-file (here: an interrupt in the middle of its write) leaves nothing a reader takes
