@@ -57,7 +57,9 @@ def _same(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def both(small_synth, tmp_path_factory):
-    """The training images' index as the check gives it without the store and with one."""
+    """The training images' index as the check gives it without the store and with one. The check without the
+    store runs first, so that the one with it remembers every sample: it stores them all the same (what
+    test_a_stored_file_holds_the_pngs_decoded_pixels reads)."""
     index = build_index(small_synth / "images_train", small_synth / "y_train.csv")
     store = tmp_path_factory.mktemp("store")
     return inspect_images(index, progress=False), inspect_images(index, progress=False, store=store)
@@ -179,7 +181,6 @@ def test_another_gray_rule_or_folder_is_another_file(small_synth, tmp_path, monk
     assert store.file_for(paths) != name
 
 
-
 def test_a_folder_of_the_same_name_elsewhere_is_another_store(small_synth, tmp_path):
     """A copy of the images folder in another place, with the same folder name and its files' names, sizes and
     modification times (all that the store trusts of a file): another store, so that a copy whose PNGs were
@@ -192,6 +193,7 @@ def test_a_folder_of_the_same_name_elsewhere_is_another_store(small_synth, tmp_p
     first = DecodedStore(tmp_path / "store", folder)
     second = DecodedStore(tmp_path / "store", copy)
     assert second.file_for(copied) != first.file_for(paths)
+
 
 def test_a_write_cut_short_leaves_no_file_under_the_name(tmp_path, monkeypatch):
     """A writer stopped mid-file (here: an interrupt in the middle of its write) leaves nothing a reader takes
