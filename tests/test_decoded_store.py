@@ -259,3 +259,19 @@ def test_a_store_the_disk_cannot_hold_is_refused_before_anything_is_written(smal
     assert str(tmp_path / "store") in message and "1 GB are free" in message and "--store DIR" in message
     assert "--no-decode-once" in message and "\n" not in message
     assert not list((tmp_path / "store").rglob("*.npy"))
+
+
+def test_where_the_user_did_not_choose_the_place_a_full_disk_only_costs_the_store(small_synth, monkeypatch, caplog):
+    """The default place (the cache folder): a store that does not fit is left out with one warning line,
+    and the command goes on decoding the PNGs, as with --no-decode-once."""
+    import logging
+
+    from dalipipe.data.decoded_store import Place
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**9, 10**9))
+    index = build_index(small_synth / "images_train", small_synth / "y_train.csv")
+    with caplog.at_level(logging.INFO, logger="dalipipe"):
+        out = inspect_images(index, store=Place(Path(os.environ["DALIPIPE_CACHE_DIR"]) / "decoded", required=False))
+    assert STORE_COLUMN not in out.columns and len(out) == len(index)
+    (line,) = [r.getMessage() for r in caplog.records if "decoded store" in r.getMessage()]
+    assert line.startswith("warning: ") and "1 GB are free" in line and "decoding the PNGs in every epoch" in line

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +44,26 @@ BLOCK = 4096
 SUFFIX = ".npy"
 
 
-def store_root(settings) -> Path | None:
-    """Where a command's stores live (its settings' decode_once and store: train's, predict's, check's):
-    --store DIR, else the user's cache folder (check_cache.cache_dir()/decoded); None with --no-decode-once."""
+@dataclass(frozen=True)
+class Place:
+    """Where a command keeps its stores, and whether it must. A place the user chose (--store DIR, or check's
+    --decode-once) that cannot hold the store is refused in one line; the default place then only says so in
+    one line, and the command decodes the PNGs in every epoch as with --no-decode-once (a full or read-only
+    cache folder must not stop a run that would work without the store)."""
+
+    root: Path
+    required: bool = True
+
+
+def store_place(settings, required: bool = False) -> Place | None:
+    """A command's place for its stores, from its settings' decode_once and store (train's, predict's,
+    check's): --store DIR, else the user's cache folder (check_cache.cache_dir()/decoded), required there if
+    `required`; None with --no-decode-once."""
     if not settings.decode_once:
         return None
-    return Path(settings.store) if settings.store else cache_dir() / "decoded"
+    if settings.store:
+        return Place(Path(settings.store))
+    return Place(cache_dir() / "decoded", required)
 
 
 def file_bytes(height: int, width: int) -> int:
@@ -94,21 +109,20 @@ class DecodedStore:
         except OSError:
             return False
 
-    def make_room(self, needed: int) -> None:
-        """Create the folder and refuse, in one line, a store that the disk cannot hold (with
-        STORE_RESERVE_BYTES left free for everything else)."""
+    def room_problem(self, needed: int) -> str | None:
+        """Create the folder; what keeps it from taking `needed` more bytes (not writable, or the disk would keep
+        less than STORE_RESERVE_BYTES free), in words, or None."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.dir):
                 pass
         except OSError as e:
-            raise DataError(f"{self.dir}: cannot write the decoded store there ({e.strerror or type(e).__name__}); "
-                            "give --store DIR elsewhere, or --no-decode-once") from None
+            return f"{self.dir}: cannot write the decoded store there ({e.strerror or type(e).__name__})"
         free = shutil.disk_usage(self.dir).free
         if needed + STORE_RESERVE_BYTES > free:
-            raise DataError(f"{self.dir}: the decoded store needs {size_text(needed)} more and {size_text(free)} are "
-                            f"free there (keeping {size_text(STORE_RESERVE_BYTES)} free); give --store DIR on a disk "
-                            "with room, or --no-decode-once to decode the PNGs in every epoch")
+            return (f"{self.dir}: the decoded store needs {size_text(needed)} more and {size_text(free)} are free "
+                    f"there (keeping {size_text(STORE_RESERVE_BYTES)} free)")
+        return None
 
     def sweep(self, files: list[str]) -> None:
         """Remove what no reader may read any more: other versions of these samples (their PNGs changed) and

@@ -23,7 +23,7 @@ from dalipipe.child_processes import worker_pool
 from dalipipe.constants import CHANNELS, FILE_REGEX
 from dalipipe.data.check_cache import CheckCache
 from dalipipe.data.csv_files import read_labels
-from dalipipe.data.decoded_store import DecodedStore, disk_bytes, inspect_and_store, size_text
+from dalipipe.data.decoded_store import DecodedStore, Place, disk_bytes, inspect_and_store, size_text
 from dalipipe.data.pngio import inspect_sample, png_shape
 from dalipipe.errors import DataError
 from dalipipe.progress import quiet_unless
@@ -138,28 +138,30 @@ PARALLEL_FROM = 500
 
 
 def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bool = True, cache: bool = True,
-                   parallel_from: int = PARALLEL_FROM, store: str | Path | None = None) -> pd.DataFrame:
+                   parallel_from: int = PARALLEL_FROM, store: Place | str | Path | None = None) -> pd.DataFrame:
     """Decode every PNG once, check that it decodes and that the channels of each sample agree in size;
     add height, width and per-channel means. Samples checked before and unchanged since (check_cache)
     are not decoded again; the others are checked on all cores, in processes (decoding here is bound by
     Python and the GIL: threads were slower than one loop). The first bad sample, in index order,
     raises its one-line DataError, whatever the number of processes.
 
-    store: the decoded store's root folder (decoded_store.store_root), or None for no store. With one, every
-    sample not in the store yet is decoded (checked again, if the check remembered it) and written there, and
-    STORE_COLUMN names each sample's file; one line says how big the store is and how much of it was written
-    now (when progress is on). A store the disk cannot hold is refused before anything is decoded."""
+    store: where the decoded store lives (decoded_store.store_place; a folder: required there), or None for no
+    store. With one, every sample not in the store yet is decoded (checked again, if the check remembered it)
+    and written there, and STORE_COLUMN names each sample's file; one line says how big the store is and how
+    much of it is written now (when progress is on). A store its disk cannot hold is refused before anything is
+    decoded, or, in a place not required, left out with one line."""
     paths = index[PATH_COLUMNS].values.tolist()
     memory = CheckCache(Path(paths[0][0]).parent) if cache and paths else None
     results = [memory.get(p) if memory else None for p in paths]
-    decoded = DecodedStore(store, Path(paths[0][0]).parent) if store is not None and paths else None
+    place = store if isinstance(store, Place) or store is None else Place(Path(store))
+    decoded = DecodedStore(place.root, Path(paths[0][0]).parent) if place is not None and paths else None
     files = [decoded.file_for(p) for p in paths] if decoded else [None] * len(paths)
     # (height, width) where the check remembers it, else from the PNG's header: the store's size before decoding
     shapes = [r[:2] if r else png_shape(p[0]) or (0, 0) for r, p in zip(results, paths)]
     to_store = {i for i, f in enumerate(files) if f is not None and not DecodedStore.holds(f, *shapes[i])}
+    if decoded and not _room_for(decoded, shapes, to_store, place.required, progress):
+        decoded, files, to_store = None, [None] * len(paths), set()
     todo = [i for i, r in enumerate(results) if r is None or i in to_store]
-    if decoded:
-        _announce(decoded, shapes, to_store, progress)
     jobs = [(paths[i], files[i] if i in to_store else None) for i in todo]
     workers = workers or available_cores()
     bar = tqdm(total=len(todo), desc="checking and storing images" if to_store else "checking images", unit="sample",
@@ -206,21 +208,30 @@ def _check(job: tuple[list[str], str | None]) -> tuple:
     return inspect_sample(paths) if file is None else inspect_and_store(job)
 
 
-def _announce(store: DecodedStore, shapes: list[tuple[int, int]], to_store: set[int], say: bool) -> None:
-    """Before any decoding: room for what is to be written (or a one-line refusal), and one line saying what
-    the store holds and what is written to it now."""
+def _room_for(store: DecodedStore, shapes: list[tuple[int, int]], to_store: set[int], required: bool,
+              say: bool) -> bool:
+    """Before any decoding: whether the store can hold what is to be written (if not: a one-line refusal where
+    it is required, else False and one line saying so), and one line saying what it holds and what is written
+    to it now."""
     total = sum(disk_bytes(*s) for s in shapes)
     needed = sum(disk_bytes(*shapes[i]) for i in to_store)
-    if to_store:
-        store.make_room(needed)
-    if not say:
-        return
-    n = len(shapes)
-    if to_store:
-        log.info(f"decoded store {store.dir}: decoding {len(to_store)} of {n} samples into it ({size_text(needed)}; "
-                 f"{size_text(total)} in all), then no epoch decodes a PNG")
-    else:
-        log.info(f"decoded store {store.dir}: all {n} samples there ({size_text(total)}); no PNG is decoded")
+    problem = store.room_problem(needed) if to_store else None
+    if problem and required:
+        raise DataError(f"{problem}; give --store DIR on a disk with room, or --no-decode-once to decode the PNGs in "
+                        "every epoch")
+    if problem:
+        if say:
+            log.warning(f"warning: {problem}: decoding the PNGs in every epoch instead (--store DIR puts the store "
+                        "on a disk with room)")
+        return False
+    if say:
+        n = len(shapes)
+        if to_store:
+            log.info(f"decoded store {store.dir}: decoding {len(to_store)} of {n} samples into it "
+                     f"({size_text(needed)}; {size_text(total)} in all), then no epoch decodes a PNG")
+        else:
+            log.info(f"decoded store {store.dir}: all {n} samples there ({size_text(total)}); no PNG is decoded")
+    return True
 
 
 def available_cores() -> int:

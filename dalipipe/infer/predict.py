@@ -13,7 +13,7 @@ from dalipipe import atomic, checkpoint
 from dalipipe import device as dev
 from dalipipe.config import AugmentSpec, LoaderSettings
 from dalipipe.data.csv_files import read_ids
-from dalipipe.data.decoded_store import store_root
+from dalipipe.data.decoded_store import store_place
 from dalipipe.data.index import inspect_images, scan_images
 from dalipipe.errors import DataError
 from dalipipe.infer.inference import prediction_frame, probabilities, scores_by_position
@@ -86,7 +86,7 @@ def predict(settings: PredictSettings) -> pd.DataFrame:
         index = select_ids(index, ids_csv, images_dir)
     for path, card in cks:
         warn_seen_samples(index, card, images_dir, path)
-    index = inspect_images(index, cache=s.check_cache, store=store_root(s))
+    index = inspect_images(index, cache=s.check_cache, store=store_place(s))
     torch_device = dev.resolve(s.device)
     # torch's threads, cuDNN autotuning and TF32, as in training
     dev.configure(torch_device, s.threads or default_threads(s.workers or default_workers()))

@@ -18,7 +18,7 @@ from dalipipe import distributed
 from dalipipe.checkpoint import PartialEpoch, Progress, RunState, SavedRun, Split
 from dalipipe.config import TrainConfig
 from dalipipe.constants import CKPT_LAST
-from dalipipe.data.decoded_store import store_root
+from dalipipe.data.decoded_store import store_place
 from dalipipe.data.index import STORE_COLUMN, LabelMap, available_cores, build_index, inspect_images
 from dalipipe.data.split import kfold_split, stratified_split, stratified_subset
 from dalipipe.data.stats import channel_stats
@@ -47,7 +47,7 @@ def prepare_data(cfg: TrainConfig, world: distributed.World):
     # Before the long image check: the split must be possible and give every process a training step.
     train_plan(len(split(cfg, index)[0]), cfg.batch_size, world.size)
     first = world.local_rank == 0 or not cfg.check_cache
-    store = store_root(cfg)
+    store = store_place(cfg)
     if first:
         index = inspect_images(index, progress=world.is_main, cache=cfg.check_cache, store=store)
     distributed.barrier(world)
