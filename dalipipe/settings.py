@@ -64,6 +64,12 @@ class PredictSettings(_Checked):
                              "store, which a later prediction over the same images then reads.")
     store: str | None = like(TrainConfig, "store", "As for train: where the decoded store lives.")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.store and not self.decode_once:
+            raise DataError("--store DIR is where the decoded store lives: it goes with --decode-once, not "
+                            "--no-decode-once")
+
 @dataclass(frozen=True)
 class PreviewSettings(_Checked):
     """`dalipipe preview`: what the loaders hand the model for a few samples, beside the stored channels."""
@@ -111,7 +117,13 @@ class CheckSettings(_Checked):
     decode_once: bool = opt(False, "Also build the decoded store that train and predict read (as their "
                             "--decode-once, on by default there), so that a run starts with every PNG decoded.",
                             default_text="off: check only")
-    store: str | None = like(TrainConfig, "store", "As for train: where the decoded store lives.")
+    store: str | None = like(TrainConfig, "store", "As for train: where the decoded store lives; given, the check "
+                             "builds the store there (as --decode-once).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.store:  # a place named is a store asked for
+            object.__setattr__(self, "decode_once", True)
 
 @dataclass(frozen=True)
 class SynthSpec:

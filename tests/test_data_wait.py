@@ -130,25 +130,29 @@ CFG = TrainConfig(images_dir="i", labels_csv="l", out_dir="o")
 def test_advice_names_the_settings_most_likely_to_help_on_the_machine_and_loader():
     # decoding every epoch on a GPU machine with idle cores: the store first, then workers, then the decoder
     no_store = TrainConfig(images_dir="i", labels_csv="l", out_dir="o", decode_once=False)
-    gpu = advice(no_store, Machine("cuda", cores=16, processes=4, workers=2), 0.4, 3)
+    gpu = advice(no_store, Machine("cuda", cores=16, processes=4, workers=2, stored=False), 0.4, 3)
     assert gpu.startswith("note: the model waited for data 40% of epoch 3's training time")
     named = ["--decode-once", "more --workers", "--decoder cpu", "benchmarks/loader_speed.py --train --sweep"]
     assert [gpu.index(n) for n in named] == sorted(gpu.index(n) for n in named)
     assert "uses 2 per process for 4 process(es); this machine has 16 cores" in gpu
     # with the store (the default) nothing is decoded: neither it nor the decoder is named
-    stored = advice(CFG, Machine("cuda", cores=16, processes=4, workers=2), 0.4, 3)
+    stored = advice(CFG, Machine("cuda", cores=16, processes=4, workers=2, stored=True), 0.4, 3)
     assert "--decode-once" not in stored and "--decoder" not in stored and "more --workers" in stored
+    # the store asked for but left out (no room in the cache folder): a place with room is the first tip
+    no_room = advice(CFG, Machine("cuda", cores=16, processes=4, workers=2, stored=False), 0.4, 3)
+    assert no_room.index("--store DIR on a disk with room") < no_room.index("more --workers")
+    assert "--decode-once" not in no_room and "--decoder cpu" in no_room
     # every core busy: no more workers; the torch loader: DALI; no GPU options on the CPU
     cpu = advice(TrainConfig(images_dir="i", labels_csv="l", out_dir="o", loader="torch"),
-                 Machine("cpu", cores=2, processes=1, workers=2), 0.3, 2)
+                 Machine("cpu", cores=2, processes=1, workers=2, stored=True), 0.3, 2)
     assert "--workers" not in cpu and "--decode-once" not in cpu and "--decoder" not in cpu
     assert "--loader dali" in cpu and "loader_speed.py" in cpu
     # nothing to switch (DALI with the store, every core busy): said so, not an empty "try"
-    busy = advice(CFG, Machine("cpu", cores=2, processes=1, workers=2), 0.3, 2)
+    busy = advice(CFG, Machine("cpu", cores=2, processes=1, workers=2, stored=True), 0.3, 2)
     assert "no setting to suggest on this machine (all 2 cores in use)" in busy and "try" not in busy
     # DALI's CPU decoder on a GPU without the store: the other decoder is worth a try
     cpu_decoder = advice(TrainConfig(images_dir="i", labels_csv="l", out_dir="o", decoder="cpu", decode_once=False),
-                         Machine("cuda", cores=64, processes=8, workers=8), 0.3, 2)
+                         Machine("cuda", cores=64, processes=8, workers=8, stored=False), 0.3, 2)
     assert "--decoder mixed" in cpu_decoder and "try" in cpu_decoder
 
 
@@ -157,7 +161,7 @@ def test_a_small_share_is_shown_in_tenths_of_a_percent():
 
 
 def test_advice_once_per_command_never_for_its_first_epoch_nor_below_the_threshold():
-    advisor = Advisor(CFG, Machine("cpu", cores=2, processes=1, workers=2))
+    advisor = Advisor(CFG, Machine("cpu", cores=2, processes=1, workers=2, stored=True))
     above = DATA_WAIT_ADVICE_SHARE + 0.01
     assert advisor.after_epoch(5, 0.9) is None  # the command's first epoch starts the loaders: not steady
     assert advisor.after_epoch(6, DATA_WAIT_ADVICE_SHARE) is None

@@ -139,10 +139,11 @@ def test_once_the_store_is_built_no_png_is_opened(synth_copy, tmp_path):
     dalipipe("check", d / "images_test", "--decode-once", "--store", store)
     _garble_keeping_size_and_time(d / "images_train")
     _garble_keeping_size_and_time(d / "images_test")
-    common = ["--epochs", "2", "--image-size", "16", "--batch-size", "16", "--device", "cpu", "--store", store]
+    common = ["--epochs", "2", "--image-size", "16", "--batch-size", "16", "--device", "cpu"]
     for loader in ("dali", "torch"):
         run = tmp_path / f"run_{loader}"
-        r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", run, "--loader", loader, *common)
+        r = dalipipe("train", d / "images_train", d / "y_train.csv", "--out", run, "--loader", loader, *common,
+                     "--store", store)
         (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("decoded store")]
         assert "all 240 samples there" in line and "no PNG is decoded" in line, line
         dalipipe("predict", run, d / "images_test", "--out", tmp_path / f"{loader}.csv", "--loader", loader,
@@ -217,37 +218,119 @@ def test_a_write_cut_short_leaves_no_file_under_the_name(tmp_path, monkeypatch):
     assert not DecodedStore.holds(target, 8, 8)
 
 
+# The check writing the store, killed (SIGKILL: no handler runs) half-way through the 21st sample's file.
 KILLED_BUILD = """
-import sys
+import os, signal, sys
+import numpy as np
 from dalipipe.data.index import build_index, inspect_images
+real, calls = np.save, []
+def save(f, array):
+    calls.append(1)
+    if len(calls) == 21:
+        f.write(b"\\x93NUMPY" + bytes(1000))
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(f, array)
+np.save = save
 inspect_images(build_index(sys.argv[1]), progress=False, cache=False, workers=1, store=sys.argv[2])
 """
 
 
 def test_a_killed_store_build_leaves_only_complete_files_and_the_next_run_finishes_it(tmp_path):
-    """kill -9 while the check writes the store: every file under a sample's name is complete and holds its
-    decoded pixels, and the next check stores the rest and removes the dead writer's temporary file."""
+    """kill -9 in the middle of a file: the 20 samples before it are complete under their names and hold their
+    decoded pixels, the cut file is only a temporary one, and the next check stores the rest and removes it."""
     from dalipipe.data.synthetic import generate
     from dalipipe.settings import SynthSpec
 
-    d = generate(tmp_path / "data", SynthSpec(n_train=8, n_test=300, n_classes=2, image_size=256, seed=2))
+    d = generate(tmp_path / "data", SynthSpec(n_train=8, n_test=40, n_classes=2, image_size=64, seed=2))
     folder, store = d / "images_test", tmp_path / "store"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(folder), str(store)], env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list(store.rglob("*.npy"))) < 20:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    r = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(folder), str(store)], env=env, timeout=300)
+    assert r.returncode == -signal.SIGKILL
+    assert len(list(store.rglob("*.npy"))) == 20 and len(list(store.rglob("*.tmp"))) == 1
     index = build_index(folder)
     store_of = DecodedStore(store, folder)
     done = [p for p in index[PATH_COLUMNS].values.tolist() if Path(store_of.file_for(p)).exists()]
-    assert 0 < len(done), "the build was killed before it wrote anything: nothing tested"
+    assert len(done) == 20
     for paths in done:
         assert np.array_equal(decoded_store.read(store_of.file_for(paths)), np.stack(read_sample(paths)))
     full = inspect_images(index, progress=False, cache=False, store=store)
-    assert all(Path(f).exists() for f in full[STORE_COLUMN])
+    assert all(np.array_equal(decoded_store.read(f), np.stack(read_sample(p)))
+               for f, p in zip(full[STORE_COLUMN], index[PATH_COLUMNS].values.tolist()))
     assert not list(store.rglob("*.tmp"))
+
+
+def test_the_sweep_leaves_the_temporary_files_of_running_writers_and_of_other_machines(tmp_path):
+    store = DecodedStore(tmp_path, tmp_path / "images")
+    store.dir.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = {"running": f"00001-aa.npy.{decoded_store._HOST}.{os.getpid()}.tmp",
+             "dead": f"00002-bb.npy.{decoded_store._HOST}.{int(dead.stdout)}.tmp",
+             "other machine": f"00003-cc.npy.0123abcd.{int(dead.stdout)}.tmp"}
+    for name in names.values():
+        (store.dir / name).write_bytes(b"half")
+    store.sweep([])
+    assert sorted(os.listdir(store.dir)) == sorted([names["running"], names["other machine"]])
+
+
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_a_store_file_deleted_while_a_loader_reads_is_one_line_naming_it(small_synth, tmp_path, kind):
+    index = build_index(small_synth / "images_test")
+    stored = inspect_images(index, progress=False, store=tmp_path / "store")
+    gone = stored[STORE_COLUMN].iloc[-1]
+    os.unlink(gone)
+    loader = make_loader(stored, np.arange(len(stored)), spec=SPEC, norm=RAW, train=False, device=CPU,
+                         settings=LoaderSettings(kind=kind, batch_size=16, workers=2))
+    try:
+        with pytest.raises(DataError, match="the decoded store's file of this sample is gone") as e:
+            for _ in loader:
+                pass
+    finally:
+        loader.close()
+    assert gone in str(e.value) and "\n" not in str(e.value)
+
+
+def test_without_the_checks_memory_every_store_file_is_written_again(small_synth, tmp_path):
+    """--no-cache decodes every PNG again: a store file of the right size with other bytes (what a crash of the
+    machine can leave) is repaired; with the memory, the file's size is all that is checked."""
+    index = build_index(small_synth / "images_test")
+    stored = inspect_images(index, progress=False, store=tmp_path / "store")
+    file = stored[STORE_COLUMN].iloc[0]
+    right = decoded_store.read(file)
+    with open(file, "r+b") as f:
+        f.seek(-10, os.SEEK_END)
+        f.write(bytes(10))
+    inspect_images(index, progress=False, store=tmp_path / "store")
+    assert not np.array_equal(decoded_store.read(file), right)
+    inspect_images(index, progress=False, cache=False, store=tmp_path / "store")
+    assert np.array_equal(decoded_store.read(file), right)
+
+
+def test_sizes_read_as_a_person_reads_them():
+    from dalipipe.data.decoded_store import size_text
+
+    assert [size_text(n) for n in (12, 12416, 158e6, 999.6e6, 7.61e9, 1.234e12)] == [
+        "12 bytes", "12.4 kB", "158 MB", "1 GB", "7.61 GB", "1.23 TB"]
+
+
+def test_a_store_place_goes_with_decode_once(small_synth, tmp_path):
+    """--store with --no-decode-once is refused (predict, a new run); check's --store builds the store; a
+    relative --store is kept resolved, so that a resume from another folder finds the same store."""
+    from dalipipe.run import run_dir
+    from dalipipe.settings import CheckSettings, PredictSettings
+
+    with pytest.raises(DataError, match="--store DIR is where the decoded store lives"):
+        PredictSettings(checkpoints=("r",), images_dir="i", out_csv="o.csv", store="s", decode_once=False)
+    with pytest.raises(DataError, match="--store DIR is where the decoded store lives"):
+        run_dir.new_config("i", "l", str(tmp_path / "run"), {"store": "s", "decode_once": False})
+    assert CheckSettings(images_dir="i", store="s").decode_once is True
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        cfg = run_dir.new_config("i", "l", "run", {"store": "rel/store"})
+    finally:
+        os.chdir(cwd)
+    assert cfg.store == str(tmp_path / "rel" / "store")
 
 
 def test_a_store_the_disk_cannot_hold_is_refused_before_anything_is_written(small_synth, tmp_path, monkeypatch):

@@ -53,6 +53,9 @@ def test_a_loader_state_for_another_loader_is_dropped_at_an_epoch_end_and_refuse
         restore(saved, partial_steps=2, key="torch", device=cpu, world=World(rank=0, size=2), run="run")
     # On a GPU the DALI graph depends on the decoding; on the CPU it does not.
     assert loader_key("dali", "mixed", cpu) == loader_key("dali", "cpu", cpu)
+    # DALI's graph with the decoded store is another graph; the torch loader's state fits either way
+    assert loader_key("dali", "mixed", cpu, stored=True) != loader_key("dali", "mixed", cpu)
+    assert loader_key("torch", "mixed", cpu, stored=True) == loader_key("torch", "mixed", cpu)
     gpu = torch.device("cuda", 0)
     assert loader_key("dali", "mixed", gpu) != loader_key("dali", "cpu", gpu)
 

@@ -20,7 +20,8 @@ def display_width(text: str) -> int:
 def summarize(cfg: CheckSettings) -> list[str]:
     """Lines to print; raises DataError (the same one-line errors as train and predict) on the first problem."""
     images_dir, labels_csv = cfg.images_dir, cfg.labels_csv
-    index = inspect_images(build_index(images_dir, labels_csv), cache=cfg.check_cache, store=store_place(cfg, required=True))
+    index = inspect_images(build_index(images_dir, labels_csv), cache=cfg.check_cache,
+                           store=store_place(cfg, required=True))
     sizes = (index["width"].astype(str) + "x" + index["height"].astype(str)).value_counts()
     size_text = ", ".join(f"{s} ({n})" for s, n in sizes.head(5).items()) + (
         f" and {len(sizes) - 5} other sizes" if len(sizes) > 5 else "")

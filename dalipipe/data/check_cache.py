@@ -56,10 +56,11 @@ class CheckCache:
     def _key(paths: list[str]) -> str:
         return "|".join(Path(p).name for p in paths)
 
-    def get(self, paths: list[str]) -> tuple | None:
-        """The remembered result of inspect_sample(paths), if none of the files changed since."""
+    def get(self, paths: list[str], signature: list[int] | None = None) -> tuple | None:
+        """The remembered result of inspect_sample(paths), if none of the files changed since. signature: the
+        files' file_signature, if the caller has it (one stat per file, not two)."""
         entry = self.entries.get(self._key(paths))
-        if entry is None or entry[0] != file_signature(paths):
+        if entry is None or entry[0] != (signature or file_signature(paths)):
             return None
         return tuple(entry[1])
 

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +79,11 @@ def disk_bytes(height: int, width: int) -> int:
 
 
 def size_text(n: float) -> str:
-    """Bytes as a person reads them: 118 MB, 7.6 GB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}".replace(".0 ", " ")
+    """Bytes as a person reads them: 118 MB, 7.6 GB, 1.23 TB (three significant digits, the unit chosen after
+    rounding: 999.6 MB is 1 GB)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if float(f"{n / scale:.3g}") >= 1:
+            return f"{float(f'{n / scale:.3g}'):g} {unit}"
     return f"{int(n)} bytes"
 
 
@@ -92,9 +94,10 @@ class DecodedStore:
         self.images_folder = str(Path(images_folder).resolve())
         self.dir = Path(root) / hashlib.sha256(self.images_folder.encode()).hexdigest()[:20]
 
-    def file_for(self, paths: list[str]) -> str | None:
-        """The file that holds this sample's pixels as its PNGs are now; None if one of them is missing."""
-        signature = file_signature(paths)
+    def file_for(self, paths: list[str], signature: list[int] | None = None) -> str | None:
+        """The file that holds this sample's pixels as its PNGs are now; None if one of them is missing.
+        signature: the PNGs' file_signature, if the caller has it."""
+        signature = signature or file_signature(paths)
         if signature is None:
             return None
         names = [Path(p).name for p in paths]
@@ -138,8 +141,10 @@ class DecodedStore:
             path = str(self.dir / name)
             if name.endswith(SUFFIX):
                 stale = path not in current and _file_stem(path) in stems
-            else:
-                stale = name.endswith(".tmp") and not _running(name.rsplit(".", 2)[-2])
+            else:  # name.npy.HOST.PID.tmp: only this machine's writers can be asked whether they still run
+                parts = name.rsplit(".", 3)
+                stale = (name.endswith(".tmp") and len(parts) == 4 and parts[1] == _HOST
+                         and not _running(parts[2]))
             if stale:
                 try:
                     os.unlink(path)
@@ -156,6 +161,11 @@ def _file_stem(file: str) -> str:
     return Path(file).name.rsplit("-", 1)[0]
 
 
+# This machine, in the names of temporary files: a store on a file system that several machines share (a
+# home folder over NFS) gets writers from each, whose process ids mean nothing on the others.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _running(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -168,15 +178,20 @@ def _running(pid: str) -> bool:
 
 def write(file: str, arrays: list[np.ndarray]) -> None:
     """One sample's channels as (height, width, 3) uint8, renamed into place once complete. Not synced to
-    disk: a file cut short by a crash of the machine has the wrong size and is written again (holds)."""
-    tmp = f"{file}.{os.getpid()}.tmp"
+    disk: a file cut short by a crash of the machine has the wrong size and is written again (holds), and
+    --no-cache writes every file again. A write that fails (a disk filled since the room was checked) is a
+    one-line DataError naming the file."""
+    tmp = f"{file}.{_HOST}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
             np.save(f, np.stack(arrays, axis=2))
         os.replace(tmp, file)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise DataError(f"{file}: cannot write the decoded store's file ({e.strerror or type(e).__name__}); "
+                            "give --store DIR on a disk with room, or --no-decode-once") from None
         raise
 
 
@@ -185,8 +200,22 @@ def read(file: str) -> np.ndarray:
     try:
         return np.ascontiguousarray(np.load(file).transpose(2, 0, 1))
     except (OSError, ValueError) as e:
-        raise DataError(f"{file}: the decoded store's file of this sample is gone or damaged ({e}); run the "
-                        "command again, which stores it again") from None
+        raise _gone(file, str(e)) from None
+
+
+def first_gone(files) -> DataError | None:
+    """The error that names the first of `files` no longer there (deleted while a command read the store: the
+    folder removed, or another command's sweep after a PNG changed), or None. DALI's reader reports it as a
+    failed pipeline; this says which file and what to do."""
+    for file in files:
+        if not os.path.isfile(file):
+            return _gone(file, "no such file")
+    return None
+
+
+def _gone(file: str, why: str) -> DataError:
+    return DataError(f"{file}: the decoded store's file of this sample is gone or damaged ({why}); run the command "
+                     "again, which stores it again")
 
 
 def inspect_and_store(job: tuple[list[str], str]) -> tuple:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dalipipe.child_processes import worker_pool
 from dalipipe.constants import CHANNELS, FILE_REGEX
-from dalipipe.data.check_cache import CheckCache
+from dalipipe.data.check_cache import CheckCache, file_signature
 from dalipipe.data.csv_files import read_labels
 from dalipipe.data.decoded_store import DecodedStore, Place, disk_bytes, inspect_and_store, size_text
 from dalipipe.data.pngio import inspect_sample, png_shape
@@ -152,19 +152,22 @@ def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bo
     decoded, or, in a place not required, left out with one line."""
     paths = index[PATH_COLUMNS].values.tolist()
     memory = CheckCache(Path(paths[0][0]).parent) if cache and paths else None
-    results = [memory.get(p) if memory else None for p in paths]
     place = store if isinstance(store, Place) or store is None else Place(Path(store))
     decoded = DecodedStore(place.root, Path(paths[0][0]).parent) if place is not None and paths else None
-    files = [decoded.file_for(p) for p in paths] if decoded else [None] * len(paths)
+    signatures = [file_signature(p) for p in paths] if memory or decoded else [None] * len(paths)
+    results = [memory.get(p, sig) if memory else None for p, sig in zip(paths, signatures)]
+    files = [decoded.file_for(p, sig) for p, sig in zip(paths, signatures)] if decoded else [None] * len(paths)
     # (height, width) where the check remembers it, else from the PNG's header: the store's size before decoding
     shapes = [r[:2] if r else png_shape(p[0]) or (0, 0) for r, p in zip(results, paths)]
-    to_store = {i for i, f in enumerate(files) if f is not None and not DecodedStore.holds(f, *shapes[i])}
+    # Without the check's memory (--no-cache) every file is written again: the decode is paid for anyway, and
+    # it repairs a file that a crash of the machine left of the right size with the wrong bytes.
+    to_store = {i for i, f in enumerate(files) if f is not None and not (cache and DecodedStore.holds(f, *shapes[i]))}
     if decoded and not _room_for(decoded, shapes, to_store, place.required, progress):
         decoded, files, to_store = None, [None] * len(paths), set()
     todo = [i for i, r in enumerate(results) if r is None or i in to_store]
     jobs = [(paths[i], files[i] if i in to_store else None) for i in todo]
     workers = workers or available_cores()
-    bar = tqdm(total=len(todo), desc="checking and storing images" if to_store else "checking images", unit="sample",
+    bar = tqdm(total=len(todo), desc="checking images and storing them" if to_store else "checking images", unit="sample",
                leave=False, **quiet_unless(progress and bool(todo)))
     try:
         if len(todo) < parallel_from or workers == 1:

@@ -85,7 +85,8 @@ def shrink(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=64)
+# A few sizes: each entry is a dense matrix (up to 224 x 2048 float32, 1.8 MB, per side and loader worker).
+@functools.lru_cache(maxsize=8)
 def _dali_weights(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DALI's linear antialiased resize of one side as a matrix, (n_out, n_in), and the output indices whose
     filter reaches past either edge (where DALI repeats the edge pixel and torch does not): (rows,), matrix.

@@ -22,6 +22,7 @@ import torch
 
 from dalipipe.config import AugmentSpec, LoaderSettings, Normalization
 from dalipipe.constants import CHANNELS, MIN_TRAIN_BATCH
+from dalipipe.data.decoded_store import first_gone
 from dalipipe.loading import dali_state
 from dalipipe.loading.loader_rules import train_plan
 
@@ -256,7 +257,7 @@ class DaliLoader:
         if self.left is None and self.plan:
             self.left = self.plan[0]
         left_in_plan = self.plan is not None
-        for (batch,) in self.iterator:  # always to the end: DALI's iterator resets only there
+        for batch in self._batches():  # always to the end: DALI's iterator resets only there
             self.handed_out.append(batch)
             pos = self._positions(batch)
             images = batch["images"]
@@ -274,6 +275,21 @@ class DaliLoader:
                 images = images.to(self.out_dtype)
             yield images, self.targets[pos[0]].to(self.device, non_blocking=True)
         self.left = None  # the next epoch starts with its whole plan
+
+    def _batches(self):
+        """The iterator's batches; a store file gone since the check (the pipeline fails on it) as one line."""
+        batches = iter(self.iterator)
+        while True:
+            try:
+                (batch,) = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError:
+                gone = first_gone(self.position_of) if self.position_of is not None else None
+                if gone is not None:
+                    raise gone from None
+                raise
+            yield batch
 
     def _positions(self, batch) -> list[torch.Tensor]:
         """The batch's samples as row positions (CPU int64), from the channel readers' labels, or from the

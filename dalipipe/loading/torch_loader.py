@@ -35,9 +35,10 @@ WORKER_CHECK_S = 5.0
 
 class ChannelDataset(Dataset):
     """(epoch, i) -> (normalized float32 (3, S, S), target i). The pixels come from the decoded store where
-    `stored` names its files (decoded_store.py), else from the PNGs, decoded by the same rule. Augmentation randomness is a function of
-    (seed, epoch, i), so that it does not depend on which worker draws the sample; the epoch comes with the
-    index because the workers outlive an epoch and never see the main process's copy of this object.
+    `stored` names its files (decoded_store.py), else from the PNGs, decoded by the same rule. Augmentation
+    randomness is a function of (seed, epoch, i), so that it does not depend on which worker draws the sample;
+    the epoch comes with the index because the workers outlive an epoch and never see the main process's copy
+    of this object.
     Normalization runs here, in the workers, as the reference's transforms did: the main process only
     collates."""
 

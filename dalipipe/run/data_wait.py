@@ -50,6 +50,7 @@ class Machine:
     cores: int
     processes: int  # training processes on this machine
     workers: int  # loader threads or worker processes per training process
+    stored: bool  # the loader reads the decoded store (else it decodes the PNGs in every epoch)
 
 
 def share_of(wait_s: float, train_s: float) -> float:
@@ -68,13 +69,14 @@ def advice(cfg: TrainConfig, machine: Machine, share: float, epoch: int) -> str:
     the one most likely to help on this machine and loader first."""
     tips = []
     gpu_dali = machine.device_type == "cuda" and cfg.loader == "dali"
-    if not cfg.decode_once:  # decoding the PNGs again in every epoch: the loaders' largest cost at 512 px
-        tips.append("--decode-once (each PNG decoded once, into the decoded store)")
+    if not machine.stored:  # decoding the PNGs again in every epoch: the loaders' largest cost at 512 px
+        tips.append("--decode-once (each PNG decoded once, into the decoded store)" if not cfg.decode_once else
+                    "--store DIR on a disk with room (the decoded store did not fit where it was to go)")
     idle = machine.cores - machine.processes * machine.workers
     if idle > 0:
         tips.append(f"more --workers (the run uses {machine.workers} per process for {machine.processes} "
                     f"process(es); this machine has {machine.cores} cores)")
-    if gpu_dali and not cfg.decode_once:  # (the store's reader decodes nothing)
+    if gpu_dali and not machine.stored:  # (the store's reader decodes nothing)
         tips.append("--decoder cpu" if cfg.decoder == "mixed" else "--decoder mixed")
     if cfg.loader == "torch":
         tips.append("--loader dali")

@@ -129,6 +129,8 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
             raise DataError(f"--resume {run}: {option(name)} is {spoken(current[name])} in the run, got {spoken(value)}; "
                             f"only {may_change_text().replace('`', '')} may change")
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    if changes.get("store"):
+        changes["store"] = str(Path(changes["store"]).resolve())
     # Moved data: new paths are accepted; training checks that classes and split are the run's.
     if images_dir:
         changes["images_dir"] = str(Path(images_dir).resolve())
@@ -199,6 +201,11 @@ def new_config(images_dir: str, labels_csv: str, out_dir: str, given: dict[str, 
     image_size = given.pop("image_size", None)
     if given.get("weights"):
         given["weights"] = str(Path(given["weights"]).resolve())
+    if given.get("store"):
+        if given.get("decode_once") is False:
+            raise DataError("--store DIR is where the decoded store lives: it goes with --decode-once, not "
+                            "--no-decode-once")
+        given["store"] = str(Path(given["store"]).resolve())
     augment = AugmentSpec() if image_size is None else AugmentSpec(image_size=image_size)
     return TrainConfig(images_dir=str(Path(images_dir).resolve()), labels_csv=str(Path(labels_csv).resolve()),
                        out_dir=str(Path(out_dir).resolve()), augment=augment, **given)

@@ -24,7 +24,7 @@ from dalipipe import distributed
 from dalipipe.checkpoint import Checkpointer, CheckpointPolicy, PartialEpoch, TimeLimitReached
 from dalipipe.config import TrainConfig
 from dalipipe.constants import MAX_BATCH_PICTURE
-from dalipipe.data.index import available_cores
+from dalipipe.data.index import STORE_COLUMN, available_cores
 from dalipipe.infer.class_report import class_report, from_confusion
 from dalipipe.infer.inference import cross_entropy, prediction_frame, probabilities, scores_by_position
 from dalipipe.loading.loader_rules import default_workers, local_processes
@@ -206,7 +206,8 @@ def _epochs(run: train_setup.Setup, recorder: RunRecorder, checkpointer: Checkpo
     # A mid-epoch checkpoint continues the one epoch it was saved in, and that epoch only.
     partial = run.partial
     advisor = Advisor(cfg, Machine(device_type=device.type, cores=available_cores(), processes=local_processes(),
-                                   workers=cfg.workers or default_workers()))
+                                   workers=cfg.workers or default_workers(),
+                                   stored=STORE_COLUMN in run.train_df.columns))
     if observe and progress.epochs_done < cfg.epochs:
         observe("epochs", steps_per_epoch)
     for epoch in range(progress.epochs_done, cfg.epochs):
