@@ -54,7 +54,7 @@ class CheckCache:
 
     @staticmethod
     def _key(paths: list[str]) -> str:
-        return "|".join(Path(p).name for p in paths)
+        return "|".join(os.path.basename(p) for p in paths)  # (not Path: its parsing was most of a warm check)
 
     def get(self, paths: list[str], signature: list[int] | None = None) -> tuple | None:
         """The remembered result of inspect_sample(paths), if none of the files changed since. signature: the

@@ -21,6 +21,7 @@ and a changed sample rewrites one small file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -67,6 +68,7 @@ def store_place(settings, required: bool = False) -> Place | None:
     return Place(cache_dir() / "decoded", required)
 
 
+@functools.lru_cache(maxsize=256)
 def file_bytes(height: int, width: int) -> int:
     """The size of one sample's file: its .npy header and 3 * height * width pixels."""
     header = io.BytesIO()
@@ -100,9 +102,10 @@ class DecodedStore:
         signature = signature or file_signature(paths)
         if signature is None:
             return None
-        names = [Path(p).name for p in paths]
+        names = [os.path.basename(p) for p in paths]  # (strings, not Paths: this runs for every sample)
         key = json.dumps([STORE_FORMAT, GRAY_RULE, self.images_folder, names, signature])
-        return str(self.dir / f"{_stem(paths)}-{hashlib.sha256(key.encode()).hexdigest()[:24]}{SUFFIX}")
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return os.path.join(self.dir, f"{names[0].split('_')[0]}-{digest}{SUFFIX}")
 
     @staticmethod
     def holds(file: str, height: int, width: int) -> bool:
@@ -138,7 +141,7 @@ class DecodedStore:
         except OSError:
             return
         for name in names:
-            path = str(self.dir / name)
+            path = os.path.join(self.dir, name)
             if name.endswith(SUFFIX):
                 stale = path not in current and _file_stem(path) in stems
             else:  # name.npy.HOST.PID.tmp: only this machine's writers can be asked whether they still run
@@ -152,13 +155,9 @@ class DecodedStore:
                     pass
 
 
-def _stem(paths: list[str]) -> str:
-    """The sample's id as its file names spell it (00042 of 00042_yellow.png)."""
-    return Path(paths[0]).name.split("_")[0]
-
-
 def _file_stem(file: str) -> str:
-    return Path(file).name.rsplit("-", 1)[0]
+    """The sample's id as its file names spell it (00042 of 00042_yellow.png, and of 00042-<hash>.npy)."""
+    return os.path.basename(file).rsplit("-", 1)[0]
 
 
 # This machine, in the names of temporary files: a store on a file system that several machines share (a
