@@ -196,7 +196,10 @@ def check(**opts):
     run would use (samples, classes, image sizes, channel statistics)."""
     from dalipipe.data.check import summarize
 
-    for line in summarize(CheckSettings(**opts)):
+    settings = CheckSettings(**opts)
+    on_interrupt("the decoded store keeps the samples stored so far; run the command again to finish it"
+                 if settings.decode_once else "nothing was written; run the command again")
+    for line in summarize(settings):
         click.echo(line)
 
 

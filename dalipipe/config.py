@@ -115,9 +115,16 @@ DECODE_ONCE_HELP = ("Decode each PNG once, into the decoded store (raw pixels on
                     "160 MB for the challenge's 9,632 samples at 64 px, 7.6 GB at 512 px), which every epoch and "
                     "every later run then reads; --no-decode-once decodes the PNGs in every epoch.")
 STORE_HELP = "Where the decoded store lives (a folder on a local disk with room)."
-STORE_DEFAULT = "the user's cache folder: ~/.cache/dalipipe/decoded"
+STORE_DEFAULT = "decoded/ in dalipipe's cache folder: $DALIPIPE_CACHE_DIR, else $XDG_CACHE_HOME/dalipipe, else ~/.cache/dalipipe"
 CACHE_HELP = "--cache: trust the checks remembered for unchanged files; --no-cache: check every image again."
 AS_REFERENCE = "off, as the reference"
+
+
+def check_store_option(store: str | None, decode_once: bool | None) -> None:
+    """--store DIR names the decoded store's place: given with --no-decode-once, one of the two is a mistake."""
+    if store and decode_once is False:
+        raise DataError("--store DIR is where the decoded store lives: it goes with --decode-once, not "
+                        "--no-decode-once")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from dalipipe import options
 from dalipipe.config import (AS_REFERENCE, CACHE_HELP, DEVICE_HELP, LOADER_HELP, THREADS_DEFAULT, THREADS_HELP,
-                             WORKERS_DEFAULT, WORKERS_HELP, AugmentSpec, DeviceName, LoaderKind, TrainConfig)
+                             WORKERS_DEFAULT, WORKERS_HELP, AugmentSpec, DeviceName, LoaderKind, TrainConfig,
+                             check_store_option)
 from dalipipe.constants import (MIN_IMAGE_SIZE, MIN_TRAIN_BATCH, PICTURE_FORMATS, REAL_CLASS_COUNTS, REAL_IMAGE_SIZE,
                                 REAL_N_TEST, REAL_N_TRAIN, SEED_MAX, SYNTH_MAX_SAMPLES, SYNTH_MAX_SIZE)
 from dalipipe.errors import DataError
@@ -66,9 +67,7 @@ class PredictSettings(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.store and not self.decode_once:
-            raise DataError("--store DIR is where the decoded store lives: it goes with --decode-once, not "
-                            "--no-decode-once")
+        check_store_option(self.store, self.decode_once)
 
 @dataclass(frozen=True)
 class PreviewSettings(_Checked):
@@ -113,17 +112,18 @@ class CheckSettings(_Checked):
                                "for the split shown.")
     seed: int = like(TrainConfig, "seed", "As for train: the seed of the split shown.")
     check_cache: bool = _cache()
-    # Off here: a check alone writes nothing unless asked; with it, train and predict find the store built.
-    decode_once: bool = opt(False, "Also build the decoded store that train and predict read (as their "
-                            "--decode-once, on by default there), so that a run starts with every PNG decoded.",
-                            default_text="off: check only")
+    # Off unless asked (None: not given): a check alone writes nothing; with it, train and predict find the
+    # store built.
+    decode_once: bool | None = opt(None, "Also build the decoded store that train and predict read (as their "
+                                   "--decode-once, on by default there), so that a run starts with every PNG "
+                                   "decoded.", default_text="off: check only")
     store: str | None = like(TrainConfig, "store", "As for train: where the decoded store lives; given, the check "
                              "builds the store there (as --decode-once).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.store:  # a place named is a store asked for
-            object.__setattr__(self, "decode_once", True)
+        check_store_option(self.store, self.decode_once)
+        object.__setattr__(self, "decode_once", bool(self.decode_once or self.store))  # a place named: a store asked
 
 @dataclass(frozen=True)
 class SynthSpec:

@@ -339,9 +339,9 @@ def test_a_store_the_disk_cannot_hold_is_refused_before_anything_is_written(smal
     with pytest.raises(DataError) as e:
         inspect_images(index, progress=False, store=tmp_path / "store")
     message = str(e.value)
-    assert str(tmp_path / "store") in message and "1 GB are free" in message and "--store DIR" in message
+    assert str(tmp_path / "store") in message and "has 1 GB free" in message and "--store DIR on a disk with room" in message
     assert "--no-decode-once" in message and "\n" not in message
-    assert not list((tmp_path / "store").rglob("*.npy"))
+    assert not list((tmp_path / "store").rglob("*.npy")) and not list((tmp_path / "store").rglob("*/"))
 
 
 def test_where_the_user_did_not_choose_the_place_a_full_disk_only_costs_the_store(small_synth, monkeypatch, caplog):
@@ -357,4 +357,4 @@ def test_where_the_user_did_not_choose_the_place_a_full_disk_only_costs_the_stor
         out = inspect_images(index, store=Place(Path(os.environ["DALIPIPE_CACHE_DIR"]) / "decoded", required=False))
     assert STORE_COLUMN not in out.columns and len(out) == len(index)
     (line,) = [r.getMessage() for r in caplog.records if "decoded store" in r.getMessage()]
-    assert line.startswith("warning: ") and "1 GB are free" in line and "decoding the PNGs in every epoch" in line
+    assert line.startswith("warning: ") and "has 1 GB free" in line and "decoding the PNGs each time instead" in line

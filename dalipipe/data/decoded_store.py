@@ -21,6 +21,7 @@ and a changed sample rewrites one small file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -63,8 +64,8 @@ def store_place(settings, required: bool = False) -> Place | None:
     `required`; None with --no-decode-once."""
     if not settings.decode_once:
         return None
-    if settings.store:
-        return Place(Path(settings.store))
+    if settings.store:  # (a ~ the shell left alone is the home folder, not a folder named ~ here)
+        return Place(Path(settings.store).expanduser())
     return Place(cache_dir() / "decoded", required)
 
 
@@ -94,7 +95,8 @@ class DecodedStore:
 
     def __init__(self, root: str | Path, images_folder: str | Path):
         self.images_folder = str(Path(images_folder).resolve())
-        self.dir = Path(root) / hashlib.sha256(self.images_folder.encode()).hexdigest()[:20]
+        # absolute, as every message names it
+        self.dir = Path(root).expanduser().resolve() / hashlib.sha256(self.images_folder.encode()).hexdigest()[:20]
 
     def file_for(self, paths: list[str], signature: list[int] | None = None) -> str | None:
         """The file that holds this sample's pixels as its PNGs are now; None if one of them is missing.
@@ -115,19 +117,26 @@ class DecodedStore:
         except OSError:
             return False
 
-    def room_problem(self, needed: int) -> str | None:
-        """Create the folder; what keeps it from taking `needed` more bytes (not writable, or the disk would keep
-        less than STORE_RESERVE_BYTES free), in words, or None."""
+    def room_problem(self, needed: int) -> tuple[str, str] | None:
+        """What keeps the folder from taking `needed` more bytes, in words, and where to put the store instead;
+        None if nothing does (the folder is then made). Not writable, or the disk would keep less than
+        STORE_RESERVE_BYTES free."""
+        made = not self.dir.exists()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.dir):
                 pass
         except OSError as e:
-            return f"{self.dir}: cannot write the decoded store there ({e.strerror or type(e).__name__})"
+            return (f"{self.dir}: cannot write the decoded store there ({e.strerror or type(e).__name__})",
+                    "in a folder you can write to")
         free = shutil.disk_usage(self.dir).free
         if needed + STORE_RESERVE_BYTES > free:
-            return (f"{self.dir}: the decoded store needs {size_text(needed)} more and {size_text(free)} are free "
-                    f"there (keeping {size_text(STORE_RESERVE_BYTES)} free)")
+            if made:  # nothing of ours left behind by a refusal
+                with contextlib.suppress(OSError):
+                    self.dir.rmdir()
+            return (f"{self.dir}: the decoded store needs {size_text(needed)} more, and its disk has "
+                    f"{size_text(free)} free, less than that and the {size_text(STORE_RESERVE_BYTES)} it always "
+                    "leaves free", "on a disk with room")
         return None
 
     def sweep(self, files: list[str]) -> None:

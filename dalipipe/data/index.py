@@ -220,18 +220,18 @@ def _room_for(store: DecodedStore, shapes: list[tuple[int, int]], to_store: set[
     needed = sum(disk_bytes(*shapes[i]) for i in to_store)
     problem = store.room_problem(needed) if to_store else None
     if problem and required:
-        raise DataError(f"{problem}; give --store DIR on a disk with room, or --no-decode-once to decode the PNGs in "
-                        "every epoch")
+        raise DataError(f"{problem[0]}; give --store DIR {problem[1]}, or --no-decode-once to decode the PNGs each "
+                        "time")
     if problem:
         if say:
-            log.warning(f"warning: {problem}: decoding the PNGs in every epoch instead (--store DIR puts the store "
-                        "on a disk with room)")
+            log.warning(f"warning: {problem[0]}: decoding the PNGs each time instead (--store DIR puts the store "
+                        f"{problem[1]})")
         return False
     if say:
         n = len(shapes)
         if to_store:
             log.info(f"decoded store {store.dir}: decoding {len(to_store)} of {n} samples into it "
-                     f"({size_text(needed)}; {size_text(total)} in all), then no epoch decodes a PNG")
+                     f"({size_text(needed)}; {size_text(total)} in all), read from there from now on")
         else:
             log.info(f"decoded store {store.dir}: all {n} samples there ({size_text(total)}); no PNG is decoded")
     return True

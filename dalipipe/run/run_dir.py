@@ -17,7 +17,8 @@ from dalipipe import atomic, checkpoint
 from dalipipe import device as dev
 from dalipipe import distributed
 from dalipipe.checkpoint import ModelCard, SavedRun
-from dalipipe.config import RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig, may_change_text
+from dalipipe.config import (RESUME_MAY_CHANGE, TRAIN_OPTIONS, AugmentSpec, TrainConfig, check_store_option,
+                             may_change_text)
 from dalipipe.config import spelling as option
 from dalipipe.constants import CKPT_LAST, CONFIG_FILE, LOCK_FILE, METRICS_FILE
 from dalipipe.errors import DataError
@@ -130,7 +131,7 @@ def resume_config(resume_dir: str, given: dict[str, Any], images_dir: str | None
                             f"only {may_change_text().replace('`', '')} may change")
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     if changes.get("store"):
-        changes["store"] = str(Path(changes["store"]).resolve())
+        changes["store"] = str(Path(changes["store"]).expanduser().resolve())
     # Moved data: new paths are accepted; training checks that classes and split are the run's.
     if images_dir:
         changes["images_dir"] = str(Path(images_dir).resolve())
@@ -201,11 +202,9 @@ def new_config(images_dir: str, labels_csv: str, out_dir: str, given: dict[str, 
     image_size = given.pop("image_size", None)
     if given.get("weights"):
         given["weights"] = str(Path(given["weights"]).resolve())
+    check_store_option(given.get("store"), given.get("decode_once"))
     if given.get("store"):
-        if given.get("decode_once") is False:
-            raise DataError("--store DIR is where the decoded store lives: it goes with --decode-once, not "
-                            "--no-decode-once")
-        given["store"] = str(Path(given["store"]).resolve())
+        given["store"] = str(Path(given["store"]).expanduser().resolve())
     augment = AugmentSpec() if image_size is None else AugmentSpec(image_size=image_size)
     return TrainConfig(images_dir=str(Path(images_dir).resolve()), labels_csv=str(Path(labels_csv).resolve()),
                        out_dir=str(Path(out_dir).resolve()), augment=augment, **given)
