@@ -64,8 +64,10 @@ class CheckCache:
             return None
         return tuple(entry[1])
 
-    def put(self, paths: list[str], result: tuple) -> None:
-        sig = file_signature(paths)
+    def put(self, paths: list[str], result: tuple, signature: list[int] | None = None) -> None:
+        """Remember a check's result. signature: the files' file_signature taken before they were decoded, if
+        the caller has it: a file changed during the decode then differs from it and is checked again."""
+        sig = signature or file_signature(paths)
         if sig is not None:
             self.entries[self._key(paths)] = [sig, list(result)]
             self.dirty = True

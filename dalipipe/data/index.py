@@ -190,7 +190,7 @@ def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bo
         if memory:  # what passed is remembered, even when a later sample failed
             for i in todo:
                 if results[i] is not None:
-                    memory.put(paths[i], results[i])
+                    memory.put(paths[i], results[i], signatures[i])
             memory.save()
     out = index.copy()
     out["height"] = [r[0] for r in results]

@@ -262,18 +262,18 @@ class DaliLoader:
             pos = self._positions(batch)
             images = batch["images"]
             if left_in_plan:
-                keep = min(len(pos[0]), self.left)
+                keep = min(len(pos), self.left)
                 self.left -= keep
                 if keep < MIN_TRAIN_BATCH:
                     continue
-                images, pos = images[:keep], [pos[0][:keep]]
+                images, pos = images[:keep], pos[:keep]
             if self.hwc:
                 images = images.permute(0, 3, 1, 2)  # NCHW view, channels_last in memory
             with torch.profiler.record_function("h2d_copy"):  # a no-op on a GPU: DALI's output is there
                 images = images.to(self.device, non_blocking=True)
             if images.dtype != self.out_dtype:
                 images = images.to(self.out_dtype)
-            yield images, self.targets[pos[0]].to(self.device, non_blocking=True)
+            yield images, self.targets[pos].to(self.device, non_blocking=True)
         self.left = None  # the next epoch starts with its whole plan
 
     def _batches(self):
@@ -291,17 +291,17 @@ class DaliLoader:
                 raise
             yield batch
 
-    def _positions(self, batch) -> list[torch.Tensor]:
+    def _positions(self, batch) -> torch.Tensor:
         """The batch's samples as row positions (CPU int64), from the channel readers' labels, or from the
         names of the store's files."""
         if self.position_of is not None:
             names = batch["file"].cpu().numpy()
-            return [torch.tensor([self.position_of[bytes(n).rstrip(b"\0").decode()] for n in names],
-                                 dtype=torch.int64)]
+            return torch.tensor([self.position_of[bytes(n).rstrip(b"\0").decode()] for n in names],
+                                dtype=torch.int64)
         pos = [batch[k].view(-1).long().cpu() for k in ("p0", "p1", "p2")]
         if not (torch.equal(pos[0], pos[1]) and torch.equal(pos[0], pos[2])):
             raise RuntimeError("DALI channel readers fell out of step; please report this as a bug")
-        return pos
+        return pos[0]
 
     def close(self) -> None:
         self.handed_out.clear()
