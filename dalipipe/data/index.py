@@ -158,7 +158,8 @@ def inspect_images(index: pd.DataFrame, workers: int | None = None, progress: bo
     results = [memory.get(p, sig) if memory else None for p, sig in zip(paths, signatures)]
     files = [decoded.file_for(p, sig) for p, sig in zip(paths, signatures)] if decoded else [None] * len(paths)
     # (height, width) where the check remembers it, else from the PNG's header: the store's size before decoding
-    shapes = [r[:2] if r else png_shape(p[0]) or (0, 0) for r, p in zip(results, paths)]
+    # (without a store nothing needs it, and each header read is a file opened)
+    shapes = [r[:2] if r else png_shape(p[0]) or (0, 0) for r, p in zip(results, paths)] if decoded else []
     # Without the check's memory (--no-cache) every file is written again: the decode is paid for anyway, and
     # it repairs a file that a crash of the machine left of the right size with the wrong bytes.
     to_store = {i for i, f in enumerate(files) if f is not None and not (cache and DecodedStore.holds(f, *shapes[i]))}
